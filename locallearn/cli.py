@@ -1,0 +1,115 @@
+"""The ``locallearn`` command line.
+
+Only this module prints and chooses exit codes: 0 ok, 1 the run failed, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from locallearn.errors import RunError
+
+DEFAULT_RHM = {"v": 8, "n_classes": 8, "m": 4, "s": 2, "L": 3, "seed_rules": 0}
+
+
+def parse_key_values(items: Sequence[str], what: str = "argument") -> dict[str, str]:
+    """Parse ``key=value`` strings; a malformed item is a one-line ValueError."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} {item!r} is not of the form key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _cmd_rhm_info(args: argparse.Namespace) -> int:
+    from locallearn.data.rhm import RHM
+
+    params: dict[str, object] = dict(DEFAULT_RHM)
+    for key, value in parse_key_values(args.params, "RHM parameter").items():
+        if key not in DEFAULT_RHM:
+            raise ValueError(
+                f"unknown RHM parameter {key!r}; valid: {', '.join(DEFAULT_RHM)}"
+            )
+        try:
+            params[key] = int(value)
+        except ValueError:
+            raise ValueError(f"RHM: {key}={value!r} is not an integer") from None
+    rhm = RHM(**params)  # type: ignore[arg-type]
+    n = min(args.samples, rhm.P_max)
+    print(rhm)
+    print(f"P_max  = {rhm.P_max}  (distinct inputs, n_classes * m**((s**L-1)/(s-1)))")
+    print(f"P_star = {rhm.P_star}  (n_classes * m**L)")
+    print(f"input  = {rhm.input_size} tokens; one-hot shape (batch, {rhm.v}, {rhm.input_size})")
+    print(f"rules  = {[tuple(r.shape) for r in rhm.rules]}")
+    if n:
+        data, _ = rhm.sample(n_train=n, n_test=0, seed_sample=args.seed_sample)
+        for row in range(n):
+            index = "" if data.indices is None else f" (index {int(data.indices[row])})"
+            print(f"\nsample {row}{index}, class {int(data.labels[row])}:")
+            print(rhm.describe_tree(data.labels, data.tokens, row))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="locallearn",
+        description="Train networks with local learning rules and compare them with backprop.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    rhm = sub.add_parser("rhm", help="the Random Hierarchy Model dataset")
+    rhm_sub = rhm.add_subparsers(dest="rhm_command", metavar="SUBCOMMAND")
+    rhm_sub.required = True
+    info = rhm_sub.add_parser(
+        "info",
+        help="print an RHM's sizes and a few decoded samples with their trees",
+        description="Parameters as key=value (defaults): "
+        + ", ".join(f"{k}={v}" for k, v in DEFAULT_RHM.items()),
+    )
+    info.add_argument("params", nargs="*", metavar="key=value")
+    info.add_argument("--samples", type=int, default=3, help="decoded samples to show")
+    info.add_argument("--seed-sample", type=int, default=0, help="seed of the shown samples")
+    info.set_defaults(func=_cmd_rhm_info)
+
+    for register in _REGISTRARS:
+        register(sub)
+    return parser
+
+
+#: Functions adding more subcommands to the parser (filled by the modules that define them).
+_REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def _load_registrars() -> None:
+    from locallearn.experiments import commands
+
+    _REGISTRARS[:] = commands.REGISTRARS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``locallearn`` command. Returns the exit code."""
+    _load_registrars()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except RunError as err:
+        print(f"locallearn: error: {err}", file=sys.stderr)
+        return 1
+    except ValueError as err:
+        print(f"locallearn: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("locallearn: interrupted; finished work and the last checkpoint are kept",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
