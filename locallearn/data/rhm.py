@@ -281,10 +281,22 @@ class RHM:
         r = idx % per
         # the remainder is a base-m number whose digits, most significant first, are the rule
         # choices of level 0, then level 1 left to right, and so on
+        return labels, self._split_levels(self._base_m_digits(r))
+
+    def _base_m_digits(self, r: torch.Tensor) -> torch.Tensor:
+        """``(N, n_nodes)`` base-``m`` digits of ``r``, most significant first."""
         n = self.n_nodes_above_tokens
-        pw = torch.tensor([self.m ** (n - 1 - j) for j in range(n)], device=idx.device)
-        digits = (r.unsqueeze(1) // pw) % self.m
-        return labels, self._split_levels(digits)
+        m = self.m
+        if m == 1:
+            return torch.zeros(r.shape[0], n, dtype=torch.int64, device=r.device)
+        if m & (m - 1) == 0:  # power of two: shifts and masks
+            bits = m.bit_length() - 1
+            shifts = torch.tensor([bits * (n - 1 - j) for j in range(n)], device=r.device)
+            return (r.unsqueeze(1) >> shifts) & (m - 1)
+        small = m**n <= 2**31 - 1  # int32 division is about twice as fast
+        dtype = torch.int32 if small else torch.int64
+        pw = torch.tensor([m ** (n - 1 - j) for j in range(n)], dtype=dtype, device=r.device)
+        return (r.to(dtype).unsqueeze(1) // pw) % m
 
     def _split_levels(self, digits: torch.Tensor) -> list[torch.Tensor]:
         """Split ``(N, n_nodes)`` choices (level by level, left to right) into per-level views."""
@@ -395,13 +407,13 @@ class RHM:
             mask: optional ``(N, s**L)`` boolean; masked positions get the constant ``v**-0.5``
                 in every channel (after whitening).
         """
-        x = torch.nn.functional.one_hot(tokens.to(torch.int64), self.v).to(dtype)
-        x = x.transpose(1, 2)
+        x = torch.zeros(tokens.shape[0], self.v, tokens.shape[1], dtype=dtype, device=tokens.device)
+        x.scatter_(1, tokens.to(torch.int64).unsqueeze(1), 1.0)
         if whiten:
             x = (x - 1.0 / self.v) / math.sqrt(1.0 - 1.0 / self.v)
         if mask is not None:
             x = x.masked_fill(mask.unsqueeze(1), self.v**-0.5)
-        return x.contiguous()
+        return x
 
     def last_token_task(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked-last-token task: ``(mask, targets)``; the target is the last token."""
