@@ -1,0 +1,165 @@
+"""Typed configs: dataclasses loaded from YAML with ``key=value`` overrides.
+
+A config file is a YAML mapping; ``base: other.yaml`` (a path relative to the file) merges the
+file on top of another. Overrides use dotted keys (``data.m=4``, ``optim.lr=1e-3``). Values are
+checked against the dataclass field types; an unknown key or a bad value raises a one-line
+``ValueError`` naming the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config, following ``base:`` includes."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        msg = str(err).replace("\n", " ")
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    base = data.pop("base", None)
+    if base is not None:
+        merged = load_yaml(path.parent / base)
+        deep_merge(merged, data)
+        return merged
+    return data
+
+
+def deep_merge(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``update`` into ``into`` recursively (mappings merge, other values replace)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            deep_merge(into[key], value)
+        else:
+            into[key] = value
+    return into
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` to a nested mapping; values parsed as YAML scalars or lists."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and value."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ValueError(
+            f"unknown config key {prefix + unknown[0]!r}; valid keys"
+            f"{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = convert(hints[name], value, prefix + name)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check()
+    return obj
+
+
+def convert(tp: Any, value: Any, key: str) -> Any:
+    """Check and convert ``value`` to type ``tp`` (dataclass, Literal, Union, list, scalars)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, key + ".")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is invalid; valid: {', '.join(map(str, allowed))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return convert(arg, value, key)
+            except ValueError as err:
+                errors.append(str(err))
+        names = " or ".join(_type_name(a) for a in args)
+        raise ValueError(f"{key}={value!r} is invalid: expected {names}")
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            value = [value]
+        return [convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}={value!r} is invalid: expected a mapping")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}={value!r} is invalid: expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ValueError(f"{key}={value!r} is invalid: expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}={value!r} is invalid: expected a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{key}={value!r} is invalid: expected a string")
+    if tp is Any:
+        return value
+    raise TypeError(f"config type {tp} of {key} is not supported")
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, get_args(tp)))
+    return getattr(tp, "__name__", str(tp))
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass config as a plain mapping (for YAML and JSON)."""
+    return dataclasses.asdict(obj)

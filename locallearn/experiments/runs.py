@@ -1,0 +1,69 @@
+"""Reading finished (or interrupted) runs back from their output directories."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from locallearn.experiments.config import load_yaml
+from locallearn.experiments.schema import RunConfig, build_config
+from locallearn.experiments.task import Task
+from locallearn.nets.base import BlockNet
+from locallearn.rules.base import Rule
+from locallearn.train import CHECKPOINT, CONFIG, METRICS, SUMMARY, Trainer, build_task
+
+
+@dataclass
+class LoadedRun:
+    """A run rebuilt from its directory: config, task (with its data), network and rule."""
+
+    path: Path
+    cfg: RunConfig
+    task: Task
+    net: BlockNet
+    rule: Rule
+    epoch: int
+    summary: dict[str, Any] | None
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.jsonl``."""
+        return read_metrics(self.path)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (empty when it has none yet)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
+    """Rebuild a run from ``run_dir`` (its config and last checkpoint).
+
+    Raises ValueError when the directory holds no run.
+    """
+    path = Path(run_dir)
+    if not (path / CONFIG).is_file() or not (path / CHECKPOINT).is_file():
+        raise ValueError(
+            f"{str(path)!r} is not a run directory (needs {CONFIG} and {CHECKPOINT}; "
+            "made by locallearn run)"
+        )
+    raw = load_yaml(path / CONFIG)
+    if device is not None:
+        raw["device"] = device
+    raw["progress"] = False
+    cfg = build_config(raw)
+    torch.manual_seed(cfg.seed)
+    task = build_task(cfg)
+    trainer = Trainer(cfg, task, path)
+    trainer.load_checkpoint()
+    trainer.net.eval()
+    summary = None
+    if (path / SUMMARY).is_file():
+        summary = json.loads((path / SUMMARY).read_text())
+    return LoadedRun(path, cfg, task, trainer.net, trainer.rule, trainer.epoch, summary)

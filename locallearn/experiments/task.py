@@ -1,0 +1,34 @@
+"""What the training loop needs from a task (data + network + evaluation)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+
+from locallearn.nets.base import BlockNet
+from locallearn.rules.base import Batch, Rule
+
+
+class Task(Protocol):
+    """A dataset with its network and its evaluation, all on one device."""
+
+    chance: float
+    #: facts a rule may need (e.g. ``s`` for the RHM), passed to ``build_rule``
+    rule_info: dict[str, Any]
+    #: facts written to the summary (sizes, P*, ...)
+    info: dict[str, Any]
+
+    def build_net(self) -> BlockNet: ...
+
+    def sample_input(self) -> torch.Tensor: ...
+
+    def check_rule(self, rule: Rule) -> None:
+        """Raise ValueError when the rule does not fit this task or its network."""
+
+    def batches(
+        self, generator: torch.Generator, batch_size: int, view_kind: str | None
+    ) -> Iterator[Batch]: ...
+
+    def evaluate(self, net: BlockNet, rule: Rule) -> dict[str, float]: ...

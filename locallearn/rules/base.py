@@ -1,0 +1,69 @@
+"""The rule abstraction: given a batch, fill ``.grad`` of every parameter the rule trains.
+
+The optimiser then steps as usual, so every ``torch.optim`` optimiser, scheduler and
+data-parallel wrapper works unchanged. A rule may own parameters (prediction matrices ``B``) and
+buffers (fixed random feedback matrices); they live in the rule module and are saved with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from locallearn.nets.base import BlockNet
+
+
+@dataclass
+class Batch:
+    """What the training loop hands to a rule.
+
+    Attributes:
+        x: network input.
+        y: labels (``None`` where a rule must not see them).
+        views: two augmented versions of ``x`` for self-supervised rules, else ``None``.
+        generator: the run's random generator (negatives, masks), for reproducibility.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+    views: tuple[torch.Tensor, torch.Tensor] | None = None
+    generator: torch.Generator | None = None
+
+
+class Rule(nn.Module):
+    """Base class of learning rules.
+
+    Class attributes:
+        name: the rule's config name.
+        uses_labels: whether labels reach the encoder (supervised rules).
+        view_kind: which two-view augmentation the loop must supply (``None``: none).
+    """
+
+    name: ClassVar[str] = "rule"
+    uses_labels: ClassVar[bool] = True
+    view_kind: str | None = None
+
+    def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
+        """Create rule-owned parameters and buffers for ``net`` (called once, before training)."""
+
+    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
+        """Parameters this rule fills ``.grad`` for (the optimiser's parameters)."""
+        return list(net.parameters()) + list(self.parameters())
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        """Fill ``.grad`` (accumulating into zeroed grads) and return metrics with ``loss``."""
+        raise NotImplementedError
+
+
+def relu_grad(a: torch.Tensor) -> torch.Tensor:
+    """Derivative of ReLU at pre-activation ``a`` (0 at 0)."""
+    return (a > 0).to(a.dtype)
+
+
+def ce_error(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Gradient of the batch-mean cross-entropy w.r.t. the logits: ``(softmax - onehot) / N``."""
+    onehot = torch.nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype)
+    return (torch.softmax(logits, 1) - onehot) / logits.shape[0]

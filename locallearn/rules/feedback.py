@@ -1,0 +1,84 @@
+"""Direct feedback rules ("type 1"): the output error reaches every block through a fixed matrix.
+
+Block ``l`` receives ``delta_l = (B_l s) * relu'(a_l)`` with a fixed random ``B_l`` and
+
+- ``dfa``: ``s = e``, the error of the batch-mean cross-entropy, ``softmax(y) - onehot``;
+- ``drtp``: ``s = -onehot``, the target alone (the input-independent part of ``e``);
+- ``sign-dfa``: ``s = sign(e)``.
+
+Its weights get ``dW_l = delta_l h_{l-1}^T`` summed over positions: a three-factor rule
+(neuromodulator ``s`` x dendritic feedback ``B_l`` x Hebbian ``relu'(a_l) h_{l-1}``). The
+feedback is gated only by the block's own derivative, never by the blocks above. The read-out
+learns from the error directly (its true gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from locallearn.nets.base import BlockNet
+from locallearn.rules.base import Batch, Rule, ce_error, relu_grad
+
+FEEDBACK_KINDS = ("dfa", "drtp", "sign-dfa")
+
+
+class DirectFeedback(Rule):
+    """DFA and its relatives; ``kind`` in :data:`FEEDBACK_KINDS`."""
+
+    name = "dfa"
+
+    def __init__(self, kind: str = "dfa", seed: int = 0):
+        super().__init__()
+        if kind not in FEEDBACK_KINDS:
+            raise ValueError(f"rule kind {kind!r} is unknown; valid: {', '.join(FEEDBACK_KINDS)}")
+        self.kind = kind
+        self.seed = seed
+        self.name = kind  # type: ignore[misc]
+        self.n_blocks = 0
+
+    def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
+        if net.readout is None:
+            raise ValueError(f"rule {self.kind} needs a network with a read-out")
+        gen = torch.Generator().manual_seed(self.seed + 7919)
+        with torch.no_grad():
+            feats = net.features(sample_input[:1])
+            n_out = net(sample_input[:1]).shape[1]
+        self.n_blocks = len(feats)
+        for level, h in enumerate(feats):
+            shape = tuple(h.shape[1:])
+            b = torch.randn(*shape, n_out, generator=gen) / math.sqrt(n_out)
+            self.register_buffer(f"B{level}", b.to(sample_input.device))
+
+    def feedback(self, level: int) -> torch.Tensor:
+        """The fixed matrix ``B_l``, shaped ``(*block_output_shape, n_out)``."""
+        return getattr(self, f"B{level}")
+
+    def modulator(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The signal ``s`` sent to every block, ``(N, n_out)``."""
+        e = ce_error(logits, y)
+        if self.kind == "dfa":
+            return e
+        if self.kind == "sign-dfa":
+            return torch.sign(e) / logits.shape[0]
+        return -F.one_hot(y, logits.shape[1]).to(logits.dtype) / logits.shape[0]
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        pres = []
+        h = batch.x
+        for block in net.blocks:
+            a = block.pre(h.detach())
+            pres.append(a)
+            h = block.post(a.detach())
+        top = h.detach()
+        logits = net.readout(top.flatten(1))
+        loss = F.cross_entropy(logits, batch.y)
+        loss.backward()  # the read-out's own gradient; nothing flows below it
+        sig = self.modulator(logits.detach(), batch.y)
+        for level, a in enumerate(pres):
+            delta = torch.einsum("...o,no->n...", self.feedback(level), sig) * relu_grad(a)
+            a.backward(delta.detach())
+        acc = (logits.argmax(1) == batch.y).float().mean()
+        return {"loss": float(loss.detach()), "accuracy": float(acc)}

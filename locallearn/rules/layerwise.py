@@ -1,0 +1,175 @@
+"""Layer-wise self-supervised rules ("type 2"): every block learns from its own loss.
+
+Each block's input is detached, its loss computed on its own output, backpropagated inside the
+block only, and its graph freed before the next block runs: the activation memory of training is
+that of one block. No label reaches the encoder.
+
+For the hierarchical CNN of the RHM a block's output is ``z`` of shape ``(N, C, P)`` (``P``
+positions). The context ``c`` (same shape) and the pairs come from the view:
+
+- ``synonyms`` / ``mask``: two views of every sample (from the data side); ``z`` of view 1 is
+  predicted from ``c``, the same block's output on view 2 at the same position, and back.
+- ``siblings``: one view; the context of position ``j`` is the mean of the outputs at the
+  positions that share its parent in the RHM tree (``j // s``). The top block has a single
+  position and no siblings, so under this view it keeps its initial weights (random features).
+
+Losses (per position, summed over positions, averaged over the batch):
+
+- ``clapp``: ``f(u_pos) + f(-u_neg)`` with ``u = z^T B c / C``; ``B`` is a trainable ``C x C``
+  prediction matrix shared by the positions, ``c`` detached, the negative ``z`` another sample of
+  the batch; ``f`` the hinge by default (CLAPP). Dividing by the width ``C`` keeps the score of
+  order one at any width (it is a fixed rescaling of ``B``).
+- ``infonce``: cross-entropy of the bilinear scores ``z_i^T B c_j / (C tau)`` over the batch, the
+  positive on the diagonal.
+- ``vicreg``: invariance + variance + covariance between the two views' outputs (no ``B``).
+
+Three-factor form of ``clapp`` (checked against autograd in the tests): for a block with
+pre-activation ``a`` and input patch ``x``, ``dW = sum gamma * (B c / C) * relu'(a) x^T`` with
+``gamma = f'(u_pos)`` for the positive and ``-f'(-u_neg)`` for the negative sample.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from locallearn import losses
+from locallearn.nets.base import BlockNet
+from locallearn.rules.base import Batch, Rule
+
+LOSSES = ("clapp", "infonce", "vicreg")
+VIEWS = ("synonyms", "mask", "siblings")
+NEGATIVES = ("next", "random")
+
+
+def pick_negatives(n: int, how: str, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Index of another sample of the batch for every sample (never itself when ``n > 1``)."""
+    if how == "next":
+        return torch.roll(torch.arange(n, device=device), -1)
+    shift = torch.randint(1, max(n, 2), (n,), generator=generator, device=generator.device)
+    return (torch.arange(n) + shift.cpu()).remainder(n).to(device)
+
+
+def sibling_context(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Mean over the other positions that share the parent (``j // s``), ``(N, C, P)``."""
+    n, c, p = z.shape
+    groups = z.reshape(n, c, p // s, s)
+    total = groups.sum(-1, keepdim=True)
+    return ((total - groups) / (s - 1)).reshape(n, c, p)
+
+
+class Layerwise(Rule):
+    """Block-by-block self-supervised learning (see the module docstring)."""
+
+    name = "layerwise"
+    uses_labels = False
+
+    def __init__(
+        self,
+        loss: str = "clapp",
+        view: str = "synonyms",
+        f: str = "hinge",
+        negatives: str = "next",
+        temperature: float = 0.1,
+        s: int = 2,
+    ):
+        super().__init__()
+        for key, value, valid in (
+            ("rule.loss", loss, LOSSES),
+            ("rule.view", view, VIEWS),
+            ("rule.f", f, losses.F_KINDS),
+            ("rule.negatives", negatives, NEGATIVES),
+        ):
+            if value not in valid:
+                raise ValueError(f"{key}={value!r} is unknown; valid: {', '.join(valid)}")
+        self.loss_kind = loss
+        self.view = view
+        self.f = f
+        self.negatives = negatives
+        self.temperature = temperature
+        self.s = s
+        self.view_kind = None if view == "siblings" else view
+        self.B = nn.ParameterList()
+
+    def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
+        with torch.no_grad():
+            feats = net.features(sample_input[:1])
+        if self.loss_kind != "vicreg":
+            for h in feats:
+                c = h.shape[1]
+                self.B.append(nn.Parameter(torch.zeros(c, c, device=sample_input.device)))
+
+    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
+        return net.encoder_parameters() + list(self.B.parameters())
+
+    # ------------------------------------------------------------------ losses
+    def predict(self, level: int, c: torch.Tensor) -> torch.Tensor:
+        """``B c / C``: the dendritic prediction, same shape as ``c``."""
+        return torch.einsum("dc,nc...->nd...", self.B[level], c) / c.shape[1]
+
+    def pair_loss(
+        self, level: int, z: torch.Tensor, c: torch.Tensor, batch: Batch
+    ) -> torch.Tensor:
+        """Loss of block ``level`` for outputs ``z`` predicted from context ``c`` (detached)."""
+        n = z.shape[0]
+        if self.loss_kind == "vicreg":
+            return losses.vicreg(_positions_as_batch(z), _positions_as_batch(c))
+        pred = self.predict(level, c.detach())
+        if self.loss_kind == "clapp":
+            neg = pick_negatives(n, self.negatives, batch.generator, z.device)
+            u_pos = (z * pred).sum(1)
+            u_neg = (z[neg] * pred).sum(1)
+            return losses.score_loss(u_pos, u_neg, self.f) / n
+        # infonce: scores of every z against every prediction, at each position
+        zp = _positions_as_batch(z, keep_positions=True)  # (P, N, C)
+        pp = _positions_as_batch(pred, keep_positions=True)
+        logits = zp @ pp.transpose(1, 2) / self.temperature  # (P, N, N)
+        target = torch.arange(n, device=z.device).expand(logits.shape[0], n)
+        return F.cross_entropy(logits.reshape(-1, n), target.reshape(-1)) * logits.shape[0]
+
+    def block_loss(
+        self, level: int, z1: torch.Tensor, z2: torch.Tensor | None, batch: Batch
+    ) -> torch.Tensor | None:
+        """Loss of one block from its output on one or two views (``None``: nothing to learn)."""
+        if z2 is None:  # siblings
+            if z1.shape[-1] < self.s:
+                return None
+            return self.pair_loss(level, z1, sibling_context(z1, self.s), batch)
+        if self.loss_kind == "vicreg":
+            return self.pair_loss(level, z1, z2, batch)
+        return self.pair_loss(level, z1, z2, batch) + self.pair_loss(level, z2, z1, batch)
+
+    # ------------------------------------------------------------------ the step
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        if self.view == "siblings":
+            h = batch.x
+            n_views = 1
+        else:
+            if batch.views is None:
+                raise ValueError(f"rule view {self.view!r} needs two views in the batch")
+            h = torch.cat(batch.views, 0)
+            n_views = 2
+        total = 0.0
+        metrics: dict[str, float] = {}
+        for level, block in enumerate(net.blocks):
+            z = block(h.detach())
+            if n_views == 2:
+                z1, z2 = z.chunk(2, 0)
+                loss = self.block_loss(level, z1, z2, batch)
+            else:
+                loss = self.block_loss(level, z, None, batch)
+            if loss is not None:
+                loss.backward()  # frees this block's graph before the next block runs
+                metrics[f"loss_block{level + 1}"] = float(loss.detach())
+                total += float(loss.detach())
+            h = z.detach()
+        metrics["loss"] = total
+        return metrics
+
+
+def _positions_as_batch(z: torch.Tensor, keep_positions: bool = False) -> torch.Tensor:
+    """``(N, C, *pos)`` to ``(N * P, C)``, or to ``(P, N, C)`` with ``keep_positions``."""
+    n, c = z.shape[:2]
+    zp = z.reshape(n, c, -1).permute(2, 0, 1)
+    return zp if keep_positions else zp.reshape(-1, c)

@@ -1,0 +1,283 @@
+"""The one training loop, for every rule and every task.
+
+Per epoch: shuffle with the run's generator, hand batches to the rule (which fills ``.grad``),
+step the optimiser, step the schedule, evaluate, append one JSON line to ``metrics.jsonl``, and
+checkpoint every ``checkpoint_every`` epochs and at the end. A run started again in the same
+output directory resumes from its last checkpoint; on CPU it ends bit-identical to an
+uninterrupted run (the generator, the global RNG, the optimiser and the schedule are restored).
+
+Files in the output directory: ``config.yaml`` (the resolved config), ``metrics.jsonl``,
+``checkpoint.pt``, ``summary.json`` (written when the run ends).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from locallearn.errors import RunError
+from locallearn.experiments.config import to_dict
+from locallearn.experiments.schema import RunConfig
+from locallearn.experiments.task import Task
+from locallearn.nets.base import BlockNet
+from locallearn.rules import build_rule
+from locallearn.rules.base import Rule
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CONFIG = "config.yaml"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; a device that is absent is a ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} is not available on this machine; valid: cpu, auto")
+    return torch.device(name)
+
+
+def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]):
+    """The optimiser and the (per-epoch) schedule of the config."""
+    o = cfg.optim
+    if o.name == "adam":
+        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    elif o.name == "adamw":
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    sched = None
+    if o.schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
+    return opt, sched
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file and rename it over ``path``."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Trainer:
+    """One run of one rule on one task, written into ``out_dir``."""
+
+    def __init__(self, cfg: RunConfig, task: Task, out_dir: str | Path):
+        self.cfg = cfg
+        self.task = task
+        self.out = Path(out_dir)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.net: BlockNet = task.build_net()
+        self.rule: Rule = build_rule(cfg.rule, cfg.seed, **task.rule_info)
+        task.check_rule(self.rule)
+        self.rule.setup(self.net, task.sample_input())
+        self.rule.to(self.device)
+        self.params = self.rule.trained_parameters(self.net)
+        self.opt, self.sched = build_optimizer(cfg, self.params)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.epoch = 0
+        self.seconds = 0.0
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "seconds": self.seconds,
+            "net": self.net.state_dict(),
+            "rule": self.rule.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": None if self.sched is None else self.sched.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "history": self.history,
+        }
+
+    def save_checkpoint(self) -> None:
+        tmp = self.out / (CHECKPOINT + ".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, self.out / CHECKPOINT)
+
+    def load_checkpoint(self) -> bool:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.net.load_state_dict(state["net"])
+        self.rule.load_state_dict(state["rule"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None and state["scheduler"] is not None:
+            self.sched.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.epoch = state["epoch"]
+        self.seconds = state["seconds"]
+        self.history = state["history"]
+        return True
+
+    def _write_metrics(self) -> None:
+        lines = "".join(json.dumps(row) + "\n" for row in self.history)
+        tmp = self.out / (METRICS + ".tmp")
+        tmp.write_text(lines)
+        os.replace(tmp, self.out / METRICS)
+
+    # ------------------------------------------------------------------ the loop
+    def prepare_output(self) -> bool:
+        """Create the output directory; return True when a checkpoint was resumed."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        cfg_text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        cfg_path = self.out / CONFIG
+        if cfg_path.exists() and (self.out / CHECKPOINT).exists():
+            old = yaml.safe_load(cfg_path.read_text())
+            if old != yaml.safe_load(cfg_text):
+                raise ValueError(
+                    f"output directory {str(self.out)!r} holds a run of another config; "
+                    "choose another --out or remove it"
+                )
+        cfg_path.write_text(cfg_text)
+        resumed = self.load_checkpoint()
+        if resumed:
+            self._write_metrics()  # drop lines written after the checkpoint
+        return resumed
+
+    def run(self) -> dict[str, Any]:
+        """Train to the end (resuming if possible) and return the summary."""
+        self.prepare_output()
+        cfg = self.cfg
+        if self.epoch == 0 and not self.history:
+            self.history.append(self.evaluate(0, {}))
+            self._write_metrics()
+        bar = tqdm(
+            total=cfg.epochs, initial=self.epoch, disable=not cfg.progress,
+            desc=self.rule.name, unit="epoch", leave=False,
+        )
+        stopped_early = False
+        try:
+            while self.epoch < cfg.epochs:
+                if self._reached_stop():
+                    stopped_early = True
+                    break
+                t0 = time.perf_counter()
+                train_metrics = self.train_epoch()
+                self.seconds += time.perf_counter() - t0
+                self.epoch += 1
+                last = self.epoch == cfg.epochs
+                if self.epoch % cfg.eval_every == 0 or last:
+                    row = self.evaluate(self.epoch, train_metrics)
+                else:
+                    row = {"epoch": self.epoch, **train_metrics}
+                self.history.append(row)
+                self._write_metrics()
+                if self.epoch % cfg.checkpoint_every == 0 or last:
+                    self.save_checkpoint()
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in row.items()
+                                 if k in ("loss", "test_accuracy")})
+        finally:
+            bar.close()
+        if stopped_early or self.epoch == cfg.epochs:
+            self.save_checkpoint()
+        summary = self.summary(stopped_early)
+        write_json_atomic(self.out / SUMMARY, summary)
+        return summary
+
+    def _reached_stop(self) -> bool:
+        thr = self.cfg.stop_train_loss
+        if thr is None or not self.history:
+            return False
+        loss = self.history[-1].get("train_loss")
+        return loss is not None and loss < thr
+
+    def train_epoch(self) -> dict[str, float]:
+        from locallearn.rules.base import Batch
+
+        self.net.train()
+        sums: dict[str, float] = {}
+        count = 0
+        batch: Batch
+        for batch in self.task.batches(self.generator, self.cfg.batch_size, self.rule.view_kind):
+            self.opt.zero_grad(set_to_none=True)
+            metrics = self.rule.compute_grads(self.net, batch)
+            loss = metrics["loss"]
+            if not math.isfinite(loss):
+                kept = self.epoch - self.epoch % self.cfg.checkpoint_every
+                raise RunError(
+                    f"rule {self.rule.name} diverged at epoch {self.epoch + 1}: loss is {loss}; "
+                    f"the last good checkpoint (epoch {kept}) is kept in {self.out}"
+                )
+            self.opt.step()
+            n = batch.x.shape[0]
+            count += n
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value * n
+        if self.sched is not None:
+            self.sched.step()
+        return {key: value / max(count, 1) for key, value in sums.items()}
+
+    def evaluate(self, epoch: int, train_metrics: dict[str, float]) -> dict[str, Any]:
+        self.net.eval()
+        metrics = self.task.evaluate(self.net, self.rule)
+        return {"epoch": epoch, **train_metrics, **metrics, "seconds": round(self.seconds, 3)}
+
+    def summary(self, stopped_early: bool) -> dict[str, Any]:
+        last = self.history[-1]
+        evals = [r for r in self.history if "test_accuracy" in r]
+        best = max(evals, key=lambda r: r["test_accuracy"]) if evals else last
+        return {
+            "rule": self.rule.name,
+            "rule_config": to_dict(self.cfg.rule),
+            "test_accuracy": last.get("test_accuracy"),
+            "test_loss": last.get("test_loss"),
+            "train_accuracy": last.get("train_accuracy"),
+            "train_loss": last.get("train_loss"),
+            "best_test_accuracy": best.get("test_accuracy"),
+            "best_epoch": best.get("epoch"),
+            "chance": self.task.chance,
+            "epochs": self.epoch,
+            "stopped_early": stopped_early,
+            "seconds": round(self.seconds, 3),
+            "peak_rss_mib": round(peak_rss_mib(), 1),
+            "seed": self.cfg.seed,
+            "host": platform.node(),
+            "torch": torch.__version__,
+            **self.task.info,
+        }
+
+
+def build_task(cfg: RunConfig) -> Task:
+    """The task of ``cfg.data.name`` on the config's device."""
+    device = resolve_device(cfg.device)
+    if cfg.data.name == "rhm":
+        from locallearn.experiments.rhm_task import RHMTask
+
+        return RHMTask(cfg, device)
+    from locallearn.experiments import image_task
+
+    return image_task.ImageTask(cfg, device)
+
+
+def run(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Train ``cfg`` into ``out_dir`` (resuming a checkpoint there) and return the summary."""
+    torch.manual_seed(cfg.seed)
+    task = build_task(cfg)
+    return Trainer(cfg, task, out_dir).run()
