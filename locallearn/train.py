@@ -198,6 +198,10 @@ class Trainer:
         if stopped_early or self.epoch == cfg.epochs:
             self.save_checkpoint()
         summary = self.summary(stopped_early)
+        final = getattr(self.task, "final_metrics", None)
+        if final is not None:  # e.g. the linear probe of image encoders, once at the end
+            self.net.eval()
+            summary.update(final(self.net, self.rule, self.out))
         write_json_atomic(self.out / SUMMARY, summary)
         return summary
 

@@ -31,4 +31,8 @@ class Task(Protocol):
         self, generator: torch.Generator, batch_size: int, view_kind: str | None
     ) -> Iterator[Batch]: ...
 
-    def evaluate(self, net: BlockNet, rule: Rule) -> dict[str, float]: ...
+    def evaluate(self, net: BlockNet, rule: Rule) -> dict[str, float]:
+        """Metrics after an epoch (cheap; written to ``metrics.jsonl``)."""
+
+    # Optional: ``final_metrics(net, rule, out_dir) -> dict`` runs once when training ends and
+    # its result joins ``summary.json`` (the linear probe of image encoders).
