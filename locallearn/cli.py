@@ -96,7 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``locallearn`` command. Returns the exit code."""
     _load_registrars()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come before or after options such as --out
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(a.startswith("-") for a in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return int(args.func(args) or 0)
     except RunError as err:

@@ -1,0 +1,219 @@
+"""The training loop, configs and the run/demo commands."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from locallearn.cli import main
+from locallearn.errors import RunError
+from locallearn.experiments.schema import load_config, resolve_size
+from locallearn.train import Trainer, build_task, run
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "data.v=8", "data.n_classes=4", "data.m=4", "data.L=2", "data.train_size=2P*",
+    "data.test_size=40", "net.width=16", "batch_size=16", "progress=false",
+    "checkpoint_every=2", "probe.steps=20",
+]
+
+
+def tiny(*extra: str):
+    return load_config(None, TINY + list(extra))
+
+
+def test_resolve_size():
+    assert resolve_size("4P*", 32, "k") == 128
+    assert resolve_size("0.5P*", 32, "k") == 16
+    assert resolve_size("1.5 P*", 32, "k") == 48
+    assert resolve_size(100, 32, "k") == 100
+    for bad in ("4P", "P*", "x4P*", "-1P*"):
+        with pytest.raises(ValueError, match="expected an integer or a multiple of P"):
+            resolve_size(bad, 32, "data.train_size")
+
+
+def test_run_writes_outputs_and_learns(tmp_path):
+    cfg = tiny("epochs=6", "optim.lr=1e-2", "rule.name=backprop")
+    summary = run(cfg, tmp_path)
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json"):
+        assert (tmp_path / name).exists()
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["test_accuracy"] == summary["test_accuracy"]
+    for key in ("rule", "test_accuracy", "chance", "epochs", "seconds"):
+        assert key in on_disk
+    assert on_disk["rule"] == "backprop" and on_disk["epochs"] == 6
+    assert on_disk["chance"] == 0.25 and on_disk["train_size"] == 2 * 4 * 4**2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(7))
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def test_epochs_zero_is_the_untrained_network(tmp_path):
+    summary = run(tiny("epochs=0"), tmp_path)
+    assert summary["epochs"] == 0
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    fresh = Trainer(tiny("epochs=0"), build_task(tiny("epochs=0")), tmp_path / "other").net
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state["net"][key])
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        ["rule.name=backprop"],
+        ["rule.name=layerwise", "rule.view=synonyms"],
+        ["rule.name=layerwise", "rule.view=mask", "rule.negatives=random"],
+    ],
+    ids=["backprop", "clapp-synonyms", "clapp-mask"],
+)
+def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, rule):
+    cfg = tiny("epochs=5", *rule)
+    full = run(cfg, tmp_path / "full")
+
+    calls = {"n": 0}
+    original = Trainer.train_epoch
+
+    def crash_on_fourth(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "cut")
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 2
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    resumed = run(cfg, tmp_path / "cut")
+    for key in ("test_accuracy", "test_loss", "train_loss", "epochs"):
+        assert resumed[key] == full[key]
+    a = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    b = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    strip = [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in a]
+    strip_b = [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in b]
+    assert strip == strip_b
+    w_full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["net"]
+    w_cut = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["net"]
+    assert all(torch.equal(w_full[k], w_cut[k]) for k in w_full)
+
+
+def test_finished_run_is_not_trained_again(tmp_path):
+    cfg = tiny("epochs=2")
+    first = run(cfg, tmp_path)
+    second = run(cfg, tmp_path)
+    assert second["test_accuracy"] == first["test_accuracy"]
+    assert second["seconds"] == first["seconds"]
+
+
+def test_other_config_in_same_directory_is_refused(tmp_path):
+    run(tiny("epochs=1"), tmp_path)
+    with pytest.raises(ValueError, match="holds a run of another config"):
+        run(tiny("epochs=1", "optim.lr=0.5"), tmp_path)
+
+
+def test_divergence_stops_with_one_line_and_keeps_checkpoint(tmp_path, monkeypatch):
+    from locallearn.rules.backprop import Backprop
+
+    calls = {"n": 0}
+    original = Backprop.compute_grads
+
+    def blow_up(self, net, batch):
+        calls["n"] += 1
+        out = original(self, net, batch)
+        if calls["n"] > 2 * 8 + 1:  # during epoch 3 (8 batches per epoch)
+            out["loss"] = math.nan
+        return out
+
+    monkeypatch.setattr(Backprop, "compute_grads", blow_up)
+    with pytest.raises(RunError) as err:
+        run(tiny("epochs=5"), tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and "epoch 3" in msg and "backprop" in msg and "epoch 2" in msg
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["epoch"] == 2
+    assert all(torch.isfinite(v).all() for v in state["net"].values())
+
+
+def test_divergence_from_the_cli_exits_1(tmp_path, monkeypatch, capsys):
+    from locallearn.rules.backprop import Backprop
+
+    monkeypatch.setattr(Backprop, "compute_grads", lambda self, net, batch: {"loss": math.inf})
+    code = main(["run", str(ROOT / "configs/rhm/backprop.yaml"), "--out", str(tmp_path)] + TINY)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "diverged at epoch 1" in err
+
+
+def test_stop_at_train_loss_threshold(tmp_path):
+    summary = run(tiny("epochs=50", "optim.lr=3e-2", "stop_train_loss=0.5"), tmp_path)
+    assert summary["stopped_early"] and summary["epochs"] < 50
+    assert summary["train_loss"] < 0.5
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["bogus=1"], "unknown config key 'bogus'"),
+        (["data.bogus=1"], "unknown config key 'data.bogus'"),
+        (["rule.name=nope"], "rule.name='nope' is unknown"),
+        (["optim.name=lbfgs"], "optim.name='lbfgs' is invalid"),
+        (["epochs=-1"], "epochs=-1 is invalid"),
+        (["epochs=ten"], "epochs='ten' is invalid"),
+        (["data.train_size=4Q"], "data.train_size='4Q' is invalid"),
+        (["data.m=9"], "RHM: m=9 is invalid"),
+        (["data.train_size=100000P*"], "n_train + n_test"),
+        (["net.width=[8,8]"], "net.widths=[8, 8] is invalid"),
+        (["rule.name=layerwise", "rule.view=siblings", "data.L=1", "data.train_size=8",
+          "data.test_size=8"], "needs data.L >= 2"),
+        (["rule.name=layerwise", "rule.loss=mse"], "rule.loss='mse' is unknown"),
+        (["net.kind=vgg6"], "does not fit data.name=rhm"),
+        (["device=tpu"], "device='tpu' is invalid"),
+        (["noequals"], "is not of the form key=value"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, args, fragment):
+    code = main(["run", str(ROOT / "configs/rhm/backprop.yaml"), "--out", str(tmp_path / "o"),
+                 "epochs=1", "progress=false"] + args)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert fragment in err
+
+
+def test_missing_config_file(capsys, tmp_path):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "preset",
+    ["backprop", "backprop-nomask", "dfa", "drtp", "sign-dfa", "clapp", "infonce", "vicreg"],
+)
+def test_presets_load_and_run_one_epoch(tmp_path, preset):
+    path = ROOT / "configs" / "rhm" / f"{preset}.yaml"
+    cfg = load_config(path, TINY + ["epochs=1"])
+    summary = run(cfg, tmp_path)
+    assert summary["epochs"] == 1 and summary["test_accuracy"] is not None
+
+
+def test_cli_run_and_demo(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(ROOT / "configs/rhm/dfa.yaml"), "--out", str(out), "epochs=1"]
+                + TINY) == 0
+    assert json.loads((out / "summary.json").read_text())["rule"] == "dfa"
+    demo = tmp_path / "demo"
+    code = main(["demo", "--out", str(demo), "--quiet", "epochs=1"] + TINY)
+    assert code == 0
+    rows = json.loads((demo / "summary.json").read_text())
+    assert [r["name"] for r in rows] == ["backprop", "backprop-nomask", "dfa", "clapp-synonyms"]
+    assert all({"rule", "test_accuracy", "chance", "epochs", "seconds"} <= set(r) for r in rows)
+    assert (demo / "accuracy.png").stat().st_size > 1000
+    table = capsys.readouterr().out
+    assert "clapp-synonyms" in table and "chance" in table
