@@ -241,7 +241,31 @@ class Trainer:
     def evaluate(self, epoch: int, train_metrics: dict[str, float]) -> dict[str, Any]:
         self.net.eval()
         metrics = self.task.evaluate(self.net, self.rule)
+        every = self.cfg.align_every
+        if every and epoch % every == 0:
+            for row in self.alignment():
+                metrics[f"align_block{row['block']}"] = row["cosine_mean"]
         return {"epoch": epoch, **train_metrics, **metrics, "seconds": round(self.seconds, 3)}
+
+    def alignment(self, n_batches: int | None = None, seed: int | None = None) -> list[dict]:
+        """Per-block alignment of the rule with its backprop reference on a few batches.
+
+        Uses its own generator (from ``seed``, by default the run's seed and epoch), so training
+        draws the same random numbers with or without it.
+        """
+        from locallearn.eval.alignment import alignment
+
+        n = n_batches or self.cfg.align_batches
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.epoch if seed is None
+                                            else seed)
+        rng = torch.get_rng_state()
+        it = self.task.batches(gen, self.cfg.batch_size, self.rule.view_kind)
+        batches = [b for _, b in zip(range(n), it)]
+        rows = alignment(self.rule, self.net, batches)
+        torch.set_rng_state(rng)
+        for p in self.params:
+            p.grad = None
+        return rows
 
     def summary(self, stopped_early: bool) -> dict[str, Any]:
         last = self.history[-1]

@@ -61,4 +61,37 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_demo]
+def _cmd_align(args: argparse.Namespace) -> int:
+    from locallearn.experiments.runs import load_run
+    from locallearn.train import Trainer, write_json_atomic
+
+    loaded = load_run(args.run_dir)
+    trainer = Trainer(loaded.cfg, loaded.task, loaded.path)
+    trainer.load_checkpoint()
+    rows = trainer.alignment(n_batches=args.batches, seed=args.seed)
+    write_json_atomic(loaded.path / "alignment.json", rows)
+    ref = loaded.rule.reference_rule().name
+    print(f"alignment of {loaded.rule.name} with {ref} (cosine per block, {args.batches} batches)")
+    print(f"{'block':>5} {'mean':>8} {'std':>8}")
+    for r in rows:
+        print(f"{r['block']:>5} {r['cosine_mean']:>8.4f} {r['cosine_std']:>8.4f}")
+    print(f"wrote {loaded.path / 'alignment.json'}")
+    return 0
+
+
+def _add_align(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "align",
+        help="per-block cosine between a trained run's rule update and backprop's",
+        description="For a run directory of locallearn run: per block, the cosine similarity "
+        "between the rule's weight update and the gradient of its backprop reference (BP-SSL "
+        "of the top-block loss for self-supervised rules, cross-entropy backprop otherwise), "
+        "on the same batches. Writes RUN_DIR/alignment.json.",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--batches", type=int, default=8, help="batches to average over")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batches and views")
+    p.set_defaults(func=_cmd_align)
+
+
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_demo, _add_align]

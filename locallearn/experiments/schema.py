@@ -131,15 +131,17 @@ class RunConfig:
     batch_size: int = 128
     stop_train_loss: float | None = None
     eval_every: int = 1
+    align_every: int = 0  # log per-block gradient alignment every N epochs (0: never)
+    align_batches: int = 4
     checkpoint_every: int = 5
     device: str = "cpu"
     progress: bool = True
 
     def validate(self) -> None:
-        for key in ("epochs", "seed"):
+        for key in ("epochs", "seed", "align_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)} is invalid: must be >= 0")
-        for key in ("batch_size", "eval_every", "checkpoint_every"):
+        for key in ("batch_size", "eval_every", "checkpoint_every", "align_batches"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} is invalid: must be >= 1")
         if self.device != "cpu" and not self.device.startswith(("cuda", "mps", "auto")):

@@ -57,6 +57,17 @@ class Rule(nn.Module):
         """Fill ``.grad`` (accumulating into zeroed grads) and return metrics with ``loss``."""
         raise NotImplementedError
 
+    def reference_rule(self) -> Rule:
+        """The backprop counterpart this rule is compared with (gradient alignment).
+
+        Label-driven rules: backprop of the cross-entropy. Self-supervised rules override it
+        with their loss on the top block backpropagated through every block (BP-SSL); the
+        reference shares this rule's parameters (prediction matrices).
+        """
+        from locallearn.rules.backprop import Backprop
+
+        return Backprop()
+
 
 def relu_grad(a: torch.Tensor) -> torch.Tensor:
     """Derivative of ReLU at pre-activation ``a`` (0 at 0)."""

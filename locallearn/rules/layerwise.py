@@ -141,24 +141,29 @@ class Layerwise(Rule):
         return self.pair_loss(level, z1, z2, batch) + self.pair_loss(level, z2, z1, batch)
 
     # ------------------------------------------------------------------ the step
-    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+    def _input(self, batch: Batch) -> torch.Tensor:
         if self.view == "siblings":
-            h = batch.x
-            n_views = 1
-        else:
-            if batch.views is None:
-                raise ValueError(f"rule view {self.view!r} needs two views in the batch")
-            h = torch.cat(batch.views, 0)
-            n_views = 2
+            return batch.x
+        if batch.views is None:
+            raise ValueError(f"rule view {self.view!r} needs two views in the batch")
+        return torch.cat(batch.views, 0)
+
+    def _loss_of(self, level: int, z: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+        if self.view == "siblings":
+            return self.block_loss(level, z, None, batch)
+        z1, z2 = z.chunk(2, 0)
+        return self.block_loss(level, z1, z2, batch)
+
+    def reference_rule(self) -> Rule:
+        return TopLossBackprop(self)
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        h = self._input(batch)
         total = 0.0
         metrics: dict[str, float] = {}
         for level, block in enumerate(net.blocks):
             z = block(h.detach())
-            if n_views == 2:
-                z1, z2 = z.chunk(2, 0)
-                loss = self.block_loss(level, z1, z2, batch)
-            else:
-                loss = self.block_loss(level, z, None, batch)
+            loss = self._loss_of(level, z, batch)
             if loss is not None:
                 loss.backward()  # frees this block's graph before the next block runs
                 metrics[f"loss_block{level + 1}"] = float(loss.detach())
@@ -166,6 +171,39 @@ class Layerwise(Rule):
             h = z.detach()
         metrics["loss"] = total
         return metrics
+
+
+class TopLossBackprop(Rule):
+    """BP-SSL: a layer-wise rule's loss on its top block, backpropagated through every block.
+
+    The top block is the highest one that has a loss (with the ``siblings`` view, the block below
+    the single-position top). Shares the layer-wise rule's prediction matrices.
+    """
+
+    name = "bp-ssl"
+    uses_labels = False
+
+    def __init__(self, local: Layerwise):
+        super().__init__()
+        self.local = [local]  # a list, so that the local rule is not registered as a submodule
+        self.view_kind = local.view_kind
+
+    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
+        return self.local[0].trained_parameters(net)
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        local = self.local[0]
+        h = local._input(batch)
+        top_loss = None
+        for level, block in enumerate(net.blocks):
+            h = block(h)
+            loss = local._loss_of(level, h, batch)
+            if loss is not None:
+                top_loss = loss
+        if top_loss is None:
+            raise ValueError("no block of this network has a loss under this rule")
+        top_loss.backward()
+        return {"loss": float(top_loss.detach())}
 
 
 def _positions_as_batch(z: torch.Tensor, keep_positions: bool = False) -> torch.Tensor:
