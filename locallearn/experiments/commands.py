@@ -94,4 +94,12 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_align)
 
 
-REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [_add_run, _add_demo, _add_align]
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    from locallearn.experiments.analyze import add_analyze
+
+    add_analyze(sub)
+
+
+REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_run, _add_demo, _add_align, _add_analyze,
+]

@@ -92,5 +92,5 @@ def hier_cnn(
         scale = 1.0 / math.sqrt(s) if level == 0 else math.sqrt(2.0 / (c_in * s))
         blocks.append(Block(ScaledConv1d(c_in, width, s, scale, bias, gen), nn.ReLU()))
         c_in = width
-    readout = ScaledLinear(c_in, n_out, 1.0 / math.sqrt(c_in), bias=True, gen=gen)
+    readout = ScaledLinear(c_in, n_out, 1.0 / c_in, bias=True, gen=gen)
     return BlockNet(blocks, readout)
