@@ -273,3 +273,34 @@ def test_bad_rule_options():
             Layerwise(**kwargs)
     with pytest.raises(ValueError, match="dfa, drtp, sign-dfa"):
         DirectFeedback("nope")
+
+
+@pytest.mark.parametrize("loss", ["clapp", "vicreg"])
+def test_per_block_synonym_views(loss):
+    """Each block learns from its own pair of views, passed through the blocks below."""
+    from locallearn.data.rhm_views import block_view_pairs
+
+    rhm, net, x, y, tokens = make(width=10)
+    rule = Layerwise(loss, "synonyms-per-block", s=2)
+    rule.setup(net, x)
+    with torch.no_grad():
+        for b in rule.B:
+            b.normal_(0, 1.0)
+    g = torch.Generator().manual_seed(2)
+    pairs = [tuple(v.double() for v in p) for p in block_view_pairs(rhm, tokens, g)]
+    lat = [rhm.latents(p[0].argmax(1)) for p in pairs]
+    lat2 = [rhm.latents(p[1].argmax(1)) for p in pairs]
+    # pair of block l shares the latents at depth <= L - l
+    for block in range(1, 4):
+        for d in range(0, 3 - block + 1):
+            assert torch.equal(lat[block - 1][d], lat2[block - 1][d])
+    batch = Batch(x, None, None, g, pairs)
+    got = grads_of(rule, net, batch)
+    for level, block in enumerate(net.blocks):
+        h = torch.cat(pairs[level])
+        with torch.no_grad():
+            for below in net.blocks[:level]:
+                h = below(h)
+        z1, z2 = block(h).chunk(2)
+        (expect,) = torch.autograd.grad(rule.block_loss(level, z1, z2, batch), block.pre.weight)
+        assert torch.allclose(got[level], expect, atol=1e-10)

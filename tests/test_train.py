@@ -69,7 +69,7 @@ def test_epochs_zero_is_the_untrained_network(tmp_path):
         ["rule.name=layerwise", "rule.view=synonyms"],
         ["rule.name=layerwise", "rule.view=mask", "rule.negatives=random"],
     ],
-    ids=["backprop", "clapp-synonyms", "clapp-mask"],
+    ids=["backprop", "clapp-synonyms", "clapp-mask", "vicreg-per-block"],
 )
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, rule):
     cfg = tiny("epochs=5", *rule)
@@ -194,7 +194,8 @@ def test_missing_config_file(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "preset",
-    ["backprop", "backprop-nomask", "dfa", "drtp", "sign-dfa", "clapp", "infonce", "vicreg"],
+    ["backprop", "backprop-nomask", "dfa", "drtp", "sign-dfa", "clapp", "infonce", "vicreg",
+     "clapp-mask", "clapp-siblings", "clapp-per-block", "vicreg-per-block"],
 )
 def test_presets_load_and_run_one_epoch(tmp_path, preset):
     path = ROOT / "configs" / "rhm" / f"{preset}.yaml"

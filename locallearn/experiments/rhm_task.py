@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from locallearn.data.rhm import RHM
-from locallearn.data.rhm_views import two_views
+from locallearn.data.rhm_views import block_view_pairs, two_views
 from locallearn.eval.probe import batched_features, fit_linear_probe
 from locallearn.experiments.schema import RunConfig, resolve_size
 from locallearn.nets.base import BlockNet
@@ -69,13 +69,15 @@ class RHMTask:
         for start in range(0, self.n_train, batch_size):
             idx = perm[start : start + batch_size]
             tokens = self.train.tokens[idx]
-            views = None
-            if view_kind is not None:
+            views = block_views = None
+            if view_kind == "synonyms-per-block":
+                block_views = block_view_pairs(self.rhm, tokens, generator, self.cfg.data.whiten)
+            elif view_kind is not None:
                 views = two_views(
                     self.rhm, tokens, view_kind, generator, self.cfg.data.whiten,
                     self.cfg.data.mask_fraction,
                 )
-            yield Batch(self.encode(tokens), self.train.labels[idx], views, generator)
+            yield Batch(self.encode(tokens), self.train.labels[idx], views, generator, block_views)
 
     @torch.no_grad()
     def logits(self, net: BlockNet, tokens: torch.Tensor) -> torch.Tensor:

@@ -25,12 +25,15 @@ class Batch:
         y: labels (``None`` where a rule must not see them).
         views: two augmented versions of ``x`` for self-supervised rules, else ``None``.
         generator: the run's random generator (negatives, masks), for reproducibility.
+        block_views: one pair of views per block (views that differ in what each block should
+            become invariant to), or ``None``.
     """
 
     x: torch.Tensor
     y: torch.Tensor | None = None
     views: tuple[torch.Tensor, torch.Tensor] | None = None
     generator: torch.Generator | None = None
+    block_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class Rule(nn.Module):

@@ -9,6 +9,8 @@ positions). The context ``c`` (same shape) and the pairs come from the view:
 
 - ``synonyms`` / ``mask``: two views of every sample (from the data side); ``z`` of view 1 is
   predicted from ``c``, the same block's output on view 2 at the same position, and back.
+- ``synonyms-per-block``: block ``l`` gets its own pair of views, sharing the latent of the node
+  its positions cover (the pair is passed through the blocks below without gradients).
 - ``siblings``: one view; the context of position ``j`` is the mean of the outputs at the
   positions that share its parent in the RHM tree (``j // s``). The top block has a single
   position and no siblings, so under this view it keeps its initial weights (random features).
@@ -39,7 +41,7 @@ from locallearn.nets.base import BlockNet
 from locallearn.rules.base import Batch, Rule
 
 LOSSES = ("clapp", "infonce", "vicreg")
-VIEWS = ("synonyms", "mask", "siblings")
+VIEWS = ("synonyms", "synonyms-per-block", "mask", "siblings")
 NEGATIVES = ("next", "random")
 
 
@@ -141,9 +143,14 @@ class Layerwise(Rule):
         return self.pair_loss(level, z1, z2, batch) + self.pair_loss(level, z2, z1, batch)
 
     # ------------------------------------------------------------------ the step
-    def _input(self, batch: Batch) -> torch.Tensor:
+    def _input(self, batch: Batch, level: int = 0) -> torch.Tensor:
+        """The input of block 0 (for ``synonyms-per-block``: block ``level``'s own pair)."""
         if self.view == "siblings":
             return batch.x
+        if self.view == "synonyms-per-block":
+            if batch.block_views is None:
+                raise ValueError("rule view 'synonyms-per-block' needs one pair of views per block")
+            return torch.cat(batch.block_views[level], 0)
         if batch.views is None:
             raise ValueError(f"rule view {self.view!r} needs two views in the batch")
         return torch.cat(batch.views, 0)
@@ -158,10 +165,16 @@ class Layerwise(Rule):
         return TopLossBackprop(self)
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        per_block = self.view == "synonyms-per-block"
         h = self._input(batch)
         total = 0.0
         metrics: dict[str, float] = {}
         for level, block in enumerate(net.blocks):
+            if per_block and level > 0:  # this block's own pair, through the blocks below
+                with torch.no_grad():
+                    h = self._input(batch, level)
+                    for below in net.blocks[:level]:
+                        h = below(h)
             z = block(h.detach())
             loss = self._loss_of(level, z, batch)
             if loss is not None:
@@ -193,13 +206,14 @@ class TopLossBackprop(Rule):
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         local = self.local[0]
-        h = local._input(batch)
         top_loss = None
-        for level, block in enumerate(net.blocks):
-            h = block(h)
-            loss = local._loss_of(level, h, batch)
-            if loss is not None:
-                top_loss = loss
+        for top in range(len(net.blocks) - 1, -1, -1):
+            h = local._input(batch, top)
+            for block in net.blocks[: top + 1]:
+                h = block(h)
+            top_loss = local._loss_of(top, h, batch)
+            if top_loss is not None:
+                break
         if top_loss is None:
             raise ValueError("no block of this network has a loss under this rule")
         top_loss.backward()
