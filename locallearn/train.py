@@ -25,6 +25,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from locallearn import distributed as ddp
 from locallearn.errors import RunError
 from locallearn.experiments.config import to_dict
 from locallearn.experiments.schema import RunConfig
@@ -76,13 +77,21 @@ def peak_rss_mib() -> float:
 
 
 class Trainer:
-    """One run of one rule on one task, written into ``out_dir``."""
+    """One run of one rule on one task, written into ``out_dir``.
+
+    Under ``torchrun`` (data parallel), every rank builds the same run, takes its part of each
+    global batch, and the gradients are averaged before the optimiser steps; rank 0 writes.
+    """
 
     def __init__(self, cfg: RunConfig, task: Task, out_dir: str | Path):
         self.cfg = cfg
         self.task = task
         self.out = Path(out_dir)
-        self.device = resolve_device(cfg.device)
+        self.device = resolve_device(ddp.local_device(cfg.device))
+        self.rank, self.world = ddp.rank(), ddp.world_size()
+        self.main = self.rank == 0
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.net: BlockNet = task.build_net()
         self.rule: Rule = build_rule(cfg.rule, cfg.seed, **task.rule_info)
@@ -90,6 +99,7 @@ class Trainer:
         self.rule.setup(self.net, task.sample_input())
         self.rule.to(self.device)
         self.params = self.rule.trained_parameters(self.net)
+        ddp.broadcast_params(list(self.params) + list(self.rule.buffers()))
         self.opt, self.sched = build_optimizer(cfg, self.params)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
@@ -112,9 +122,11 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> None:
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(self.state(), tmp)
-        os.replace(tmp, self.out / CHECKPOINT)
+        if self.main:
+            tmp = self.out / (CHECKPOINT + ".tmp")
+            torch.save(self.state(), tmp)
+            os.replace(tmp, self.out / CHECKPOINT)
+        ddp.barrier()
 
     def load_checkpoint(self) -> bool:
         path = self.out / CHECKPOINT
@@ -136,6 +148,8 @@ class Trainer:
         return True
 
     def _write_metrics(self) -> None:
+        if not self.main:
+            return
         lines = "".join(json.dumps(row) + "\n" for row in self.history)
         tmp = self.out / (METRICS + ".tmp")
         tmp.write_text(lines)
@@ -144,7 +158,6 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def prepare_output(self) -> bool:
         """Create the output directory; return True when a checkpoint was resumed."""
-        self.out.mkdir(parents=True, exist_ok=True)
         cfg_text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
         cfg_path = self.out / CONFIG
         if cfg_path.exists() and (self.out / CHECKPOINT).exists():
@@ -154,7 +167,10 @@ class Trainer:
                     f"output directory {str(self.out)!r} holds a run of another config; "
                     "choose another --out or remove it"
                 )
-        cfg_path.write_text(cfg_text)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            cfg_path.write_text(cfg_text)
+        ddp.barrier()
         resumed = self.load_checkpoint()
         if resumed:
             self._write_metrics()  # drop lines written after the checkpoint
@@ -168,7 +184,7 @@ class Trainer:
             self.history.append(self.evaluate(0, {}))
             self._write_metrics()
         bar = tqdm(
-            total=cfg.epochs, initial=self.epoch, disable=not cfg.progress,
+            total=cfg.epochs, initial=self.epoch, disable=not (cfg.progress and self.main),
             desc=self.rule.name, unit="epoch", leave=False,
         )
         stopped_early = False
@@ -202,7 +218,8 @@ class Trainer:
         if final is not None:  # e.g. the linear probe of image encoders, once at the end
             self.net.eval()
             summary.update(final(self.net, self.rule, self.out))
-        write_json_atomic(self.out / SUMMARY, summary)
+        if self.main:
+            write_json_atomic(self.out / SUMMARY, summary)
         return summary
 
     def _reached_stop(self) -> bool:
@@ -220,8 +237,17 @@ class Trainer:
         count = 0
         batch: Batch
         for batch in self.task.batches(self.generator, self.cfg.batch_size, self.rule.view_kind):
+            n = batch.x.shape[0]
+            if self.world > 1:  # this rank's part of the global batch
+                batch = ddp.shard_batch(batch, self.rank, self.world)
+                if batch.block_views is not None:
+                    batch.block_views = [tuple(ddp.shard(v, self.rank, self.world) for v in p)
+                                         for p in batch.block_views]
             self.opt.zero_grad(set_to_none=True)
             metrics = self.rule.compute_grads(self.net, batch)
+            if self.world > 1:
+                ddp.average_grads(self.params, batch.x.shape[0])
+                metrics = ddp.average_metrics(metrics, batch.x.shape[0])
             loss = metrics["loss"]
             if not math.isfinite(loss):
                 kept = self.epoch - self.epoch % self.cfg.checkpoint_every
@@ -230,7 +256,6 @@ class Trainer:
                     f"the last good checkpoint (epoch {kept}) is kept in {self.out}"
                 )
             self.opt.step()
-            n = batch.x.shape[0]
             count += n
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * n
@@ -293,8 +318,8 @@ class Trainer:
 
 
 def build_task(cfg: RunConfig) -> Task:
-    """The task of ``cfg.data.name`` on the config's device."""
-    device = resolve_device(cfg.device)
+    """The task of ``cfg.data.name`` on the config's device (this rank's, under torchrun)."""
+    device = resolve_device(ddp.local_device(cfg.device))
     if cfg.data.name == "rhm":
         from locallearn.experiments.rhm_task import RHMTask
 
@@ -305,7 +330,16 @@ def build_task(cfg: RunConfig) -> Task:
 
 
 def run(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Train ``cfg`` into ``out_dir`` (resuming a checkpoint there) and return the summary."""
-    torch.manual_seed(cfg.seed)
-    task = build_task(cfg)
-    return Trainer(cfg, task, out_dir).run()
+    """Train ``cfg`` into ``out_dir`` (resuming a checkpoint there) and return the summary.
+
+    Under ``torchrun`` every rank calls this; the process group is set up and torn down here.
+    """
+    started = ddp.world_size_from_env() > 1 and not ddp.is_initialized()
+    ddp.init_from_env(cfg.device)
+    try:
+        torch.manual_seed(cfg.seed)
+        task = build_task(cfg)
+        return Trainer(cfg, task, out_dir).run()
+    finally:
+        if started:
+            ddp.cleanup()

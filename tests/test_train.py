@@ -68,6 +68,7 @@ def test_epochs_zero_is_the_untrained_network(tmp_path):
         ["rule.name=backprop"],
         ["rule.name=layerwise", "rule.view=synonyms"],
         ["rule.name=layerwise", "rule.view=mask", "rule.negatives=random"],
+        ["rule.name=layerwise", "rule.view=synonyms-per-block", "rule.loss=vicreg"],
     ],
     ids=["backprop", "clapp-synonyms", "clapp-mask", "vicreg-per-block"],
 )

@@ -135,10 +135,11 @@ class RunConfig:
     align_batches: int = 4
     checkpoint_every: int = 5
     device: str = "cpu"
+    threads: int = 0  # CPU threads of torch (0: torch's default); 1 is fastest on a busy machine
     progress: bool = True
 
     def validate(self) -> None:
-        for key in ("epochs", "seed", "align_every"):
+        for key in ("epochs", "seed", "align_every", "threads"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)} is invalid: must be >= 0")
         for key in ("batch_size", "eval_every", "checkpoint_every", "align_batches"):
