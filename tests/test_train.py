@@ -214,8 +214,8 @@ def test_cli_run_and_demo(tmp_path, capsys):
     code = main(["demo", "--out", str(demo), "--quiet", "epochs=1"] + TINY)
     assert code == 0
     rows = json.loads((demo / "summary.json").read_text())
-    assert [r["name"] for r in rows] == ["backprop", "backprop-nomask", "dfa", "clapp-synonyms"]
+    assert [r["name"] for r in rows] == ["backprop", "backprop-nomask", "dfa", "clapp-per-block"]
     assert all({"rule", "test_accuracy", "chance", "epochs", "seconds"} <= set(r) for r in rows)
     assert (demo / "accuracy.png").stat().st_size > 1000
     table = capsys.readouterr().out
-    assert "clapp-synonyms" in table and "chance" in table
+    assert "clapp-per-block" in table and "chance" in table

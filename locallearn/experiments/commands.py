@@ -94,6 +94,51 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_align)
 
 
+def _cmd_theory(args: argparse.Namespace) -> int:
+    from locallearn import theory
+    from locallearn.train import write_json_atomic
+
+    inputs = None
+    if args.data == "cifar":
+        from locallearn.data.images import load_images
+
+        if args.data_root is None:
+            raise ValueError("--data cifar needs --data-root (a CIFAR-10 folder: pickles or "
+                             "test/<class>/ images)")
+        images = load_images("cifar10", args.data_root, "test").images[: args.images]
+        inputs = images
+    rows = theory.run_all(inputs, seed=args.seed, threads=args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "theory.json", rows)
+    theory.plot(rows, out / "theory.png")
+    print(f"cosine similarity between the local and the BP-SSL gradient ({args.data} data)")
+    print(theory.format_table(rows))
+    print("\nrelative error")
+    print(theory.format_table(rows, value="rel_error"))
+    print(f"wrote {out / 'theory.json'} and {out / 'theory.png'}")
+    return 0
+
+
+def _add_theory(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "theory",
+        help="when does a local update equal backprop's? deep linear networks, in float64",
+        description="Runs the exactness theorem (orthonormal weights, optimal B), its broken "
+        "cases (random B, non-orthogonal W, ReLU), direct feedback with shrinking widths and "
+        "grid vs global pooling in a linear CNN; prints the cosine between local and BP-SSL "
+        "gradients per layer and writes OUT/theory.json and OUT/theory.png.",
+    )
+    p.add_argument("--out", default="runs/theory", help="output directory")
+    p.add_argument("--data", choices=["gaussian", "cifar"], default="gaussian",
+                   help="synthetic Gaussian pairs, or patches of CIFAR-10 test images")
+    p.add_argument("--data-root", help="CIFAR-10 folder for --data cifar")
+    p.add_argument("--images", type=int, default=2000, help="CIFAR-10 images to cut from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 on busy machines)")
+    p.set_defaults(func=_cmd_theory)
+
+
 def _add_analyze(sub: argparse._SubParsersAction) -> None:
     from locallearn.experiments.analyze import add_analyze
 
@@ -101,5 +146,5 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
 
 
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_run, _add_demo, _add_align, _add_analyze,
+    _add_run, _add_demo, _add_align, _add_analyze, _add_theory,
 ]

@@ -3,7 +3,8 @@
 One RHM (``v = n_classes = 8, m = 4, s = 2, L = 3``; ``m < v`` so that the inputs carry structure
 a label-free rule can find), ``P = 4 P*`` training samples, the same hierarchical CNN and the same
 optimiser budget for every rule: backprop, backprop without masking, DFA, and layer-wise CLAPP
-with the synonym view. Each rule runs into its own folder under the output directory.
+with per-block synonym views (a view that uses knowledge of the generator). Each rule runs into
+its own folder under the output directory.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ DEMO_CONFIG: dict[str, Any] = {
     "data": {"name": "rhm", "v": 8, "n_classes": 8, "m": 4, "s": 2, "L": 3,
              "train_size": "4P*", "test_size": 2000},
     "net": {"width": 256},
-    "optim": {"name": "adam", "lr": 3e-3},
-    "epochs": 40,
+    "optim": {"name": "adam", "lr": 1e-2},
+    "epochs": 30,
     "batch_size": 64,
+    "eval_every": 3,
     "checkpoint_every": 10,
 }
 
@@ -29,7 +31,9 @@ DEMO_RULES: dict[str, dict[str, Any]] = {
     "backprop": {"rule": {"name": "backprop"}},
     "backprop-nomask": {"rule": {"name": "backprop-nomask"}},
     "dfa": {"rule": {"name": "dfa"}},
-    "clapp-synonyms": {"rule": {"name": "layerwise", "loss": "clapp", "view": "synonyms"}},
+    "clapp-per-block": {
+        "rule": {"name": "layerwise", "loss": "clapp", "view": "synonyms-per-block"}
+    },
 }
 
 
