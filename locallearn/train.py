@@ -40,6 +40,15 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 
 
+#: config keys that change how a run is shown or scheduled, never its result
+RUNTIME_KEYS = ("progress", "threads", "device")
+
+
+def _comparable(raw: dict[str, Any]) -> dict[str, Any]:
+    """A saved config without its runtime keys (a run may resume with other ones)."""
+    return {k: v for k, v in raw.items() if k not in RUNTIME_KEYS}
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present; a device that is absent is a ValueError."""
     if name == "auto":
@@ -161,8 +170,8 @@ class Trainer:
         cfg_text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
         cfg_path = self.out / CONFIG
         if cfg_path.exists() and (self.out / CHECKPOINT).exists():
-            old = yaml.safe_load(cfg_path.read_text())
-            if old != yaml.safe_load(cfg_text):
+            old = _comparable(yaml.safe_load(cfg_path.read_text()))
+            if old != _comparable(yaml.safe_load(cfg_text)):
                 raise ValueError(
                     f"output directory {str(self.out)!r} holds a run of another config; "
                     "choose another --out or remove it"

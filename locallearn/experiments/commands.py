@@ -145,6 +145,12 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     add_analyze(sub)
 
 
+def _sweep_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
+    from locallearn.experiments.sweep_commands import add_report, add_results, add_sweep
+
+    return [add_sweep, add_results, add_report]
+
+
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_run, _add_demo, _add_align, _add_analyze, _add_theory,
+    _add_run, _add_demo, _add_align, _add_analyze, _add_theory, *_sweep_registrars(),
 ]

@@ -206,14 +206,20 @@ class TopLossBackprop(Rule):
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         local = self.local[0]
+        per_block = local.view == "synonyms-per-block"
+        # every block's loss in the local rule's order, so that random negatives are drawn
+        # exactly as the local rule draws them; the highest loss is backpropagated
         top_loss = None
-        for top in range(len(net.blocks) - 1, -1, -1):
-            h = local._input(batch, top)
-            for block in net.blocks[: top + 1]:
-                h = block(h)
-            top_loss = local._loss_of(top, h, batch)
-            if top_loss is not None:
-                break
+        h = local._input(batch)
+        for level, block in enumerate(net.blocks):
+            if per_block and level > 0:
+                h = local._input(batch, level)
+                for below in net.blocks[:level]:
+                    h = below(h)
+            h = block(h)
+            loss = local._loss_of(level, h, batch)
+            if loss is not None:
+                top_loss = loss
         if top_loss is None:
             raise ValueError("no block of this network has a loss under this rule")
         top_loss.backward()

@@ -1,0 +1,155 @@
+"""``locallearn report``: sample complexity, tables and figures from a results store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from locallearn.experiments.report import crossing, fmt_complexity, write_report
+from locallearn.experiments.results import ResultsStore
+from locallearn.experiments.sweep_commands import add_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+P_STAR = 512
+RHM_CONFIG = {"data": {"name": "rhm", "v": 8, "n_classes": 8, "m": 4, "s": 2, "L": 3},
+              "net": {"width": 64}, "epochs": 3}
+
+
+def test_crossing_interpolates_in_log_p():
+    p, censored = crossing([(512, 0.5), (1024, 0.2), (2048, 0.05)], 0.1)
+    assert not censored and p == pytest.approx(1024 * 2 ** (2 / 3))
+    assert crossing([(2048, 0.1), (1024, 0.3)], 0.1) == (2048, False)  # unsorted input, exact hit
+    assert crossing([(256, 0.01), (512, 0.0)], 0.1) == (256, True)  # reached at the smallest P
+    assert crossing([(256, 0.5), (512, 0.4)], 0.1) == (None, False)
+
+
+def test_complexity_text():
+    assert fmt_complexity([(None, False), (None, False)], 512) == "not reached"
+    assert fmt_complexity([(256, True)], 512) == "≤ 0.5"
+    assert fmt_complexity([(1024, False), (None, False)], 512) == "2 (1/2 seeds; 1 not reached)"
+    assert fmt_complexity([(512, False), (2048, False)], 512) == "2 [1–4] (2 seeds)"
+
+
+def _run(out: Path, store: ResultsStore, name: str, values: dict, summary: dict,
+         config: dict, curve: list[float]) -> Path:
+    run_dir = out / "runs" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": i, "test_accuracy": a, "loss": 1 - a}) + "\n"
+        for i, a in enumerate(curve)))
+    store.record(f"runs/{name}", values, summary, "test")
+    return run_dir
+
+
+def make_rhm_sweep(out: Path) -> None:
+    errors = {  # rule -> seed -> error at P/P* = 0.5, 1, 2
+        "good": {0: [0.5, 0.2, 0.05], 1: [0.5, 0.3, 0.1]},
+        "bad": {0: [0.8, 0.8, 0.7], 1: [0.85, 0.8, 0.75]},
+        "easy": {0: [0.05, 0.0, 0.0], 1: [0.08, 0.02, 0.0]},
+    }
+    with ResultsStore(out) as store:
+        store.set_axes([("variant", "variants"), ("data.train_size", "variants")])
+        for rule, seeds in errors.items():
+            for seed, errs in seeds.items():
+                for ratio, err in zip((0.5, 1, 2), errs):
+                    size = f"{ratio:g}P*"
+                    summary = {"rule": rule, "test_accuracy": 1 - err, "chance": 0.125,
+                               "train_size": int(ratio * P_STAR), "P_star": P_STAR,
+                               "train_size_over_P_star": ratio, "test_size": 2000,
+                               "seconds": 2.0, "peak_rss_mib": 300.0, "host": "h"}
+                    run = _run(out, store, f"{rule}-{size}-{seed}",
+                               {"variant": rule, "data.train_size": size, "seed": seed},
+                               summary, RHM_CONFIG, [0.125, 0.5, 1 - err])
+                    if rule == "good" and ratio == 2:
+                        (run / "alignment.json").write_text(json.dumps([
+                            {"block": 1, "cosine_mean": 0.9, "cosine_std": 0.01},
+                            {"block": 2, "cosine_mean": 0.7, "cosine_std": 0.02}]))
+                    if rule == "good" and ratio == 2 and seed == 0:
+                        (run / "analysis.json").write_text("{}")
+                        (run / "heatmap.png").write_bytes(PNG_MAGIC + b"stub")
+        session = store.start_session("local", 2, 1, 18, 18)
+        store.end_session(session, 18, 0, [2.5, 3.5])
+
+
+def test_rhm_report(tmp_path):
+    make_rhm_sweep(tmp_path)
+    path = write_report(tmp_path, target_error=0.1)
+    assert path == tmp_path / "report.md"
+    text = path.read_text()
+    assert "| variant | data.train_size | seeds | test acc |" in text
+    assert "| good | 2P* | 2 | 0.925 ± 0.035 |" in text
+    geo = math.sqrt(2 ** (2 / 3) * 2)
+    assert f"| good | {geo:.2g} [1.6–2] (2 seeds) |" in text
+    assert "| bad | not reached |" in text and "| easy | ≤ 0.5 (2 seeds) |" in text
+    for fig in ("error_vs_P.png", "curves_all.png", "alignment.png"):
+        assert (tmp_path / "figures" / fig).read_bytes()[:8] == PNG_MAGIC
+        assert f"figures/{fig}" in text
+    assert "runs/good-2P*-0/heatmap.png" in text  # an analysis figure, embedded as it is
+    assert "| local | 2 | 1 |" in text and "| 3.0 | 3.5 |" in text  # the machine load
+
+
+def test_image_table(tmp_path):
+    with ResultsStore(tmp_path) as store:
+        store.set_axes([("preset", "variants"), ("dataset", "variants")])
+        for preset, base in (("clapp++", 0.80), ("bp-infonce", 0.81)):
+            for dataset, shift in (("cifar10", 0.0), ("stl10", -0.02)):
+                for seed, noise in ((0, -0.01), (1, 0.01)):
+                    acc = base + shift + noise
+                    _run(tmp_path, store, f"{preset}-{dataset}-{seed}",
+                         {"preset": preset, "dataset": dataset, "seed": seed},
+                         {"rule": preset, "probe_accuracy": acc, "seconds": 5.0},
+                         {"data": {"name": dataset}}, [])
+    text = write_report(tmp_path, out=tmp_path / "r" / "images.md").read_text()
+    assert "| rule | clapp++ | bp-infonce |" not in text
+    assert "| rule | cifar10 | stl10 |" in text
+    assert "| clapp++ | 80.0 ± 1.4 (n=2) | 78.0 ± 1.4 (n=2) |" in text
+    assert "| bp-infonce | 81.0 ± 1.4 (n=2) | 79.0 ± 1.4 (n=2) |" in text
+
+
+def test_report_errors_and_command(tmp_path, capsys):
+    with pytest.raises(ValueError, match="holds no results"):
+        write_report(tmp_path)
+    ResultsStore(tmp_path).close()
+    with pytest.raises(ValueError, match="no recorded runs"):
+        write_report(tmp_path)
+    make_rhm_sweep(tmp_path / "s")
+    with pytest.raises(ValueError, match="target error 0 is invalid"):
+        write_report(tmp_path / "s", target_error=0)
+    parser = argparse.ArgumentParser()
+    add_report(parser.add_subparsers())
+    args = parser.parse_args(["report", str(tmp_path / "s"), "--target-error", "0.3"])
+    assert args.func(args) == 0
+    assert "report.md" in capsys.readouterr().out
+    assert "test error ≤ 0.3" in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_axes_of_settings_make_sections(tmp_path):
+    """An axis of variants that sets no rule (RHM depth) splits the report into sections."""
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump({"axes": [
+        {"name": "variant", "kind": "variants", "values": ["bp", "dfa"],
+         "variants": {"bp": {"rule": {"name": "backprop"}}, "dfa": {"rule": {"name": "dfa"}}}},
+        {"name": "rhm", "kind": "variants", "values": ["L3", "L2"],
+         "variants": {"L3": {"data": {"L": 3}}, "L2": {"data": {"L": 2}}}},
+        {"name": "data.train_size", "kind": "values", "values": ["1P*", "2P*"]},
+    ]}))
+    with ResultsStore(tmp_path) as store:
+        store.set_axes([("variant", "variants"), ("rhm", "variants"),
+                        ("data.train_size", "values")])
+        for rule, err in (("bp", 0.05), ("dfa", 0.8)):
+            for depth in ("L3", "L2"):
+                for ratio in (1, 2):
+                    _run(tmp_path, store, f"{rule}-{depth}-{ratio}",
+                         {"variant": rule, "rhm": depth, "data.train_size": f"{ratio}P*",
+                          "seed": 0},
+                         {"test_accuracy": 1 - err / ratio, "train_size": 512 * ratio,
+                          "P_star": 512, "train_size_over_P_star": ratio, "chance": 0.125},
+                         RHM_CONFIG, [0.1, 1 - err])
+    text = write_report(tmp_path).read_text()
+    assert "### rhm=L2" in text and "### rhm=L3" in text
+    assert text.count("| bp | ≤ 1 |") == 2 and text.count("| dfa | not reached |") == 2
