@@ -141,7 +141,8 @@ class Trainer:
         path = self.out / CHECKPOINT
         if not path.exists():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        # on the CPU first: RNG states must stay CPU byte tensors; load_state_dict moves the rest
+        state = torch.load(path, map_location="cpu", weights_only=False)
         self.net.load_state_dict(state["net"])
         self.rule.load_state_dict(state["rule"])
         self.opt.load_state_dict(state["optimizer"])

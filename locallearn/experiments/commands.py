@@ -151,6 +151,12 @@ def _sweep_registrars() -> list[Callable[[argparse._SubParsersAction], None]]:
     return [add_sweep, add_results, add_report]
 
 
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    from locallearn.experiments.probe_command import add_probe
+
+    add_probe(sub)
+
+
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_run, _add_demo, _add_align, _add_analyze, _add_theory, *_sweep_registrars(),
+    _add_run, _add_demo, _add_probe, _add_align, _add_analyze, _add_theory, *_sweep_registrars(),
 ]

@@ -13,8 +13,6 @@ from typing import Any, Literal
 
 from locallearn.experiments.config import deep_merge, from_dict, load_yaml, parse_overrides
 
-RULE_NAMES = ("backprop", "backprop-nomask", "dfa", "drtp", "sign-dfa", "layerwise")
-
 _P_STAR = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*?\s*P\*\s*$")
 
 

@@ -49,6 +49,8 @@ def pick_negatives(n: int, how: str, generator: torch.Generator | None, device) 
     """Index of another sample of the batch for every sample (never itself when ``n > 1``)."""
     if how == "next":
         return torch.roll(torch.arange(n, device=device), -1)
+    if generator is None:
+        raise ValueError("random negatives need the run's generator in the batch")
     shift = torch.randint(1, max(n, 2), (n,), generator=generator, device=generator.device)
     return (torch.arange(n) + shift.cpu()).remainder(n).to(device)
 

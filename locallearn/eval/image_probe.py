@@ -1,0 +1,258 @@
+"""The linear probe of image encoders (the protocol of arXiv 2601.21683).
+
+The encoder is frozen. Every block's output is average-pooled onto its grid (the paper's 8, 4, 4,
+4, 2, 2 cells per side for VGG-6: pool sizes 4-4-4-2-2-1 on CIFAR-10), flattened, and the six
+blocks concatenated (32,768 values per image at full width). Features are standardised with the
+mean and standard deviation of the clean (un-augmented) training features, a fixed affine map, so
+the probe stays linear in the features. One linear layer (initialised at zero) is trained with
+Adam on the cross-entropy for ``epochs`` epochs of minibatches; the test accuracy of the final
+layer is reported: the test set never selects an epoch or a checkpoint.
+
+Two modes:
+
+* without augmentation the features are computed once (fast; the CPU presets);
+* with augmentation (``augment``, e.g. :class:`locallearn.data.augment.ProbeAugment`: padded random
+  crop and flip, as in the paper) every training minibatch is augmented and encoded anew.
+
+With ``epochs = 0`` the probe is fitted by full-batch L-BFGS instead
+(:func:`locallearn.eval.probe.fit_linear_probe`, ``steps`` iterations), on clean features.
+
+Per-block probes (one linear layer on each block's pooled features) are trained in the same loop
+as the concatenated probe: their parameters and losses are separate, so with Adam this is exactly
+a separate training of each, on the same minibatches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from locallearn.eval.probe import fit_linear_probe
+from locallearn.nets.base import BlockNet
+from locallearn.nets.vgg import PAPER_GRID, feature_sides, pool_sizes_for_grid
+from locallearn.rules.image_ssl import pool_flat
+
+__all__ = ["ProbeResult", "ProbeSettings", "encoder_features", "probe_pools", "run_probe"]
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class ProbeSettings:
+    """How the probe is trained.
+
+    Attributes:
+        epochs: epochs of minibatch Adam; 0: full-batch L-BFGS on clean features.
+        lr: Adam learning rate.
+        weight_decay: L2 penalty (Adam's ``weight_decay``; for L-BFGS, the penalty weight).
+        steps: L-BFGS iterations (``epochs = 0`` only).
+        batch_size: minibatch size.
+        per_block: also probe each block alone.
+        grid: cells per side of each block's pooling grid (default: the paper's).
+        seed: seed of the minibatch order and the augmentation.
+        feature_batch: images per forward pass when computing features.
+    """
+
+    epochs: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    steps: int = 100
+    batch_size: int = 256
+    per_block: bool = False
+    grid: tuple[int, ...] | None = None
+    seed: int = 0
+    feature_batch: int = 512
+
+
+@dataclass
+class ProbeResult:
+    """Accuracies of the probe (fractions in [0, 1]) and how they were obtained."""
+
+    accuracy: float
+    train_accuracy: float
+    protocol: str
+    block_accuracies: list[float] | None
+    feature_dims: list[int]
+    pools: list[int]
+    n_train: int
+    n_test: int
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready mapping."""
+        return asdict(self)
+
+
+def probe_pools(net: BlockNet, side: int, grid: tuple[int, ...] | None = None) -> list[int]:
+    """Pool size of every block for square inputs of side ``side`` (default grid: the paper's)."""
+    sides = feature_sides(net, side)
+    return pool_sizes_for_grid(sides, grid if grid is not None else PAPER_GRID[: len(sides)])
+
+
+@torch.no_grad()
+def encoder_features(
+    net: BlockNet,
+    images: torch.Tensor,
+    transform: Transform,
+    pools: list[int],
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """Concatenated pooled features ``(N, D)`` of ``transform(images)``, in chunks, no gradients."""
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = transform(images[start : start + batch_size])
+        feats = net.features(x)
+        out.append(torch.cat([pool_flat(h, p) for h, p in zip(feats, pools)], 1))
+    return torch.cat(out) if out else images.new_zeros((0, 0), dtype=torch.float32)
+
+
+def _block_slices(net: BlockNet, side: int, pools: list[int], device: torch.device) -> list[slice]:
+    with torch.no_grad():
+        feats = net.features(torch.zeros(1, 3, side, side, device=device))
+    dims = [pool_flat(h, p).shape[1] for h, p in zip(feats, pools)]
+    slices, start = [], 0
+    for d in dims:
+        slices.append(slice(start, start + d))
+        start += d
+    return slices
+
+
+def _check_labels(labels: torch.Tensor, n_classes: int, what: str) -> None:
+    if labels.numel() == 0:
+        raise ValueError(f"probe: the {what} split has no images")
+    if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+        raise ValueError(
+            f"probe: the {what} split has images without a label in 0..{n_classes - 1}"
+        )
+
+
+def run_probe(
+    net: BlockNet,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    n_classes: int,
+    transform: Transform,
+    settings: ProbeSettings,
+    augment: Augment | None = None,
+    progress: bool = False,
+    description: str = "",
+) -> ProbeResult:
+    """Fit the linear probe on the frozen ``net`` and measure its test accuracy.
+
+    Args:
+        net: the encoder (left in eval mode, unchanged).
+        train_images, test_images: ``uint8`` batches ``(N, 3, S, S)`` on the encoder's device.
+        train_labels, test_labels: ``int64`` labels in ``0 .. n_classes - 1``.
+        n_classes: number of classes.
+        transform: clean preprocessing (normalisation) of a ``uint8`` batch.
+        settings: the probe's hyper-parameters.
+        augment: training-time augmentation ``augment(images, generator) -> normalised batch``,
+            or ``None`` to compute the training features once.
+        progress: show a progress bar over epochs.
+        description: words naming the data, appended to the protocol string.
+    """
+    t0 = time.perf_counter()
+    _check_labels(train_labels, n_classes, "probe training")
+    _check_labels(test_labels, n_classes, "test")
+    if settings.epochs < 0 or settings.batch_size < 1:
+        raise ValueError("probe: epochs must be >= 0 and batch_size >= 1")
+    net.eval()
+    side = int(train_images.shape[-1])
+    device = train_images.device
+    pools = probe_pools(net, side, settings.grid)
+    slices = _block_slices(net, side, pools, device)
+    dims = [s.stop - s.start for s in slices]
+    fb = settings.feature_batch
+    clean = encoder_features(net, train_images, transform, pools, fb)
+    test = encoder_features(net, test_images, transform, pools, fb)
+    mean = clean.mean(0)
+    std = clean.std(0, unbiased=False).clamp_min(1e-6)
+    groups = [slice(0, clean.shape[1])] + (slices if settings.per_block else [])
+
+    if settings.epochs == 0:
+        weights = []
+        for sl in groups:
+            w, b = fit_linear_probe(clean[:, sl], train_labels, n_classes,
+                                    settings.weight_decay, settings.steps)
+            weights.append((w, b))
+
+        def logits_of(feats: torch.Tensor, k: int) -> torch.Tensor:
+            w, b = weights[k]
+            return feats[:, groups[k]] @ w.t() + b
+
+        how = f"full-batch L-BFGS ({settings.steps} iterations, L2 {settings.weight_decay:g})"
+    else:
+        gen = torch.Generator().manual_seed(settings.seed)
+        params = []
+        for sl in groups:
+            d = sl.stop - sl.start
+            params.append(torch.zeros(n_classes, d, device=device, requires_grad=True))
+            params.append(torch.zeros(n_classes, device=device, requires_grad=True))
+        opt = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+        def logits_of(z: torch.Tensor, k: int) -> torch.Tensor:
+            return z[:, groups[k]] @ params[2 * k].t() + params[2 * k + 1]
+
+        # standardise once (clean features); augmented batches are standardised as they come
+        clean = (clean - mean) / std
+        test = (test - mean) / std
+
+        n = clean.shape[0]
+        bar = tqdm(range(settings.epochs), desc="probe", unit="epoch", disable=not progress,
+                   leave=False)
+        for _ in bar:
+            perm = torch.randperm(n, generator=gen).to(device)
+            for start in range(0, n, settings.batch_size):
+                idx = perm[start : start + settings.batch_size]
+                if augment is None:
+                    feats = clean[idx]
+                else:
+                    x = augment(train_images[idx], gen)
+                    with torch.no_grad():
+                        feats = torch.cat(
+                            [pool_flat(h, p) for h, p in zip(net.features(x), pools)], 1
+                        )
+                        feats = (feats - mean) / std
+                y = train_labels[idx]
+                opt.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    loss = sum(F.cross_entropy(logits_of(feats, k), y) for k in range(len(groups)))
+                    loss.backward()
+                opt.step()
+        bar.close()
+        aug = "train-time crop + flip" if augment is not None else "no augmentation"
+        how = (f"Adam lr {settings.lr:g}, weight decay {settings.weight_decay:g}, "
+               f"{settings.epochs} epochs, batch {settings.batch_size}, {aug}")
+
+    with torch.no_grad():
+        accs = [float((logits_of(test, k).argmax(1) == test_labels).float().mean())
+                for k in range(len(groups))]
+        train_acc = float((logits_of(clean, 0).argmax(1) == train_labels).float().mean())
+    grid = [side_ // p for side_, p in zip(feature_sides(net, side), pools)]
+    protocol = (
+        f"linear probe on the concatenated average-pooled features of blocks 1-{len(dims)} "
+        f"(grids {'-'.join(map(str, grid))}, pool sizes {'-'.join(map(str, pools))}, "
+        f"{sum(dims)} values, standardised), {how}; {clean.shape[0]} training and "
+        f"{test.shape[0]} test images{'; ' + description if description else ''}"
+    )
+    return ProbeResult(
+        accuracy=accs[0],
+        train_accuracy=train_acc,
+        protocol=protocol,
+        block_accuracies=accs[1:] if settings.per_block else None,
+        feature_dims=dims,
+        pools=pools,
+        n_train=int(clean.shape[0]),
+        n_test=int(test.shape[0]),
+        seconds=round(time.perf_counter() - t0, 3),
+    )

@@ -1,0 +1,105 @@
+"""VGG encoders as ordered lists of blocks (the image experiments of arXiv 2601.21683).
+
+VGG-6 has six blocks ``[128], [256, M], [256], [512, M], [1024, M], [1024, M]``: a 3x3
+convolution with padding 1 (the block's ``pre``, its pre-activation), then ReLU and, where marked
+``M``, a 2x2 max-pool (the block's ``post``). There is no batch normalisation and no read-out: the
+encoder is trained by a self-supervised rule and evaluated by a separate linear probe.
+
+Feature-map sides for an input of side ``S``: ``S, S/2, S/2, S/4, S/8, S/16`` (CIFAR-10: 32, 16,
+16, 8, 4, 2; Tiny ImageNet at 64 px: 64 ... 4; STL-10 at 96 px: 96 ... 6).
+
+The losses and the probe average-pool each block's output on a spatial grid. The paper's grids are
+8, 4, 4, 4, 2, 2 cells per side for every dataset (pool sizes 4-4-4-2-2-1 on CIFAR-10,
+12-12-12-6-6-3 on STL-10, 8-8-8-4-4-2 on Tiny ImageNet); :func:`pool_sizes_for_grid` turns grids
+into pool sizes for any input side.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from locallearn.nets.base import Block, BlockNet
+
+#: ``(channels, max-pool after the ReLU)`` of each VGG-6 block at full width.
+VGG6_PLAN: tuple[tuple[int, bool], ...] = (
+    (128, False), (256, True), (256, False), (512, True), (1024, True), (1024, True),
+)
+#: Cells per side of the loss (and probe) grid of each VGG-6 block in the paper.
+PAPER_GRID: tuple[int, ...] = (8, 4, 4, 4, 2, 2)
+
+
+def scaled_width(channels: int, width_mult: float) -> int:
+    """``channels * width_mult`` rounded, at least 1."""
+    return max(1, int(round(channels * width_mult)))
+
+
+def vgg6(
+    width_mult: float = 1.0,
+    in_channels: int = 3,
+    bias: bool = True,
+    seed: int = 0,
+    plan: tuple[tuple[int, bool], ...] = VGG6_PLAN,
+) -> BlockNet:
+    """Build the VGG-6 encoder (a :class:`BlockNet` without read-out).
+
+    Args:
+        width_mult: multiplier of every block's channels (``1/8`` gives 16-32-32-64-128-128).
+        in_channels: input channels.
+        bias: biases in the convolutions.
+        seed: seed of the initial weights (PyTorch's default convolution initialisation, drawn
+            from a private generator state: the global one is left as it was).
+        plan: ``(channels, max-pool)`` per block at full width.
+    """
+    if not width_mult > 0:
+        raise ValueError(f"net.width_mult={width_mult} is invalid: must be > 0")
+    blocks: list[nn.Module] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        c_in = in_channels
+        for channels, pool in plan:
+            c_out = scaled_width(channels, width_mult)
+            conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=bias)
+            post: nn.Module = (
+                nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)) if pool else nn.ReLU()
+            )
+            blocks.append(Block(conv, post))
+            c_in = c_out
+    return BlockNet(blocks, readout=None)
+
+
+def feature_sides(net: BlockNet, side: int) -> list[int]:
+    """Side of every block's output map for a square input of side ``side`` (VGG blocks)."""
+    sides = []
+    for block in net.blocks:
+        if _has_maxpool(block):
+            if side % 2:
+                raise ValueError(f"input side {side} does not halve evenly through the max-pools")
+            side //= 2
+        sides.append(side)
+    return sides
+
+
+def pool_sizes_for_grid(
+    sides: list[int], grid: tuple[int, ...] | list[int] = PAPER_GRID
+) -> list[int]:
+    """Pool sizes (kernel = stride) that pool maps of side ``sides`` onto ``grid`` cells per side.
+
+    A map smaller than its grid is not pooled (pool size 1, grid = the map).
+    """
+    if len(grid) != len(sides):
+        raise ValueError(f"a grid of {len(grid)} blocks does not fit a network of {len(sides)}")
+    out = []
+    for level, (side, cells) in enumerate(zip(sides, grid)):
+        cells = min(cells, side)
+        if side % cells:
+            raise ValueError(
+                f"block {level + 1}: a map of side {side} cannot be pooled onto a grid of {cells}"
+            )
+        out.append(side // cells)
+    return out
+
+
+def _has_maxpool(block: nn.Module) -> bool:
+    post = getattr(block, "post", None)
+    return post is not None and any(isinstance(m, nn.MaxPool2d) for m in post.modules())

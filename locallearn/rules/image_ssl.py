@@ -1,0 +1,768 @@
+"""Self-supervised rules for image encoders (*Can Local Learning Match Self-Supervised
+Backpropagation?*, arXiv 2601.21683): layer-wise CLAPP/CLAPP++, Forward-Forward-style, and the
+end-to-end BP-SSL baselines, all on the same VGG encoder and the same two augmented views.
+
+Registered rule names (``rule.name``):
+
+``clapp-image``
+    The unified local loss on every block (CLAPP, and CLAPP++ with grid pooling and context from
+    the top). Block ``l`` with output ``z_l`` (after ReLU and max-pool) pools it on a grid
+    (average pool, kernel = stride = the block's pool size; pooling onto one cell is global
+    pooling) and flattens it to ``p_l`` (``D_l`` values). Its loss, for view 1 predicted from
+    view 2 and view 2 from view 1 with the same ``B_l``, averaged over the batch::
+
+        f(u_pos) + f(-u_neg),  u_pos = s * p_l(x)^T B_l c,  u_neg = s * p_l(x_neg)^T B_l c
+
+    with ``c`` the context (detached), ``x_neg`` another image of the batch (the next one by
+    default, ``rule.negatives=random`` for a random other one), ``B_l`` a trainable ``D_l x D_c``
+    matrix without bias (so it couples grid positions), initialised to zero, and ``s = 1``: the
+    score is summed over channels and grid positions, as in the paper (``score_norm: dims``
+    sets ``s = 1 / sqrt(D_l D_c)``, a fixed rescaling of ``B``; with Adam it slows ``B``'s
+    learning relative to the encoder's, and in short runs the encoder then meets the margin by
+    inflating its activations). ``f`` is ``rule.f`` (hinge for CLAPP; see
+    :mod:`locallearn.losses`). Context (``rule.options.context``):
+
+    - ``same``: the same block's pooled output on the other view (CLAPP / CLAPP++);
+    - ``top``: the pooled top block on the other view (direct feedback, DFB), from a forward pass
+      of the whole encoder without gradients before the blocks are trained;
+    - ``both``: the sum of the two losses, each with its own ``B``.
+
+    Block inputs are detached. ``step: block`` (default) backpropagates each block's loss as soon
+    as it is computed, so its graph is freed before the next block runs (activation memory of one
+    block); ``step: summed`` sums the losses of all blocks and calls one backward (the same
+    gradients, the activation memory of the whole network).
+
+``ff``
+    The same loss with ``B`` fixed to the identity (no prediction matrix; context ``same``),
+    with the softplus ``f`` (``rule.f=softplus``, as in ``configs/images/ff.yaml``): a
+    Forward-Forward-style rule in the unified family.
+
+``bp-ssl``
+    End-to-end backpropagation of a self-supervised loss on the top block. ``rule.loss=clapp``
+    (BP-CLAPP++): the loss above on the grid-pooled top block with its own trainable ``B``.
+    ``rule.loss=infonce`` (BP-InfoNCE): the top block average-pooled globally, a linear projection
+    (``C -> C`` for a top block of ``C`` channels, i.e. 1024 -> 1024 at full width; no bias),
+    cosine similarity divided by ``rule.temperature`` (0.1), the other images of the batch as
+    negatives, symmetric in the two views (:func:`locallearn.losses.info_nce`; no stop-gradient).
+
+Pooling (``rule.options.pool``): ``auto`` (default) pools every block onto the paper's grid of
+8, 4, 4, 4, 2, 2 cells per side, which gives pool sizes 4-4-4-2-2-1 on CIFAR-10 (32 px),
+12-12-12-6-6-3 on STL-10 (96 px) and 8-8-8-4-4-2 on Tiny ImageNet (64 px); ``global`` pools every
+block onto one cell (no spatial dependence); or a list of pool sizes, one per block.
+
+Three-factor form (checked against autograd in the tests, see :func:`explicit_grads`): with
+neuromodulators ``g_pos = f'(u_pos)`` and ``g_neg = -f'(-u_neg)`` (``score_loss_grads``), the
+dendritic prediction ``B_l c`` pooled back to the map (each grid cell's value spread over its
+window and divided by the window area), the gate ``relu'(a)`` routed through the max-pool, and
+the input patch ``x`` of every position (the Hebbian term)::
+
+    dW_l = s / N * sum_samples sum_positions gamma * (P^T B_l c)[j] * relu'(a_j) * x_i
+
+where ``gamma = g_pos`` for the positive sample and ``g_neg`` for the negative one (whose own gate
+and input enter; the prediction is that of the positive's context).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from locallearn import losses
+from locallearn.experiments.config import from_dict
+from locallearn.nets.base import BlockNet
+from locallearn.nets.vgg import PAPER_GRID, feature_sides, pool_sizes_for_grid
+from locallearn.rules import register
+from locallearn.rules.base import Batch, Rule
+from locallearn.rules.layerwise import NEGATIVES, pick_negatives
+
+__all__ = [
+    "BPOptions",
+    "BPSSL",
+    "FFOptions",
+    "FFRule",
+    "ImageSSLRule",
+    "LocalImageRule",
+    "LocalOptions",
+    "SavedTensorMeter",
+    "TopLossBackprop",
+    "explicit_grads",
+    "pool_flat",
+    "resolve_pools",
+    "saved_activation_meter",
+]
+
+#: The value of ``Rule.view_kind`` of these rules: the task supplies two SSL views.
+VIEW_KIND = "ssl"
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+
+
+@dataclass
+class LocalOptions:
+    """``rule.options`` of ``clapp-image``.
+
+    Attributes:
+        context: ``same`` (CLAPP), ``top`` (direct feedback from the top block) or ``both``.
+        pool: ``auto`` (the paper's grids 8-4-4-4-2-2), ``global``, or pool sizes per block.
+        step: ``block`` (backward per block, graph freed) or ``summed`` (one backward).
+        score_norm: ``none`` sums scores over channels and grid positions (the paper);
+            ``dims`` scales them by ``1/sqrt(D_z D_c)``.
+    """
+
+    context: Literal["same", "top", "both"] = "same"
+    pool: list[int] | str = "auto"
+    step: Literal["block", "summed"] = "block"
+    score_norm: Literal["none", "dims"] = "none"
+
+    def validate(self) -> None:
+        _check_pool(self.pool)
+
+
+@dataclass
+class FFOptions:
+    """``rule.options`` of ``ff`` (``B`` is the identity, the context is the same block)."""
+
+    pool: list[int] | str = "auto"
+    step: Literal["block", "summed"] = "block"
+    score_norm: Literal["none", "dims"] = "none"
+
+    def validate(self) -> None:
+        _check_pool(self.pool)
+
+
+@dataclass
+class BPOptions:
+    """``rule.options`` of ``bp-ssl``.
+
+    Attributes:
+        pool: pooling of the top block for ``rule.loss=clapp`` (``auto``, ``global`` or pool
+            sizes per block, of which the last is used).
+        score_norm: as for ``clapp-image``.
+        projection_dim: output size of the InfoNCE projection (default: the top block's
+            channels, 1024 at full width).
+    """
+
+    pool: list[int] | str = "auto"
+    score_norm: Literal["none", "dims"] = "none"
+    projection_dim: int | None = None
+
+    def validate(self) -> None:
+        _check_pool(self.pool)
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ValueError(
+                f"rule.options.projection_dim={self.projection_dim} is invalid: must be >= 1"
+            )
+
+
+def _check_pool(pool: list[int] | str) -> None:
+    if isinstance(pool, str):
+        if pool not in ("auto", "global"):
+            raise ValueError(
+                f"rule.options.pool={pool!r} is invalid; valid: auto, global, or a list of "
+                "pool sizes (one per block)"
+            )
+    elif not pool or any(p < 1 for p in pool):
+        raise ValueError(f"rule.options.pool={pool!r} is invalid: pool sizes must be >= 1")
+
+
+def _check_choice(key: str, value: str, valid: Iterable[str]) -> None:
+    valid = tuple(valid)
+    if value not in valid:
+        raise ValueError(f"{key}={value!r} is invalid for image rules; valid: {', '.join(valid)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# pooling
+
+
+def resolve_pools(pool: list[int] | str, sides: list[int]) -> list[int]:
+    """Pool sizes per block for maps of side ``sides``, from ``rule.options.pool``."""
+    if pool == "auto":
+        return pool_sizes_for_grid(sides, PAPER_GRID[: len(sides)])
+    if pool == "global":
+        return list(sides)
+    if not isinstance(pool, list):
+        raise ValueError(f"rule.options.pool={pool!r} is invalid")
+    if len(pool) != len(sides):
+        raise ValueError(
+            f"rule.options.pool lists {len(pool)} pool sizes for a network of {len(sides)} blocks"
+        )
+    for level, (p, side) in enumerate(zip(pool, sides)):
+        if side % p:
+            raise ValueError(
+                f"rule.options.pool[{level}]={p} does not divide block {level + 1}'s map "
+                f"side {side}"
+            )
+    return list(pool)
+
+
+def pool_flat(z: torch.Tensor, pool: int) -> torch.Tensor:
+    """Average-pool ``(N, C, H, W)`` with kernel = stride = ``pool`` and flatten to ``(N, D)``."""
+    if pool > 1:
+        z = F.avg_pool2d(z, pool)
+    return z.flatten(1)
+
+
+def unpool(g: torch.Tensor, pool: int) -> torch.Tensor:
+    """Adjoint of the average pool: each cell's value spread over its window, over its area."""
+    if pool == 1:
+        return g
+    return g.repeat_interleave(pool, 2).repeat_interleave(pool, 3) / (pool * pool)
+
+
+# ---------------------------------------------------------------------------------------------
+# the rules
+
+
+class ImageSSLRule(Rule):
+    """Common part of the image SSL rules: two views, pooling, the unified score loss."""
+
+    name = "image-ssl"
+    uses_labels = False
+    view_kind = VIEW_KIND
+
+    def __init__(
+        self,
+        pool: list[int] | str,
+        f: str,
+        negatives: str,
+        score_norm: str,
+    ) -> None:
+        super().__init__()
+        _check_choice("rule.f", f, losses.F_KINDS)
+        _check_choice("rule.negatives", negatives, NEGATIVES)
+        self.pool_spec = pool
+        self.f = f
+        self.negatives = negatives
+        self.score_norm = score_norm
+        self.pools: list[int] = []
+        self.dims: list[int] = []
+
+    def resolve(self, net: BlockNet, sample_input: torch.Tensor) -> None:
+        """Find each block's pool size and pooled size ``D_l`` for inputs like ``sample_input``."""
+        if sample_input.dim() != 4 or sample_input.shape[2] != sample_input.shape[3]:
+            raise ValueError(
+                f"image rules need square image batches (N, C, S, S), got "
+                f"{tuple(sample_input.shape)}"
+            )
+        sides = feature_sides(net, int(sample_input.shape[2]))
+        self.pools = resolve_pools(self.pool_spec, sides)
+        with torch.no_grad():
+            feats = net.features(sample_input[:1])
+        self.dims = [pool_flat(h, p).shape[1] for h, p in zip(feats, self.pools)]
+
+    def scale(self, d_z: int, d_c: int) -> float:
+        """The score scale ``s``."""
+        return 1.0 / math.sqrt(d_z * d_c) if self.score_norm == "dims" else 1.0
+
+    def negative_index(self, n: int, batch: Batch, device: torch.device) -> torch.Tensor:
+        """Index of the negative of every sample (another image of the batch)."""
+        if n < 2:
+            raise ValueError("image SSL rules need batches of at least 2 images (negatives)")
+        return pick_negatives(n, self.negatives, batch.generator, device)
+
+    def pair_loss(
+        self,
+        p: torch.Tensor,
+        c: torch.Tensor,
+        B: torch.Tensor | None,
+        neg: torch.Tensor,
+        n: int | None = None,
+    ) -> torch.Tensor:
+        """Unified loss of pooled outputs ``p`` (M, D_z) predicted from context ``c`` (M, D_c).
+
+        ``B`` is ``(D_z, D_c)``, or ``None`` for the identity; ``neg`` indexes the negative of
+        every row in ``p``. The summed loss is divided by ``n`` (default ``M``, the batch mean).
+        """
+        c = c.detach()
+        pred = c if B is None else c @ B.t()
+        s = self.scale(p.shape[1], c.shape[1])
+        u_pos = (p * pred).sum(1) * s
+        u_neg = (p[neg] * pred).sum(1) * s
+        return losses.score_loss(u_pos, u_neg, self.f) / (p.shape[0] if n is None else n)
+
+    def both_directions(
+        self,
+        p: torch.Tensor,
+        c: torch.Tensor,
+        B: torch.Tensor | None,
+        neg: torch.Tensor,
+    ) -> torch.Tensor:
+        """View 1 predicted from view 2's context and back, with the same ``B``.
+
+        ``p`` and ``c`` stack both views ``(2N, D)``; the two directions are scored in one pass
+        (one product with ``B``, one gradient of ``B``), each averaged over the ``N`` images.
+        """
+        n = p.shape[0] // 2
+        swapped = torch.cat([c[n:], c[:n]], 0)
+        return self.pair_loss(p, swapped, B, torch.cat([neg, neg + n]), n)
+
+    @staticmethod
+    def views(batch: Batch) -> tuple[torch.Tensor, int]:
+        """Both views stacked ``(2N, C, H, W)`` and ``N``."""
+        if batch.views is None:
+            raise ValueError("image SSL rules need two views in the batch (view_kind 'ssl')")
+        v1, v2 = batch.views
+        return torch.cat([v1, v2], 0), v1.shape[0]
+
+
+class LocalImageRule(ImageSSLRule):
+    """Layer-wise rule: each block learns from its own unified loss (see the module docstring).
+
+    Args:
+        context: ``same``, ``top`` or ``both``.
+        pool: ``auto``, ``global`` or pool sizes per block.
+        f: the function of the unified loss (``hinge`` for CLAPP).
+        negatives: ``next`` or ``random``.
+        step: ``block`` or ``summed``.
+        score_norm: ``dims`` or ``none``.
+        identity_b: ``B`` fixed to the identity (Forward-Forward); needs ``context=same``.
+    """
+
+    name = "clapp-image"
+
+    def __init__(
+        self,
+        context: str = "same",
+        pool: list[int] | str = "auto",
+        f: str = "hinge",
+        negatives: str = "next",
+        step: str = "block",
+        score_norm: str = "none",
+        identity_b: bool = False,
+    ) -> None:
+        super().__init__(pool, f, negatives, score_norm)
+        _check_choice("rule.options.context", context, ("same", "top", "both"))
+        _check_choice("rule.options.step", step, ("block", "summed"))
+        if identity_b and context != "same":
+            raise ValueError("B fixed to the identity needs rule.options.context=same")
+        self.context = context
+        self.step = step
+        self.identity_b = identity_b
+        self.B_same = nn.ParameterList()
+        self.B_top = nn.ParameterList()
+
+    @property
+    def uses_same(self) -> bool:
+        return self.context in ("same", "both")
+
+    @property
+    def uses_top(self) -> bool:
+        return self.context in ("top", "both")
+
+    def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
+        self.resolve(net, sample_input)
+        if self.identity_b:
+            return
+        device = sample_input.device
+        for d in self.dims:
+            if self.uses_same:
+                self.B_same.append(nn.Parameter(torch.zeros(d, d, device=device)))
+            if self.uses_top:
+                self.B_top.append(nn.Parameter(torch.zeros(d, self.dims[-1], device=device)))
+
+    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
+        return net.encoder_parameters() + list(self.parameters())
+
+    def block_loss(
+        self,
+        level: int,
+        p: torch.Tensor,
+        top: torch.Tensor | None,
+        neg: torch.Tensor,
+    ) -> torch.Tensor:
+        """Loss of block ``level`` from its pooled output on both views ``p`` (2N, D)."""
+        loss = p.new_zeros(())
+        if self.uses_same:
+            B = None if self.identity_b else self.B_same[level]
+            loss = loss + self.both_directions(p, p, B, neg)
+        if self.uses_top:
+            loss = loss + self.both_directions(p, top, self.B_top[level], neg)
+        return loss
+
+    def top_context(self, net: BlockNet, x: torch.Tensor) -> torch.Tensor | None:
+        """Pooled top block of both views, without gradients (``None`` without DFB)."""
+        if not self.uses_top:
+            return None
+        with torch.no_grad():
+            return pool_flat(net.encode(x), self.pools[-1])
+
+    def reference_rule(self) -> Rule:
+        """BP-SSL counterpart: this rule's top-block loss backpropagated through every block."""
+        return TopLossBackprop(self)
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        x, n = self.views(batch)
+        neg = self.negative_index(n, batch, x.device)
+        top = self.top_context(net, x)
+        metrics: dict[str, float] = {}
+        pending: list[torch.Tensor] = []
+        total = 0.0
+        h = x
+        for level, block in enumerate(net.blocks):
+            z = block(h.detach())
+            loss = self.block_loss(level, pool_flat(z, self.pools[level]), top, neg)
+            if self.step == "block":
+                loss.backward()  # frees this block's graph before the next block runs
+            else:
+                pending.append(loss)
+            value = float(loss.detach())
+            metrics[f"loss_block{level + 1}"] = value
+            total += value
+            h = z.detach()
+        if pending:
+            torch.stack(pending).sum().backward()
+        metrics["loss"] = total
+        return metrics
+
+
+class TopLossBackprop(Rule):
+    """A layer-wise image rule's top-block loss, backpropagated through every block (BP-SSL).
+
+    The reference of :class:`LocalImageRule` for gradient alignment: the same views, negatives,
+    context and prediction matrices (shared with the local rule), but the loss of the top block
+    only and gradients through all blocks. Its top-block update equals the local rule's.
+    """
+
+    name = "bp-ssl"
+    uses_labels = False
+    view_kind = VIEW_KIND
+
+    def __init__(self, local: LocalImageRule) -> None:
+        super().__init__()
+        self.local = [local]  # a list: the local rule's parameters are not registered twice
+
+    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
+        return self.local[0].trained_parameters(net)
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        local = self.local[0]
+        x, n = local.views(batch)
+        neg = local.negative_index(n, batch, x.device)
+        p = pool_flat(net.encode(x), local.pools[-1])
+        loss = local.block_loss(len(net.blocks) - 1, p, p.detach(), neg)
+        loss.backward()
+        return {"loss": float(loss.detach())}
+
+
+class FFRule(LocalImageRule):
+    """``ff``: :class:`LocalImageRule` with ``B`` fixed to the identity and context ``same``."""
+
+    name = "ff"
+
+    def __init__(
+        self,
+        pool: list[int] | str = "auto",
+        f: str = "softplus",
+        negatives: str = "next",
+        step: str = "block",
+        score_norm: str = "none",
+    ) -> None:
+        super().__init__("same", pool, f, negatives, step, score_norm, identity_b=True)
+
+
+class BPSSL(ImageSSLRule):
+    """End-to-end backprop of a self-supervised loss on the top block (BP-CLAPP++, BP-InfoNCE).
+
+    Args:
+        loss: ``clapp`` (the unified loss on the grid-pooled top block) or ``infonce``.
+        pool: pooling of the top block for ``clapp``.
+        f, negatives, score_norm: as for :class:`LocalImageRule` (``clapp`` only).
+        temperature: InfoNCE temperature.
+        projection_dim: InfoNCE projection size (default: the top block's channels).
+        seed: seed of the projection's initial weights (the run's seed).
+    """
+
+    name = "bp-ssl"
+
+    def __init__(
+        self,
+        loss: str = "clapp",
+        pool: list[int] | str = "auto",
+        f: str = "hinge",
+        negatives: str = "next",
+        score_norm: str = "none",
+        temperature: float = 0.1,
+        projection_dim: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(pool, f, negatives, score_norm)
+        self.seed = seed
+        _check_choice("rule.loss", loss, ("clapp", "infonce"))
+        if not temperature > 0:
+            raise ValueError(f"rule.temperature={temperature} is invalid: must be > 0")
+        self.loss_kind = loss
+        self.temperature = temperature
+        self.projection_dim = projection_dim
+        self.B = nn.ParameterList()
+        self.projection: nn.Module | None = None
+
+    def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
+        self.resolve(net, sample_input)
+        device = sample_input.device
+        if self.loss_kind == "clapp":
+            d = self.dims[-1]
+            self.B.append(nn.Parameter(torch.zeros(d, d, device=device)))
+        else:
+            with torch.no_grad():
+                channels = net.encode(sample_input[:1]).shape[1]
+            out = self.projection_dim or channels
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                self.projection = nn.Linear(channels, out, bias=False).to(device)
+
+    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
+        return net.encoder_parameters() + list(self.parameters())
+
+    def objective(self, net: BlockNet, x: torch.Tensor, neg: torch.Tensor | None) -> torch.Tensor:
+        """The top-block loss of both views ``x`` (2N, ...), with gradients through the encoder."""
+        z = net.encode(x)
+        if self.loss_kind == "infonce":
+            e = self.projection(z.mean((2, 3)))
+            e1, e2 = e.chunk(2, 0)
+            return losses.info_nce(e1, e2, self.temperature)
+        p = pool_flat(z, self.pools[-1])
+        return self.both_directions(p, p, self.B[0], neg)
+
+    def reference_rule(self) -> Rule:
+        """End-to-end backprop already: its own reference."""
+        return self
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        x, n = self.views(batch)
+        neg = self.negative_index(n, batch, x.device) if self.loss_kind == "clapp" else None
+        loss = self.objective(net, x, neg)
+        loss.backward()
+        return {"loss": float(loss.detach())}
+
+
+# ---------------------------------------------------------------------------------------------
+# builders (rule.name -> rule)
+
+
+def _build_local(cfg: Any, seed: int, **task: Any) -> LocalImageRule:
+    o = from_dict(LocalOptions, cfg.options, "rule.options.")
+    return LocalImageRule(o.context, o.pool, cfg.f, cfg.negatives, o.step, o.score_norm)
+
+
+def _build_ff(cfg: Any, seed: int, **task: Any) -> FFRule:
+    o = from_dict(FFOptions, cfg.options, "rule.options.")
+    return FFRule(o.pool, cfg.f, cfg.negatives, o.step, o.score_norm)
+
+
+def _build_bp(cfg: Any, seed: int, **task: Any) -> BPSSL:
+    o = from_dict(BPOptions, cfg.options, "rule.options.")
+    return BPSSL(cfg.loss, o.pool, cfg.f, cfg.negatives, o.score_norm, cfg.temperature,
+                 o.projection_dim, seed)
+
+
+register("clapp-image", _build_local)
+register("ff", _build_ff)
+register("bp-ssl", _build_bp)
+
+#: Rule names this module registers.
+RULES = ("clapp-image", "ff", "bp-ssl")
+
+
+# ---------------------------------------------------------------------------------------------
+# the explicit three-factor form (for tests and alignment measures)
+
+
+def _block_halves(block: nn.Module) -> tuple[nn.Conv2d, int]:
+    """The convolution of a VGG block and its max-pool size (1: none)."""
+    conv = getattr(block, "pre", None)
+    post = getattr(block, "post", None)
+    if not isinstance(conv, nn.Conv2d) or post is None:
+        raise ValueError(
+            "the explicit form needs VGG blocks (pre: Conv2d, post: ReLU [+ max-pool])"
+        )
+    pool = 1
+    for m in post.modules():
+        if isinstance(m, nn.MaxPool2d):
+            pool = int(m.kernel_size) if isinstance(m.kernel_size, int) else int(m.kernel_size[0])
+    return conv, pool
+
+
+def _hebbian(
+    conv: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``sum_n,pos delta[o, pos] * patch(x)[i, pos]`` for the weight, ``sum delta`` for the bias."""
+    patches = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)
+    dw = torch.einsum("nol,nkl->ok", delta.flatten(2), patches).reshape(conv.weight.shape)
+    db = delta.sum((0, 2, 3)) if conv.bias is not None else None
+    return dw, db
+
+
+def _modulated_prediction(
+    rule: ImageSSLRule,
+    p: torch.Tensor,
+    c: torch.Tensor,
+    B: torch.Tensor | None,
+    neg: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``dL/dp`` (neuromodulator times dendritic prediction, per sample) and ``dL/dB``."""
+    n = p.shape[0]
+    s = rule.scale(p.shape[1], c.shape[1])
+    pred = c if B is None else c @ B.t()
+    u_pos = (p * pred).sum(1) * s
+    u_neg = (p[neg] * pred).sum(1) * s
+    g_pos, g_neg = losses.score_loss_grads(u_pos, u_neg, rule.f)
+    dp = g_pos[:, None] * pred
+    dp = dp.index_add(0, neg, g_neg[:, None] * pred) * (s / n)
+    dB = None
+    if B is not None:
+        post = g_pos[:, None] * p + g_neg[:, None] * p[neg]
+        dB = post.t() @ c * (s / n)
+    return dp, dB
+
+
+@torch.no_grad()
+def explicit_grads(rule: ImageSSLRule, net: BlockNet, batch: Batch) -> dict[str, torch.Tensor]:
+    """The three-factor updates, without autograd, keyed like ``named_parameters``.
+
+    Keys: ``net.blocks.<l>.pre.weight`` / ``.bias`` for the encoder and ``rule.B_same.<l>``,
+    ``rule.B_top.<l>`` (``clapp-image``) or ``rule.B.0`` (``bp-ssl`` with ``loss=clapp``) for the
+    prediction matrices. For ``bp-ssl`` only the top block (whose update is local) is given.
+    Negatives are drawn as :meth:`compute_grads` draws them (same generator state gives the same).
+    """
+    x, n = ImageSSLRule.views(batch)
+    neg = rule.negative_index(n, batch, x.device)
+    if isinstance(rule, BPSSL):
+        if rule.loss_kind != "clapp":
+            raise ValueError("the explicit three-factor form is defined for rule.loss=clapp")
+        feats = net.features(x)
+        levels = [len(net.blocks) - 1]
+        inputs = {levels[0]: feats[-2] if len(feats) > 1 else x}
+    else:
+        feats = net.features(x)
+        levels = list(range(len(net.blocks)))
+        inputs = {lv: (x if lv == 0 else feats[lv - 1]) for lv in levels}
+    top = pool_flat(feats[-1], rule.pools[-1])
+    out: dict[str, torch.Tensor] = {}
+    for level in levels:
+        conv, mp = _block_halves(net.blocks[level])
+        h = inputs[level]
+        a = conv(h)
+        r = torch.relu(a)
+        if mp > 1:
+            z, idx = F.max_pool2d(r, mp, return_indices=True)
+        else:
+            z, idx = r, None
+        pool = rule.pools[level]
+        p = pool_flat(z, pool)
+        p1, p2 = p.chunk(2, 0)
+        dp = torch.zeros_like(p)
+        terms: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        if isinstance(rule, BPSSL):
+            terms.append(("rule.B.0", p2, p1, rule.B[0]))
+        else:
+            if rule.uses_same:
+                B = None if rule.identity_b else rule.B_same[level]
+                terms.append((f"rule.B_same.{level}", p2, p1, B))
+            if rule.uses_top:
+                t1, t2 = top.chunk(2, 0)
+                terms.append((f"rule.B_top.{level}", t2, t1, rule.B_top[level]))
+        for key, c_for_1, c_for_2, B in terms:
+            d1, dB1 = _modulated_prediction(rule, p1, c_for_1, B, neg)
+            d2, dB2 = _modulated_prediction(rule, p2, c_for_2, B, neg)
+            dp += torch.cat([d1, d2], 0)
+            if B is not None:
+                out[key] = dB1 + dB2
+        # dendritic prediction pooled back onto the map, routed through the max-pool, gated
+        dz = unpool(dp.reshape(z.shape[0], -1, z.shape[2] // pool, z.shape[3] // pool), pool)
+        dr = F.max_unpool2d(dz, idx, mp, output_size=r.shape[-2:]) if idx is not None else dz
+        delta = dr * (a > 0).to(a.dtype)
+        dw, db = _hebbian(conv, h, delta)
+        out[f"net.blocks.{level}.pre.weight"] = dw
+        if db is not None:
+            out[f"net.blocks.{level}.pre.bias"] = db
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# activation memory held for backward
+
+
+class _Saved:
+    """A tensor saved for backward; releases its count when the graph drops it."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+class SavedTensorMeter:
+    """Bytes of activations that autograd graphs hold for backward, live and at their peak.
+
+    Counted exactly with ``torch.autograd.graph.saved_tensors_hooks``: every tensor saved for
+    backward is registered by its storage (a storage saved twice counts once) until the graph
+    that holds it is freed. Storages of ``exclude`` (the parameters) are not counted.
+
+    Use as a context manager around the steps to measure; read :attr:`peak_bytes`.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._live: dict[int, list[int]] = {}  # storage pointer -> [bytes, references]
+        self.current_bytes = 0
+        self.peak_bytes = 0
+        self._hooks: Any = None
+
+    def _release(self, ptr: int) -> None:
+        entry = self._live.get(ptr)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current_bytes -= entry[0]
+            del self._live[ptr]
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr == 0 or ptr in self._excluded:
+            return tensor
+        entry = self._live.setdefault(ptr, [storage.nbytes(), 0])
+        if entry[1] == 0:
+            self.current_bytes += entry[0]
+            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
+        entry[1] += 1
+        holder = _Saved(tensor)
+        weakref.finalize(holder, self._release, ptr)
+        return holder
+
+    @staticmethod
+    def _unpack(packed: Any) -> torch.Tensor:
+        return packed.tensor if isinstance(packed, _Saved) else packed
+
+    def reset_peak(self) -> None:
+        """Start a new peak from the bytes live now."""
+        self.peak_bytes = self.current_bytes
+
+    def __enter__(self) -> SavedTensorMeter:
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+        self._hooks = None
+
+
+@contextmanager
+def saved_activation_meter(net: nn.Module, rule: nn.Module) -> Iterator[SavedTensorMeter]:
+    """A :class:`SavedTensorMeter` that leaves out the parameters of ``net`` and ``rule``."""
+    params = list(net.parameters()) + list(rule.parameters())
+    with SavedTensorMeter(exclude=params) as meter:
+        yield meter

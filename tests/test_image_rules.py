@@ -1,0 +1,302 @@
+"""Tests of the image SSL rules (locallearn.rules.image_ssl).
+
+The contract: each rule's update, computed by autograd, equals its explicit three-factor form
+(neuromodulator x dendritic prediction pooled back x Hebbian term), in float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from locallearn import losses
+from locallearn.experiments.schema import RuleConfig
+from locallearn.nets.base import Block, BlockNet
+from locallearn.nets.vgg import vgg6
+from locallearn.rules import build_rule, registered
+from locallearn.rules.base import Batch
+from locallearn.rules.image_ssl import (
+    BPSSL,
+    FFRule,
+    LocalImageRule,
+    explicit_grads,
+    pool_flat,
+    saved_activation_meter,
+)
+
+SIDE = 16
+WIDTH = 1 / 32  # 4-8-8-16-32-32 channels
+
+
+def _views(n: int = 4, side: int = SIDE, seed: int = 0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    # positive inputs keep a good share of the ReLUs open at every block
+    v1 = torch.rand(n, 3, side, side, generator=g, dtype=dtype)
+    v2 = (v1 + 0.3 * torch.rand(n, 3, side, side, generator=g, dtype=dtype)).clamp(0, 1)
+    return v1, v2
+
+
+def _setup(rule, net, v1, randomise_b: bool = True, seed: int = 0):
+    rule.setup(net, v1)
+    rule.to(v1.dtype)
+    if randomise_b:  # B starts at zero; a random B exercises every term of the formula
+        g = torch.Generator().manual_seed(seed + 100)
+        with torch.no_grad():
+            for p in rule.parameters():  # scores of order one: the hinge is active
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 3.0 / p.shape[-1])
+    return rule
+
+
+def _net(seed: int = 1, dtype=torch.float64) -> BlockNet:
+    return vgg6(WIDTH, seed=seed).to(dtype)
+
+
+def _named(net, rule):
+    out = {f"net.{k}": p for k, p in net.named_parameters()}
+    out.update({f"rule.{k}": p for k, p in rule.named_parameters()})
+    return out
+
+
+def _autograd(rule, net, batch):
+    for p in list(net.parameters()) + list(rule.parameters()):
+        p.grad = None
+    rule.compute_grads(net, batch)
+    return {k: (p.grad.clone() if p.grad is not None else None)
+            for k, p in _named(net, rule).items()}
+
+
+def _assert_close(expected: dict, got: dict) -> None:
+    for key, value in expected.items():
+        assert got[key] is not None, key
+        scale = float(value.abs().max())
+        if not key.endswith("bias"):  # a bias update may vanish (pos and neg terms cancel)
+            assert scale > 0, f"{key}: the explicit update is zero"
+        err = float((got[key] - value).abs().max())
+        assert err <= 1e-5 * scale + 1e-14, f"{key}: error {err:.2e} of {scale:.2e}"
+
+
+@pytest.mark.parametrize("context", ["same", "top", "both"])
+@pytest.mark.parametrize("f", ["hinge", "softplus", "linear", "softplus-diff"])
+def test_layerwise_three_factor_form_matches_autograd(context, f):
+    net = _net()
+    v1, v2 = _views()
+    rule = _setup(LocalImageRule(context, "auto", f, "next"), net, v1)
+    batch = Batch(v1, None, (v1, v2), torch.Generator().manual_seed(0))
+    expected = explicit_grads(rule, net, batch)
+    got = _autograd(rule, net, batch)
+    n_params = 12 + len(list(rule.parameters()))
+    assert len(expected) == n_params  # every encoder weight, bias and B
+    _assert_close(expected, got)
+
+
+def test_ff_three_factor_form_matches_autograd():
+    net = _net()
+    v1, v2 = _views()
+    rule = _setup(FFRule("auto", "softplus", "next"), net, v1)
+    assert rule.name == "ff" and rule.identity_b
+    assert list(rule.parameters()) == []  # B is the identity, nothing to learn
+    batch = Batch(v1, None, (v1, v2), torch.Generator().manual_seed(0))
+    _assert_close(explicit_grads(rule, net, batch), _autograd(rule, net, batch))
+
+
+def test_random_negatives_three_factor_form_matches_autograd():
+    net = _net()
+    v1, v2 = _views(n=6)
+    rule = _setup(LocalImageRule("same", "auto", "hinge", "random"), net, v1)
+    def batch() -> Batch:  # the same generator state: the same random negatives
+        return Batch(v1, None, (v1, v2), torch.Generator().manual_seed(5))
+
+    expected = explicit_grads(rule, net, batch())
+    got = _autograd(rule, net, batch())
+    _assert_close(expected, got)
+
+
+def test_bp_clapp_top_block_is_three_factor_and_lower_blocks_get_backprop():
+    net = _net()
+    v1, v2 = _views()
+    rule = _setup(BPSSL("clapp", "auto", "hinge", "next"), net, v1)
+    batch = Batch(v1, None, (v1, v2), torch.Generator().manual_seed(0))
+    expected = explicit_grads(rule, net, batch)
+    assert set(expected) == {"net.blocks.5.pre.weight", "net.blocks.5.pre.bias", "rule.B.0"}
+    got = _autograd(rule, net, batch)
+    _assert_close(expected, got)
+    # the lower blocks learn from the top loss through backprop (not from a local loss)
+    assert float(got["net.blocks.0.pre.weight"].abs().max()) > 0
+
+
+@pytest.mark.parametrize(("score_norm", "s"), [("none", 1.0), ("dims", 1.0 / 12.0)])
+def test_three_factor_form_on_a_small_conv_block_written_out(score_norm, s):
+    """One conv block, grid pooling 2 on a 4x4 map, the formula written out term by term.
+
+    ``s``: the score scale (``dims``: 1 / sqrt(D_z D_c), D = 3 channels x 2 x 2 cells).
+    """
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1).double()
+    net = BlockNet([Block(conv, nn.ReLU())])
+    n = 3
+    v1 = torch.randn(n, 2, 4, 4, dtype=torch.float64)
+    v2 = torch.randn(n, 2, 4, 4, dtype=torch.float64)
+    rule = LocalImageRule("same", [2], "hinge", "next", score_norm=score_norm)
+    _setup(rule, net, v1)
+    B = rule.B_same[0]
+    got = _autograd(rule, net, Batch(v1, None, (v1, v2), None))
+    # explicit: dW[o, i, kh, kw] = s/n sum_dir sum_samples gamma * (P^T B c)[o, y, x]
+    #           * relu'(a[o, y, x]) * xpad[i, y + kh, x + kw]
+    dW = torch.zeros_like(conv.weight)
+    db = torch.zeros_like(conv.bias)
+    for x_z, x_c in ((v1, v2), (v2, v1)):
+        a = conv(x_z).detach()
+        p = F.avg_pool2d(torch.relu(a), 2).flatten(1)
+        c = F.avg_pool2d(torch.relu(conv(x_c)), 2).flatten(1).detach()
+        xpad = F.pad(x_z, (1, 1, 1, 1))
+        for i in range(n):
+            j = (i + 1) % n  # the negative: the next image
+            pred = (B @ c[i]).detach()
+            u_pos, u_neg = s * p[i] @ pred, s * p[j] @ pred
+            gammas = ((i, -float(u_pos < 1)), (j, float(-u_neg < 1)))  # f'(u), -f'(-u)
+            for k, gamma in gammas:
+                dend = pred.reshape(3, 2, 2).repeat_interleave(2, 1).repeat_interleave(2, 2) / 4
+                gate = (a[k] > 0).double()
+                post = gamma * dend * gate * s / n  # (3, 4, 4)
+                for kh in range(3):
+                    for kw in range(3):
+                        patch = xpad[k, :, kh:kh + 4, kw:kw + 4]  # (2, 4, 4)
+                        dW[:, :, kh, kw] += torch.einsum("oyx,iyx->oi", post, patch)
+                db += post.sum((1, 2))
+    for key, value in (("net.blocks.0.pre.weight", dW), ("net.blocks.0.pre.bias", db)):
+        assert float(value.abs().max()) > 0
+        assert torch.allclose(got[key], value, rtol=1e-5, atol=1e-10), key
+
+
+def test_block_by_block_equals_summed_backward():
+    net = _net()
+    v1, v2 = _views()
+    grads = {}
+    for step in ("block", "summed"):
+        rule = _setup(LocalImageRule("both", "auto", "hinge", "next", step=step), net, v1)
+        grads[step] = _autograd(rule, net, Batch(v1, None, (v1, v2), None))
+    for key, value in grads["block"].items():
+        assert value is not None and float(value.abs().max()) > 0, key
+        assert torch.allclose(value, grads["summed"][key], rtol=1e-10, atol=1e-12), key
+
+
+def test_grid_pool_size_one_differs_from_global_pooling():
+    net = _net()
+    v1, v2 = _views()
+    out = {}
+    for pool in ([1] * 6, "global"):
+        rule = LocalImageRule("same", pool, "hinge", "next", score_norm="dims")
+        _setup(rule, net, v1, randomise_b=False)
+        with torch.no_grad():
+            for B in rule.B_same:  # the same kind of B: identity (scaled) on each pooled size
+                B.copy_(torch.eye(B.shape[0], dtype=B.dtype))
+        got = _autograd(rule, net, Batch(v1, None, (v1, v2), None))
+        out[str(pool)] = got["net.blocks.1.pre.weight"]
+        assert float(out[str(pool)].abs().max()) > 0
+        assert rule.dims[1] == (8 * 64 if pool != "global" else 8)
+    a, b = out[str([1] * 6)], out["global"]
+    cos = float(F.cosine_similarity(a.flatten(), b.flatten(), 0))
+    assert cos < 0.99
+
+
+def test_block_by_block_holds_less_activation_memory():
+    net = vgg6(1 / 16, seed=0)
+    v1, v2 = _views(n=8, side=32, dtype=torch.float32)
+    peaks = {}
+    for name, rule in (
+        ("block", LocalImageRule("same", "auto", "hinge", "next", step="block")),
+        ("summed", LocalImageRule("same", "auto", "hinge", "next", step="summed")),
+        ("bp", BPSSL("clapp")),
+    ):
+        rule.setup(net, v1)
+        with saved_activation_meter(net, rule) as meter:
+            rule.compute_grads(net, Batch(v1, None, (v1, v2), None))
+        assert meter.current_bytes == 0  # every graph was freed
+        peaks[name] = meter.peak_bytes
+    assert 0 < peaks["block"] < 0.6 * peaks["summed"]
+    assert peaks["block"] < 0.6 * peaks["bp"]
+
+
+def test_infonce_loss_and_gradients():
+    net = vgg6(1 / 16, seed=0)
+    v1, v2 = _views(n=6, side=32, dtype=torch.float32)
+    rule = BPSSL("infonce", temperature=0.1)
+    rule.setup(net, v1)
+    assert rule.projection.weight.shape == (64, 64)  # 1024 -> 1024 scaled by the width
+    metrics = rule.compute_grads(net, Batch(v1, None, (v1, v2), None))
+    with torch.no_grad():
+        e = rule.projection(net.encode(torch.cat([v1, v2])).mean((2, 3)))
+        expected = losses.info_nce(e[:6], e[6:], 0.1)
+    assert metrics["loss"] == pytest.approx(float(expected), rel=1e-5)
+    for p in list(net.parameters()) + list(rule.parameters()):
+        assert p.grad is not None and float(p.grad.abs().max()) > 0
+
+
+def test_rules_are_registered_and_label_free():
+    for name in ("clapp-image", "ff", "bp-ssl"):
+        assert name in registered()
+        rule = build_rule(RuleConfig(name=name))
+        assert rule.name == name
+        assert rule.view_kind == "ssl"
+        assert rule.uses_labels is False
+    rule = build_rule(RuleConfig(name="clapp-image", options={"context": "both", "step": "summed",
+                                                                "pool": [4, 4, 4, 2, 2, 1]}))
+    assert rule.context == "both" and rule.step == "summed"
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "match"),
+    [
+        ("clapp-image", {"options": {"contxt": "top"}}, "unknown config key 'rule.options.contxt'"),
+        ("clapp-image", {"options": {"context": "up"}}, "rule.options.context='up' is invalid"),
+        ("clapp-image", {"options": {"pool": "grid"}}, "rule.options.pool='grid' is invalid"),
+        ("clapp-image", {"options": {"pool": [4, 0]}}, "pool sizes must be >= 1"),
+        ("clapp-image", {"f": "cubic"}, "rule.f='cubic' is invalid"),
+        ("clapp-image", {"negatives": "all"}, "rule.negatives='all' is invalid"),
+        ("ff", {"options": {"context": "top"}}, "unknown config key 'rule.options.context'"),
+        ("bp-ssl", {"loss": "vicreg"}, "rule.loss='vicreg' is invalid"),
+        ("bp-ssl", {"options": {"projection_dim": 0}}, "projection_dim=0 is invalid"),
+        ("bp-ssl", {"temperature": 0.0}, "rule.temperature=0.0 is invalid"),
+    ],
+)
+def test_bad_options_are_one_line_errors(name, extra, match):
+    with pytest.raises(ValueError, match=match) as info:
+        build_rule(RuleConfig(name=name, **extra))
+    assert "\n" not in str(info.value)
+
+
+def test_pool_sizes_must_fit_the_maps():
+    net = vgg6(1 / 32)
+    v1, _ = _views(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"pool\[0\]=3 does not divide"):
+        LocalImageRule("same", [3, 1, 1, 1, 1, 1]).setup(net, v1)
+    with pytest.raises(ValueError, match="lists 2 pool sizes"):
+        LocalImageRule("same", [1, 1]).setup(net, v1)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        rule = LocalImageRule()
+        rule.setup(net, v1)
+        rule.compute_grads(net, Batch(v1[:1], None, (v1[:1], v1[:1]), None))
+
+
+def test_pool_flat_is_grid_average():
+    z = torch.arange(16.0).reshape(1, 1, 4, 4)
+    assert pool_flat(z, 2).tolist() == [[2.5, 4.5, 10.5, 12.5]]
+    assert pool_flat(z, 4).tolist() == [[7.5]]
+
+
+@pytest.mark.parametrize("context", ["same", "top", "both"])
+def test_reference_rule_is_the_top_loss_backpropagated(context):
+    from locallearn.eval.alignment import alignment
+
+    net = _net()
+    v1, v2 = _views()
+    rule = _setup(LocalImageRule(context, "auto", "hinge", "random"), net, v1)
+    reference = rule.reference_rule()
+    assert reference.name == "bp-ssl" and list(reference.parameters()) == []
+    rows = alignment(rule, net, [Batch(v1, None, (v1, v2), torch.Generator().manual_seed(2))])
+    assert rows[-1]["cosine_mean"] == pytest.approx(1.0, abs=1e-9)  # top block: the same update
+    assert all(-1.0 <= r["cosine_mean"] < 1.0 - 1e-6 for r in rows[:-1])
+    bp = BPSSL("clapp")
+    assert bp.reference_rule() is bp

@@ -1,0 +1,228 @@
+"""Tests of the image task, the image probe and ``locallearn run`` / ``probe`` on images.
+
+Unit tests write a tiny image-folder dataset (16x16 PNGs, two classes) into ``tmp_path``. The test
+marked ``realdata`` reads a handful of the shared CIFAR-10 JPEGs next to the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from locallearn import cli
+from locallearn.experiments.image_task import ImageDataConfig, ImageTask
+from locallearn.experiments.probe_command import add_probe, probe_run
+from locallearn.experiments.schema import DATA_CONFIGS, load_config
+from locallearn.nets.vgg import vgg6
+from locallearn.train import Trainer, run
+
+SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+
+
+def _write_dataset(root: Path, per_class: dict[str, int], side: int = 16) -> None:
+    rng = np.random.default_rng(0)
+    colors = {"blue": (40, 60, 200), "red": (200, 50, 40)}
+    for split, n in per_class.items():
+        for cls, color in colors.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = np.asarray(color) + rng.integers(-40, 40, (side, side, 3))
+                img[rng.integers(0, side), :, :] = 255  # a random bright line
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    _write_dataset(root, {"train": 16, "test": 6})
+    return root
+
+
+def _config(tmp_path: Path, root: Path, **extra) -> Path:
+    raw = {
+        "data": {"name": "folder", "root": str(root), "probe_per_block": True},
+        "net": {"kind": "vgg6", "width_mult": 1 / 32, "bias": True},
+        "rule": {"name": "clapp-image", "options": {"context": "both"}},
+        "optim": {"name": "adamw", "lr": 2e-4},
+        "probe": {"epochs": 2},
+        "epochs": 1,
+        "batch_size": 8,
+        "checkpoint_every": 1,
+        "progress": False,
+    }
+    for key, value in extra.items():
+        node = raw
+        *path, last = key.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_data_configs_are_registered():
+    for name in ("cifar10", "stl10", "tiny-imagenet", "folder"):
+        assert DATA_CONFIGS[name] is ImageDataConfig
+    assert ImageDataConfig(name="stl10").splits() == ("train+unlabeled", "test", "train")
+    assert ImageDataConfig(name="tiny-imagenet").splits() == ("train", "val", "train")
+
+
+def test_run_end_to_end_writes_summary_with_probe(tmp_path, image_root, capsys):
+    out = tmp_path / "run"
+    config = _config(tmp_path, image_root, align_every=1, align_batches=1)
+    code = cli.main(["run", str(config), "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rule"] == "clapp-image"
+    assert summary["epochs"] == 1
+    assert summary["seconds"] > 0
+    assert 0.0 <= summary["probe_accuracy"] <= 1.0
+    assert len(summary["probe_block_accuracies"]) == 6
+    assert "Adam" in summary["probe_protocol"]
+    assert summary["train_size"] == 32 and summary["dataset"] == "folder"
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["accuracy"] == summary["probe_accuracy"]
+    assert probe["n_train"] == 32 and probe["n_test"] == 12
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["epoch"] == 1 and "loss_block6" in rows[-1]
+    # gradient alignment with BP-SSL: the top block's local update is the backprop update
+    assert rows[-1]["align_block6"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_zero_epochs_probes_the_random_encoder(tmp_path, image_root):
+    cfg = load_config(_config(tmp_path, image_root, epochs=0, **{"rule.name": "bp-ssl",
+                                                                 "rule.options": {}}))
+    summary = run(cfg, tmp_path / "r0")
+    assert summary["epochs"] == 0 and summary["seconds"] == 0
+    torch.manual_seed(cfg.seed)
+    task = ImageTask(cfg, torch.device("cpu"))
+    fresh = vgg6(cfg.net.width_mult, seed=cfg.seed)
+    assert task.probe(fresh).accuracy == summary["probe_accuracy"]
+
+
+def test_resume_after_interruption_gives_identical_results(tmp_path, image_root, monkeypatch):
+    # random negatives: the run's generator must be restored too, not only the global one
+    cfg = load_config(_config(tmp_path, image_root, epochs=2, **{"rule.negatives": "random"}))
+    whole = run(cfg, tmp_path / "whole")
+
+    calls = {"n": 0}
+    original = Trainer.train_epoch
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "cut")
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    resumed = run(cfg, tmp_path / "cut")
+    assert resumed["probe_accuracy"] == whole["probe_accuracy"]
+    assert resumed["probe_block_accuracies"] == whole["probe_block_accuracies"]
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    for key, value in a["net"].items():
+        assert torch.equal(value, b["net"][key]), key
+    for key, value in a["rule"].items():
+        assert torch.equal(value, b["rule"][key]), key
+
+
+def test_probe_command_updates_the_run(tmp_path, image_root):
+    out = tmp_path / "run"
+    cfg = load_config(_config(tmp_path, image_root, epochs=0))
+    first = run(cfg, out)
+    result = probe_run(out, ["probe.epochs=0", "probe.steps=20", "data.probe_per_block=false",
+                             "data.probe_augment=false"])
+    assert "L-BFGS" in result["probe_protocol"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["probe_accuracy"] == result["probe_accuracy"]
+    assert "probe_block_accuracies" not in summary
+    assert summary["epochs"] == first["epochs"] == 0
+    assert json.loads((out / "probe.json").read_text())["accuracy"] == result["probe_accuracy"]
+    augmented = probe_run(out, ["probe.epochs=1", "data.probe_augment=true"])
+    assert "crop + flip" in augmented["probe_protocol"]
+    with pytest.raises(ValueError, match="cannot change a saved run"):
+        probe_run(out, ["optim.lr=1.0"])
+    with pytest.raises(ValueError, match="unknown config key 'probe.epoch'"):
+        probe_run(out, ["probe.epoch=3"])
+    with pytest.raises(ValueError, match="not a run directory"):
+        probe_run(tmp_path / "nothing")
+    parser = argparse.ArgumentParser()
+    add_probe(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["probe", str(out), "probe.epochs=1", "--quiet"])
+    assert args.run_dir == str(out) and args.overrides == ["probe.epochs=1"] and args.quiet
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"rule.name": "backprop", "rule.options": {}}, "rule.name='backprop' does not fit image"),
+        ({"net.kind": "hier-cnn"}, "net.kind='hier-cnn' does not fit data.name=folder"),
+        ({"data.colour": 1}, "unknown config key 'data.colour'"),
+        ({"rule.options": {"context": "top", "depth": 2}},
+         "unknown config key 'rule.options.depth'"),
+        ({"data.subset": 1}, "data.subset=1 is invalid"),
+        ({"data.root": "/nonexistent/images"}, "does not exist"),
+        ({"rule.options": {"pool": [3, 1, 1, 1, 1, 1]}}, r"pool\[0\]=3 does not divide"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_with_exit_2(tmp_path, image_root, capsys, extra, match):
+    code = cli.main(["run", str(_config(tmp_path, image_root, **extra)), "--out",
+                     str(tmp_path / "bad")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1
+    assert re.search(match, err), err
+
+
+def test_batches_give_two_normalised_views(tmp_path, image_root):
+    cfg = load_config(_config(tmp_path, image_root))
+    torch.manual_seed(0)
+    task = ImageTask(cfg, torch.device("cpu"))
+    batches = list(task.batches(torch.Generator().manual_seed(0), 12, "ssl"))
+    assert [b.x.shape[0] for b in batches] == [12, 12, 8]
+    b = batches[0]
+    assert b.views[0].shape == b.views[1].shape == (12, 3, 16, 16)
+    assert not torch.equal(b.views[0], b.views[1])
+    assert b.y is not None and b.x.dtype == torch.float32
+    assert abs(float(b.x.mean())) < 3
+    with pytest.raises(ValueError, match="views of kind"):
+        next(task.batches(torch.Generator(), 4, "synonyms"))
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not SHARED_CIFAR.is_dir(), reason="shared CIFAR-10 copy not present")
+def test_real_cifar10_images_run_and_probe(tmp_path):
+    # the first 18 test images of every class (the small archive): 12 as train/, 6 as test/
+    root = tmp_path / "cifar10"
+    with tarfile.open(SHARED_CIFAR / "cifar10-test-jpeg.tar.gz") as tar:
+        wanted = []
+        for m in tar:
+            if m.isfile() and int(Path(m.name).stem) < 18:
+                if int(Path(m.name).stem) < 12:
+                    m.name = m.name.replace("test/", "train/", 1)
+                wanted.append(m)
+        kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(root, members=wanted, **kwargs)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/images/clapp++-cpu.yaml",
+                      [f"data.root={root}", "data.subset=null", "data.probe_subset=null",
+                       "epochs=1", "probe.epochs=5", "progress=false"])
+    summary = run(cfg, tmp_path / "run")
+    assert summary["train_size"] == 120 and summary["image_size"] == 32
+    assert summary["epochs"] == 1
+    assert 0.0 <= summary["probe_accuracy"] <= 1.0
+    assert len(summary["probe_block_accuracies"]) == 6
