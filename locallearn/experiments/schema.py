@@ -164,11 +164,8 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
 
 
 def _load_data_configs() -> None:
-    """Import optional data modules that register config classes."""
-    try:
-        import locallearn.experiments.image_task  # noqa: F401
-    except ImportError:
-        pass
+    """Import the data modules that register config classes (late: they import this one)."""
+    import locallearn.experiments.image_task  # noqa: F401
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -57,8 +57,6 @@ def build_rule(cfg: Any, seed: int = 0, **task_info: Any) -> Rule:
 
 
 def _load_optional() -> None:
-    """Rules defined next to the image encoders register themselves on import."""
-    try:
-        import locallearn.rules.image_ssl  # noqa: F401
-    except ImportError:
-        pass
+    """Rules defined next to the image encoders register themselves on import (imported late:
+    they import this package)."""
+    import locallearn.rules.image_ssl  # noqa: F401
