@@ -240,12 +240,9 @@ class Trainer:
         return loss is not None and loss < thr
 
     def train_epoch(self) -> dict[str, float]:
-        from locallearn.rules.base import Batch
-
         self.net.train()
         sums: dict[str, float] = {}
         count = 0
-        batch: Batch
         for batch in self.task.batches(self.generator, self.cfg.batch_size, self.rule.view_kind):
             n = batch.x.shape[0]
             if self.world > 1:  # this rank's part of the global batch

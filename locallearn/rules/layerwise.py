@@ -157,6 +157,13 @@ class Layerwise(Rule):
             raise ValueError(f"rule view {self.view!r} needs two views in the batch")
         return torch.cat(batch.views, 0)
 
+    def _pair_below(self, net: BlockNet, batch: Batch, level: int) -> torch.Tensor:
+        """Block ``level``'s own pair of views passed through the blocks below it."""
+        h = self._input(batch, level)
+        for below in net.blocks[:level]:
+            h = below(h)
+        return h
+
     def _loss_of(self, level: int, z: torch.Tensor, batch: Batch) -> torch.Tensor | None:
         if self.view == "siblings":
             return self.block_loss(level, z, None, batch)
@@ -172,11 +179,9 @@ class Layerwise(Rule):
         total = 0.0
         metrics: dict[str, float] = {}
         for level, block in enumerate(net.blocks):
-            if per_block and level > 0:  # this block's own pair, through the blocks below
+            if per_block and level > 0:
                 with torch.no_grad():
-                    h = self._input(batch, level)
-                    for below in net.blocks[:level]:
-                        h = below(h)
+                    h = self._pair_below(net, batch, level)
             z = block(h.detach())
             loss = self._loss_of(level, z, batch)
             if loss is not None:
@@ -215,9 +220,7 @@ class TopLossBackprop(Rule):
         h = local._input(batch)
         for level, block in enumerate(net.blocks):
             if per_block and level > 0:
-                h = local._input(batch, level)
-                for below in net.blocks[:level]:
-                    h = below(h)
+                h = local._pair_below(net, batch, level)
             h = block(h)
             loss = local._loss_of(level, h, batch)
             if loss is not None:
