@@ -5,6 +5,8 @@ each of
 
 * ``clapp++ block``: the layer-wise rule stepped block by block, each block's graph freed before
   the next block runs;
+* ``clapp++ block mb2`` (``mb4``): the same, the batch taken through the encoder in 2 (4)
+  micro-batches (the same gradients; the activation memory of one block of one part);
 * ``clapp++ summed``: the same losses summed and backpropagated once (inputs still detached);
 * ``bp-clapp++``: the CLAPP++ loss on the top block, backpropagated end to end;
 * ``bp-infonce``: InfoNCE with a linear projection, backpropagated end to end;
@@ -17,12 +19,15 @@ optimiser state allocated before any activation; gradients are zeroed in place),
 gradients are computed and over the whole step. Each measurement runs in its own process. Ratios
 are against BP-CLAPP++ (same loss, end-to-end backprop). Asserts nothing.
 
+Every mode runs as the presets train: channels-last encoder, fused AdamW, the allocator tuned by
+:func:`locallearn.runtime.tune_cpu_allocator` (``--plain`` turns the three off).
+
 The layer-wise rules own one dense prediction matrix per block on the flattened grid-pooled map
 (at full width 830 MiB of parameters in all, against 126 MiB for BP-CLAPP++): their optimiser
 step costs time and temporary memory in proportion, which the "whole step" figures include.
 
     python benchmarks/train_step.py [--widths 0.125 1.0] [--steps 2] [--threads N]
-        [--modes "clapp++ block" bp-clapp++ ...]
+        [--modes "clapp++ block" "clapp++ block mb2" bp-clapp++ ...] [--plain]
 
 Full width on a CPU takes a few seconds per step; ``--widths 0.125`` runs in a minute.
 """
@@ -38,7 +43,8 @@ import subprocess
 import sys
 import time
 
-MODES = ("clapp++ block", "clapp++ summed", "bp-clapp++", "bp-infonce")
+MODES = ("clapp++ block", "clapp++ block mb2", "clapp++ block mb4", "clapp++ summed",
+         "bp-clapp++", "bp-infonce")
 EXTRA_MODES = ("clapp++dfb block", "clapp++both block", "clapp block")
 
 
@@ -65,31 +71,37 @@ def build_rule(mode: str):
         return BPSSL("clapp", "auto")
     if mode == "bp-infonce":
         return BPSSL("infonce")
-    name, step = mode.split()
+    name, step, *rest = mode.split()
+    parts = int(rest[0][2:]) if rest else 1
     context = {"clapp++": "same", "clapp++dfb": "top", "clapp++both": "both", "clapp": "same"}
     pool = "global" if name == "clapp" else "auto"
-    return LocalImageRule(context[name], pool, "hinge", "next", step=step)
+    return LocalImageRule(context[name], pool, "hinge", "next", step=step, micro_batches=parts)
 
 
-def measure(width: float, mode: str, steps: int, pairs: int, side: int) -> dict:
+def measure(width: float, mode: str, steps: int, pairs: int, side: int, plain: bool) -> dict:
     """One measurement, in this process."""
     import gc
 
     import torch
 
+    from locallearn.eval.memory import saved_activation_meter
     from locallearn.nets.vgg import vgg6
     from locallearn.rules.base import Batch
-    from locallearn.rules.image_ssl import saved_activation_meter
+    from locallearn.runtime import tune_cpu_allocator
 
+    if not plain:
+        tune_cpu_allocator()
     torch.manual_seed(0)
     net = vgg6(width, seed=0)
+    if not plain:
+        net = net.to(memory_format=torch.channels_last)
     rule = build_rule(mode)
     g = torch.Generator().manual_seed(0)
     v1 = torch.randn(pairs, 3, side, side, generator=g)
     v2 = torch.randn(pairs, 3, side, side, generator=g)
     rule.setup(net, v1)
     params = rule.trained_parameters(net)
-    opt = torch.optim.AdamW(params, lr=2e-4)
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=None if plain else True)
     batch = Batch(v1, None, (v1, v2), g)
 
     def step() -> tuple[float, float, int, int]:
@@ -135,7 +147,8 @@ def _child(args: argparse.Namespace) -> None:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    result = measure(args.child_width, args.child_mode, args.steps, args.pairs, args.side)
+    result = measure(args.child_width, args.child_mode, args.steps, args.pairs, args.side,
+                     args.plain)
     print("RESULT " + json.dumps(result))
 
 
@@ -143,6 +156,8 @@ def _run_child(width: float, mode: str, args: argparse.Namespace) -> dict | None
     cmd = [sys.executable, os.path.abspath(__file__), "--child-width", str(width),
            "--child-mode", mode, "--steps", str(args.steps), "--pairs", str(args.pairs),
            "--side", str(args.side)]
+    if args.plain:
+        cmd.append("--plain")
     if args.threads is not None:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -167,6 +182,8 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=32, help="image side in pixels")
     parser.add_argument("--modes", nargs="+", default=list(MODES),
                         choices=list(MODES) + list(EXTRA_MODES))
+    parser.add_argument("--plain", action="store_true",
+                        help="contiguous layout, AdamW's default implementation, default allocator")
     parser.add_argument("--child-width", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--child-mode", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,7 +194,7 @@ def main() -> None:
     threads = args.threads if args.threads is not None else "default"
     print(f"VGG-6, {args.pairs} pairs ({2 * args.pairs} views) of {args.side}x{args.side}, "
           f"threads: {threads}, median of {args.steps} steps after 1 warm-up")
-    header = (f"{'width':>6} {'mode':<16} {'s/step':>7} {'s grads':>8} {'saved MiB':>9} "
+    header = (f"{'width':>6} {'mode':<18} {'s/step':>7} {'s grads':>8} {'saved MiB':>9} "
               f"{'RSS+ grads':>10} {'RSS+ step':>9} {'params MiB':>10} {'time/BP':>7} "
               f"{'saved/BP':>8} {'RSS+g/BP':>8}")
     for width in args.widths:
@@ -192,7 +209,7 @@ def main() -> None:
                 s_ratio = r["saved_mib"] / ref["saved_mib"] if ref["saved_mib"] else None
                 if r["rss_grads_mib"] is not None and ref["rss_grads_mib"]:
                     m_ratio = r["rss_grads_mib"] / ref["rss_grads_mib"]
-            print(f"{width:>6g} {r['mode']:<16} {r['seconds_per_step']:>7.3f} "
+            print(f"{width:>6g} {r['mode']:<18} {r['seconds_per_step']:>7.3f} "
                   f"{r['seconds_grads']:>8.3f} {r['saved_mib']:>9.1f} "
                   f"{_fmt(r['rss_grads_mib'], '>10.1f')} {_fmt(r['rss_step_mib'], '>9.1f')} "
                   f"{r['param_mib']:>10.1f} {_fmt(t_ratio, '>7.2f')} {_fmt(s_ratio, '>8.2f')} "

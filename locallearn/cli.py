@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from locallearn.errors import RunError
+from locallearn.runtime import tune_cpu_allocator
 
 DEFAULT_RHM = {"v": 8, "n_classes": 8, "m": 4, "s": 2, "L": 3, "seed_rules": 0}
 
@@ -95,6 +96,7 @@ def _load_registrars() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``locallearn`` command. Returns the exit code."""
     _load_registrars()
+    tune_cpu_allocator()
     parser = build_parser()
     # key=value overrides may come before or after options such as --out
     args, extra = parser.parse_known_args(argv)

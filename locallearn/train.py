@@ -33,6 +33,7 @@ from locallearn.experiments.task import Task
 from locallearn.nets.base import BlockNet
 from locallearn.rules import build_rule
 from locallearn.rules.base import Rule
+from locallearn.runtime import tune_cpu_allocator
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -61,12 +62,14 @@ def resolve_device(name: str) -> torch.device:
 def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]):
     """The optimiser and the (per-epoch) schedule of the config."""
     o = cfg.optim
+    fused = o.fused or None  # None: torch's default implementation
     if o.name == "adam":
-        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
     elif o.name == "adamw":
-        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
     else:
-        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                              fused=fused)
     sched = None
     if o.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
@@ -341,6 +344,7 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
 
     Under ``torchrun`` every rank calls this; the process group is set up and torn down here.
     """
+    tune_cpu_allocator()
     started = ddp.world_size_from_env() > 1 and not ddp.is_initialized()
     ddp.init_from_env(cfg.device)
     try:

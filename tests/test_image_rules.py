@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locallearn import losses
+from locallearn.eval.memory import saved_activation_meter
 from locallearn.experiments.schema import RuleConfig
 from locallearn.nets.base import Block, BlockNet
 from locallearn.nets.vgg import vgg6
@@ -23,7 +24,6 @@ from locallearn.rules.image_ssl import (
     LocalImageRule,
     explicit_grads,
     pool_flat,
-    saved_activation_meter,
 )
 
 SIDE = 16
@@ -148,8 +148,9 @@ def test_three_factor_form_on_a_small_conv_block_written_out(score_norm, s):
     db = torch.zeros_like(conv.bias)
     for x_z, x_c in ((v1, v2), (v2, v1)):
         a = conv(x_z).detach()
-        p = F.avg_pool2d(torch.relu(a), 2).flatten(1)
-        c = F.avg_pool2d(torch.relu(conv(x_c)), 2).flatten(1).detach()
+        # pooled maps flattened position-major: (grid row, grid column, channel)
+        p = F.avg_pool2d(torch.relu(a), 2).permute(0, 2, 3, 1).flatten(1)
+        c = F.avg_pool2d(torch.relu(conv(x_c)), 2).permute(0, 2, 3, 1).flatten(1).detach()
         xpad = F.pad(x_z, (1, 1, 1, 1))
         for i in range(n):
             j = (i + 1) % n  # the negative: the next image
@@ -157,7 +158,8 @@ def test_three_factor_form_on_a_small_conv_block_written_out(score_norm, s):
             u_pos, u_neg = s * p[i] @ pred, s * p[j] @ pred
             gammas = ((i, -float(u_pos < 1)), (j, float(-u_neg < 1)))  # f'(u), -f'(-u)
             for k, gamma in gammas:
-                dend = pred.reshape(3, 2, 2).repeat_interleave(2, 1).repeat_interleave(2, 2) / 4
+                dend = pred.reshape(2, 2, 3).permute(2, 0, 1)
+                dend = dend.repeat_interleave(2, 1).repeat_interleave(2, 2) / 4
                 gate = (a[k] > 0).double()
                 post = gamma * dend * gate * s / n  # (3, 4, 4)
                 for kh in range(3):
@@ -219,6 +221,56 @@ def test_block_by_block_holds_less_activation_memory():
     assert peaks["block"] < 0.6 * peaks["bp"]
 
 
+def test_micro_batches_hold_the_memory_of_one_part():
+    net = vgg6(1 / 16, seed=0)
+    v1, v2 = _views(n=8, side=32, dtype=torch.float32)
+    peaks = {}
+    for parts in (1, 2, 4):
+        rule = LocalImageRule("same", "auto", "hinge", "next", micro_batches=parts)
+        rule.setup(net, v1)
+        with saved_activation_meter(net, rule) as meter:
+            rule.compute_grads(net, Batch(v1, None, (v1, v2), None))
+        assert meter.current_bytes == 0
+        peaks[parts] = meter.peak_bytes
+    assert 0 < peaks[4] < 0.3 * peaks[1]
+    assert peaks[2] < 0.55 * peaks[1]
+
+
+@pytest.mark.parametrize(
+    ("kind", "context", "negatives", "step"),
+    [
+        ("clapp", "same", "next", "block"),
+        ("clapp", "top", "next", "block"),
+        ("clapp", "both", "random", "block"),
+        ("clapp", "same", "random", "summed"),
+        ("ff", "same", "next", "block"),
+    ],
+)
+def test_micro_batches_give_the_same_gradients(kind, context, negatives, step):
+    net = _net()
+    v1, v2 = _views(n=5)
+    grads, losses_ = {}, {}
+    for parts in (1, 3, 5):
+        if kind == "ff":
+            rule = FFRule("auto", "softplus", negatives, step, micro_batches=parts)
+        else:
+            rule = LocalImageRule(context, "auto", "hinge", negatives, step, micro_batches=parts)
+        _setup(rule, net, v1)
+        g = torch.Generator().manual_seed(3)  # the same random negatives for every split
+        batch = Batch(v1, None, (v1, v2), g)
+        for p in list(net.parameters()) + list(rule.parameters()):
+            p.grad = None
+        losses_[parts] = rule.compute_grads(net, batch)
+        grads[parts] = {k: p.grad.clone() for k, p in _named(net, rule).items()}
+    for parts in (3, 5):
+        for key, value in grads[1].items():
+            if not key.endswith("bias"):  # a bias update may vanish (pos and neg cancel)
+                assert float(value.abs().max()) > 0, key
+            assert torch.allclose(grads[parts][key], value, rtol=1e-10, atol=1e-13), (parts, key)
+        for key, value in losses_[1].items():
+            assert losses_[parts][key] == pytest.approx(value, rel=1e-10, abs=1e-13), key
+
+
 def test_infonce_loss_and_gradients():
     net = vgg6(1 / 16, seed=0)
     v1, v2 = _views(n=6, side=32, dtype=torch.float32)
@@ -259,6 +311,10 @@ def test_rules_are_registered_and_label_free():
         ("bp-ssl", {"loss": "vicreg"}, "rule.loss='vicreg' is invalid"),
         ("bp-ssl", {"options": {"projection_dim": 0}}, "projection_dim=0 is invalid"),
         ("bp-ssl", {"temperature": 0.0}, "rule.temperature=0.0 is invalid"),
+        ("clapp-image", {"options": {"micro_batches": 0}}, "micro_batches=0 is invalid"),
+        ("ff", {"options": {"micro_batches": -1}}, "micro_batches=-1 is invalid"),
+        ("clapp-image", {"f": "softplus-diff", "options": {"micro_batches": 2}},
+         "scores positives and negatives separately"),
     ],
 )
 def test_bad_options_are_one_line_errors(name, extra, match):
@@ -284,6 +340,12 @@ def test_pool_flat_is_grid_average():
     z = torch.arange(16.0).reshape(1, 1, 4, 4)
     assert pool_flat(z, 2).tolist() == [[2.5, 4.5, 10.5, 12.5]]
     assert pool_flat(z, 4).tolist() == [[7.5]]
+    # two channels: position-major order (cell 0 of both channels, then cell 1, ...)
+    z2 = torch.stack([z[0, 0], 100 + z[0, 0]])[None]
+    assert pool_flat(z2, 2).tolist() == [[2.5, 102.5, 4.5, 104.5, 10.5, 110.5, 12.5, 112.5]]
+    # the flat view of a channels-last map is taken without a copy
+    cl = z2.contiguous(memory_format=torch.channels_last)
+    assert pool_flat(cl, 1).data_ptr() == cl.data_ptr()
 
 
 @pytest.mark.parametrize("context", ["same", "top", "both"])

@@ -111,9 +111,26 @@ def test_zero_epochs_probes_the_random_encoder(tmp_path, image_root):
     assert task.probe(fresh).accuracy == summary["probe_accuracy"]
 
 
+def test_encoder_layout_changes_no_feature(tmp_path, image_root):
+    x = torch.rand(4, 3, 16, 16)
+    feats = {}
+    for flag in (True, False):
+        cfg = load_config(_config(tmp_path, image_root, **{"net.channels_last": flag}))
+        net = ImageTask(cfg, torch.device("cpu")).build_net()
+        weight = net.blocks[1].pre.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) == flag
+        with torch.no_grad():
+            feats[flag] = net.encode(x)
+    assert float(feats[True].abs().max()) > 0
+    assert torch.allclose(feats[True], feats[False], rtol=1e-4, atol=1e-6)
+
+
 def test_resume_after_interruption_gives_identical_results(tmp_path, image_root, monkeypatch):
     # random negatives: the run's generator must be restored too, not only the global one
-    cfg = load_config(_config(tmp_path, image_root, epochs=2, **{"rule.negatives": "random"}))
+    # as the presets train (fused AdamW, channels-last), in two micro-batches
+    cfg = load_config(_config(tmp_path, image_root, epochs=2, **{
+        "rule.negatives": "random", "optim.fused": True,
+        "rule.options": {"context": "both", "micro_batches": 2}}))
     whole = run(cfg, tmp_path / "whole")
 
     calls = {"n": 0}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,36 @@ def test_cli_run_and_demo(tmp_path, capsys):
     assert (demo / "accuracy.png").stat().st_size > 1000
     table = capsys.readouterr().out
     assert "clapp-per-block" in table and "chance" in table
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_fused_optimiser_takes_the_same_step(tmp_path, name):
+    from locallearn.train import build_optimizer
+
+    steps = {}
+    for fused in (False, True):
+        cfg = tiny(f"optim.name={name}", f"optim.fused={str(fused).lower()}")
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, 12).reshape(3, 4))]
+        opt, _ = build_optimizer(cfg, params)
+        assert bool(opt.defaults.get("fused")) == fused
+        params[0].grad = torch.linspace(0.5, -0.3, 12).reshape(3, 4)
+        opt.step()
+        steps[fused] = params[0].detach().clone()
+    assert not torch.equal(steps[True], torch.linspace(-1, 1, 12).reshape(3, 4))
+    assert torch.allclose(steps[True], steps[False], rtol=1e-6, atol=1e-7)
+
+
+def test_allocator_tuning_is_optional_and_idempotent():
+    import subprocess
+    import sys
+
+    code = "from locallearn.runtime import tune_cpu_allocator as t; print(t(), t())"
+    env = {k: v for k, v in os.environ.items() if k != "LOCALLEARN_TUNE_ALLOCATOR"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert out == [str(glibc)] * 2
+    env["LOCALLEARN_TUNE_ALLOCATOR"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out == ["False", "False"]

@@ -188,7 +188,10 @@ class ImageTask:
                 f"valid: {', '.join(NET_KINDS)}"
             )
         seed = c.seed if c.net.seed is None else c.net.seed
-        return vgg6(c.net.width_mult, bias=c.net.bias, seed=seed).to(self.device)
+        net = vgg6(c.net.width_mult, bias=c.net.bias, seed=seed).to(self.device)
+        if c.net.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        return net
 
     def sample_input(self) -> torch.Tensor:
         return self.transform(self.train_images[:2])

@@ -67,6 +67,7 @@ class NetConfig:
     seed: int | None = None  # initial weights; None: the run's seed
     kind: str = "hier-cnn"
     width_mult: float = 1.0  # image encoders: multiplier of the paper's widths
+    channels_last: bool = True  # image encoders: channels-last layout (faster convolutions)
 
 
 @dataclass
@@ -99,6 +100,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     momentum: float = 0.9
     schedule: Literal["none", "cosine"] = "none"
+    fused: bool = False  # one fused kernel for all parameters (same update, faster)
 
     def validate(self) -> None:
         if not self.lr > 0:

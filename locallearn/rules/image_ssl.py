@@ -30,7 +30,10 @@ Registered rule names (``rule.name``):
     Block inputs are detached. ``step: block`` (default) backpropagates each block's loss as soon
     as it is computed, so its graph is freed before the next block runs (activation memory of one
     block); ``step: summed`` sums the losses of all blocks and calls one backward (the same
-    gradients, the activation memory of the whole network).
+    gradients, the activation memory of the whole network). ``micro_batches: k`` takes ``k``
+    parts of the batch through the encoder one after the other (activation memory of one block
+    of one part): the same gradients, because the context is detached and every term of the loss
+    depends on the graph of one row (:mod:`locallearn.rules.ssl_pairs`).
 
 ``ff``
     The same loss with ``B`` fixed to the identity (no prediction matrix; context ``same``),
@@ -65,9 +68,7 @@ and input enter; the prediction is that of the positive's context).
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -82,6 +83,13 @@ from locallearn.nets.vgg import PAPER_GRID, feature_sides, pool_sizes_for_grid
 from locallearn.rules import register
 from locallearn.rules.base import Batch, Rule
 from locallearn.rules.layerwise import NEGATIVES, pick_negatives
+from locallearn.rules.ssl_pairs import (
+    PairTerms,
+    PredictionGrads,
+    early_images,
+    image_parts,
+    pair_terms,
+)
 
 __all__ = [
     "BPOptions",
@@ -91,12 +99,10 @@ __all__ = [
     "ImageSSLRule",
     "LocalImageRule",
     "LocalOptions",
-    "SavedTensorMeter",
     "TopLossBackprop",
     "explicit_grads",
     "pool_flat",
     "resolve_pools",
-    "saved_activation_meter",
 ]
 
 #: The value of ``Rule.view_kind`` of these rules: the task supplies two SSL views.
@@ -117,15 +123,19 @@ class LocalOptions:
         step: ``block`` (backward per block, graph freed) or ``summed`` (one backward).
         score_norm: ``none`` sums scores over channels and grid positions (the paper);
             ``dims`` scales them by ``1/sqrt(D_z D_c)``.
+        micro_batches: parts of the batch taken through the encoder one after the other (the
+            same gradients; activation memory of one part).
     """
 
     context: Literal["same", "top", "both"] = "same"
     pool: list[int] | str = "auto"
     step: Literal["block", "summed"] = "block"
     score_norm: Literal["none", "dims"] = "none"
+    micro_batches: int = 1
 
     def validate(self) -> None:
         _check_pool(self.pool)
+        _check_micro_batches(self.micro_batches)
 
 
 @dataclass
@@ -135,9 +145,11 @@ class FFOptions:
     pool: list[int] | str = "auto"
     step: Literal["block", "summed"] = "block"
     score_norm: Literal["none", "dims"] = "none"
+    micro_batches: int = 1
 
     def validate(self) -> None:
         _check_pool(self.pool)
+        _check_micro_batches(self.micro_batches)
 
 
 @dataclass
@@ -175,6 +187,11 @@ def _check_pool(pool: list[int] | str) -> None:
         raise ValueError(f"rule.options.pool={pool!r} is invalid: pool sizes must be >= 1")
 
 
+def _check_micro_batches(parts: int) -> None:
+    if parts < 1:
+        raise ValueError(f"rule.options.micro_batches={parts} is invalid: must be >= 1")
+
+
 def _check_choice(key: str, value: str, valid: Iterable[str]) -> None:
     valid = tuple(valid)
     if value not in valid:
@@ -207,10 +224,19 @@ def resolve_pools(pool: list[int] | str, sides: list[int]) -> list[int]:
 
 
 def pool_flat(z: torch.Tensor, pool: int) -> torch.Tensor:
-    """Average-pool ``(N, C, H, W)`` with kernel = stride = ``pool`` and flatten to ``(N, D)``."""
+    """Average-pool ``(N, C, H, W)`` with kernel = stride = ``pool`` and flatten to ``(N, D)``.
+
+    The flat order is position-major (grid row, grid column, channel): a view, without a copy,
+    of a channels-last map, so that the loss's gradient flows back in the encoder's layout.
+    """
     if pool > 1:
         z = F.avg_pool2d(z, pool)
-    return z.flatten(1)
+    return z.permute(0, 2, 3, 1).flatten(1)
+
+
+def unflatten_grid(p: torch.Tensor, channels: int, cells: int) -> torch.Tensor:
+    """Inverse of the flattening of :func:`pool_flat`: ``(N, D)`` to ``(N, C, cells, cells)``."""
+    return p.reshape(p.shape[0], cells, cells, channels).permute(0, 3, 1, 2)
 
 
 def unpool(g: torch.Tensor, pool: int) -> torch.Tensor:
@@ -276,20 +302,37 @@ class ImageSSLRule(Rule):
         p: torch.Tensor,
         c: torch.Tensor,
         B: torch.Tensor | None,
-        neg: torch.Tensor,
-        n: int | None = None,
+        terms: PairTerms,
+        n: int,
+        b_grads: PredictionGrads | None = None,
     ) -> torch.Tensor:
-        """Unified loss of pooled outputs ``p`` (M, D_z) predicted from context ``c`` (M, D_c).
+        """The scores a part of the batch owns, both directions, summed and divided by ``n``.
 
-        ``B`` is ``(D_z, D_c)``, or ``None`` for the identity; ``neg`` indexes the negative of
-        every row in ``p``. The summed loss is divided by ``n`` (default ``M``, the batch mean).
+        ``p`` (R, D_z) are the pooled outputs of the part's rows (``terms.rows``), ``c`` the
+        contexts of all ``2N`` rows (detached here), ``B`` is ``(D_z, D_c)`` or ``None`` for the
+        identity. View 1 is predicted from view 2 and back with the same ``B``, in one product
+        with ``B``; see :mod:`locallearn.rules.ssl_pairs`. ``B``'s gradient comes from autograd,
+        or, with ``b_grads``, from its explicit outer-product form gathered there (``B`` then
+        enters the returned loss as a constant).
         """
-        c = c.detach()
-        pred = c if B is None else c @ B.t()
+        ctx = c.detach()
+        c = ctx[terms.context_rows]
+        rows = p.shape[0]
+        if B is None:
+            pred = c
+        else:
+            pred = c @ (B.t() if b_grads is None else B.detach().t())
         s = self.scale(p.shape[1], c.shape[1])
-        u_pos = (p * pred).sum(1) * s
-        u_neg = (p[neg] * pred).sum(1) * s
-        return losses.score_loss(u_pos, u_neg, self.f) / (p.shape[0] if n is None else n)
+        u_pos = (p * pred[:rows]).sum(1) * s
+        u_neg = (p[terms.neg_row] * pred[terms.neg_anchor]).sum(1) * s
+        if B is not None and b_grads is not None and B.requires_grad:
+            g_pos, g_neg = losses.score_loss_grads(u_pos.detach(), u_neg.detach(), self.f)
+            q = p.detach() * (s / n)
+            post = torch.zeros_like(pred)
+            post[:rows] = g_pos[:, None] * q
+            post.index_add_(0, terms.neg_anchor, g_neg[:, None] * q[terms.neg_row])
+            b_grads.add(B, terms.anchors, post, ctx)
+        return losses.score_loss(u_pos, u_neg, self.f) / n
 
     def both_directions(
         self,
@@ -298,14 +341,9 @@ class ImageSSLRule(Rule):
         B: torch.Tensor | None,
         neg: torch.Tensor,
     ) -> torch.Tensor:
-        """View 1 predicted from view 2's context and back, with the same ``B``.
-
-        ``p`` and ``c`` stack both views ``(2N, D)``; the two directions are scored in one pass
-        (one product with ``B``, one gradient of ``B``), each averaged over the ``N`` images.
-        """
+        """The loss of the whole batch: ``p`` and ``c`` stack both views ``(2N, D)``."""
         n = p.shape[0] // 2
-        swapped = torch.cat([c[n:], c[:n]], 0)
-        return self.pair_loss(p, swapped, B, torch.cat([neg, neg + n]), n)
+        return self.pair_loss(p, c, B, pair_terms(n, neg), n)
 
     @staticmethod
     def views(batch: Batch) -> tuple[torch.Tensor, int]:
@@ -327,6 +365,9 @@ class LocalImageRule(ImageSSLRule):
         step: ``block`` or ``summed``.
         score_norm: ``dims`` or ``none``.
         identity_b: ``B`` fixed to the identity (Forward-Forward); needs ``context=same``.
+        micro_batches: parts of the batch taken through the encoder one after the other, each
+            block's graph freed after its backward (exact: the context is detached, so the loss
+            is a sum of terms on one row's graph each; see :mod:`locallearn.rules.ssl_pairs`).
     """
 
     name = "clapp-image"
@@ -340,12 +381,20 @@ class LocalImageRule(ImageSSLRule):
         step: str = "block",
         score_norm: str = "none",
         identity_b: bool = False,
+        micro_batches: int = 1,
     ) -> None:
         super().__init__(pool, f, negatives, score_norm)
         _check_choice("rule.options.context", context, ("same", "top", "both"))
         _check_choice("rule.options.step", step, ("block", "summed"))
+        _check_micro_batches(micro_batches)
         if identity_b and context != "same":
             raise ValueError("B fixed to the identity needs rule.options.context=same")
+        if micro_batches > 1 and f == "softplus-diff":
+            raise ValueError(
+                "rule.options.micro_batches > 1 needs an f that scores positives and negatives "
+                "separately; valid: hinge, softplus, linear"
+            )
+        self.micro_batches = micro_batches
         self.context = context
         self.step = step
         self.identity_b = identity_b
@@ -378,16 +427,21 @@ class LocalImageRule(ImageSSLRule):
         self,
         level: int,
         p: torch.Tensor,
+        same: torch.Tensor | None,
         top: torch.Tensor | None,
-        neg: torch.Tensor,
+        terms: PairTerms,
+        n: int,
+        b_grads: PredictionGrads | None = None,
     ) -> torch.Tensor:
-        """Loss of block ``level`` from its pooled output on both views ``p`` (2N, D)."""
+        """Loss of block ``level`` owned by a part of the batch (``terms``; ``p``: its pooled
+        outputs). ``same`` and ``top`` hold the contexts of all ``2N`` rows; ``b_grads``: see
+        :meth:`pair_loss`."""
         loss = p.new_zeros(())
         if self.uses_same:
             B = None if self.identity_b else self.B_same[level]
-            loss = loss + self.both_directions(p, p, B, neg)
+            loss = loss + self.pair_loss(p, same, B, terms, n, b_grads)
         if self.uses_top:
-            loss = loss + self.both_directions(p, top, self.B_top[level], neg)
+            loss = loss + self.pair_loss(p, top, self.B_top[level], terms, n, b_grads)
         return loss
 
     def top_context(self, net: BlockNet, x: torch.Tensor) -> torch.Tensor | None:
@@ -401,28 +455,53 @@ class LocalImageRule(ImageSSLRule):
         """BP-SSL counterpart: this rule's top-block loss backpropagated through every block."""
         return TopLossBackprop(self)
 
+    def same_contexts(
+        self, net: BlockNet, x: torch.Tensor, neg: torch.Tensor, ranges: list[tuple[int, int]]
+    ) -> list[torch.Tensor] | None:
+        """Per block, room for the pooled outputs of all ``2N`` rows (the ``same`` contexts),
+        with the rows of :func:`early_images` filled in by a forward pass without gradients."""
+        if not self.uses_same:
+            return None
+        store = [x.new_empty(x.shape[0], d) for d in self.dims]
+        early = early_images(neg, ranges)
+        if early.numel():
+            n = x.shape[0] // 2
+            rows = torch.cat([early, early + n])
+            with torch.no_grad():
+                for level, h in enumerate(net.features(x[rows])):
+                    store[level][rows] = pool_flat(h, self.pools[level])
+        return store
+
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         x, n = self.views(batch)
         neg = self.negative_index(n, batch, x.device)
         top = self.top_context(net, x)
-        metrics: dict[str, float] = {}
-        pending: list[torch.Tensor] = []
-        total = 0.0
-        h = x
-        for level, block in enumerate(net.blocks):
-            z = block(h.detach())
-            loss = self.block_loss(level, pool_flat(z, self.pools[level]), top, neg)
-            if self.step == "block":
-                loss.backward()  # frees this block's graph before the next block runs
-            else:
-                pending.append(loss)
-            value = float(loss.detach())
-            metrics[f"loss_block{level + 1}"] = value
-            total += value
-            h = z.detach()
-        if pending:
-            torch.stack(pending).sum().backward()
-        metrics["loss"] = total
+        ranges = image_parts(n, self.micro_batches)
+        same = self.same_contexts(net, x, neg, ranges)
+        b_grads = PredictionGrads()  # B's three-factor updates, one product per B per batch
+        values = [0.0] * len(net.blocks)
+        for start, stop in ranges:
+            terms = pair_terms(n, neg, start, stop)
+            h = x if len(ranges) == 1 else torch.cat([x[start:stop], x[n + start : n + stop]])
+            pending: list[torch.Tensor] = []
+            for level, block in enumerate(net.blocks):
+                z = block(h)
+                p = pool_flat(z, self.pools[level])
+                if same is not None:
+                    same[level][terms.rows] = p.detach()
+                ctx = same[level] if same is not None else None
+                loss = self.block_loss(level, p, ctx, top, terms, n, b_grads)
+                if self.step == "block":
+                    loss.backward()  # frees this block's graph before the next block runs
+                else:
+                    pending.append(loss)
+                values[level] += float(loss.detach())
+                h = z.detach()
+            if pending:
+                torch.stack(pending).sum().backward()
+        b_grads.apply()
+        metrics = {f"loss_block{level + 1}": v for level, v in enumerate(values)}
+        metrics["loss"] = sum(values)
         return metrics
 
 
@@ -450,7 +529,7 @@ class TopLossBackprop(Rule):
         x, n = local.views(batch)
         neg = local.negative_index(n, batch, x.device)
         p = pool_flat(net.encode(x), local.pools[-1])
-        loss = local.block_loss(len(net.blocks) - 1, p, p.detach(), neg)
+        loss = local.block_loss(len(net.blocks) - 1, p, p, p, pair_terms(n, neg), n)
         loss.backward()
         return {"loss": float(loss.detach())}
 
@@ -467,8 +546,12 @@ class FFRule(LocalImageRule):
         negatives: str = "next",
         step: str = "block",
         score_norm: str = "none",
+        micro_batches: int = 1,
     ) -> None:
-        super().__init__("same", pool, f, negatives, step, score_norm, identity_b=True)
+        super().__init__(
+            "same", pool, f, negatives, step, score_norm, identity_b=True,
+            micro_batches=micro_batches,
+        )
 
 
 class BPSSL(ImageSSLRule):
@@ -552,12 +635,13 @@ class BPSSL(ImageSSLRule):
 
 def _build_local(cfg: Any, seed: int, **task: Any) -> LocalImageRule:
     o = from_dict(LocalOptions, cfg.options, "rule.options.")
-    return LocalImageRule(o.context, o.pool, cfg.f, cfg.negatives, o.step, o.score_norm)
+    return LocalImageRule(o.context, o.pool, cfg.f, cfg.negatives, o.step, o.score_norm,
+                          micro_batches=o.micro_batches)
 
 
 def _build_ff(cfg: Any, seed: int, **task: Any) -> FFRule:
     o = from_dict(FFOptions, cfg.options, "rule.options.")
-    return FFRule(o.pool, cfg.f, cfg.negatives, o.step, o.score_norm)
+    return FFRule(o.pool, cfg.f, cfg.negatives, o.step, o.score_norm, o.micro_batches)
 
 
 def _build_bp(cfg: Any, seed: int, **task: Any) -> BPSSL:
@@ -679,7 +763,7 @@ def explicit_grads(rule: ImageSSLRule, net: BlockNet, batch: Batch) -> dict[str,
             if B is not None:
                 out[key] = dB1 + dB2
         # dendritic prediction pooled back onto the map, routed through the max-pool, gated
-        dz = unpool(dp.reshape(z.shape[0], -1, z.shape[2] // pool, z.shape[3] // pool), pool)
+        dz = unpool(unflatten_grid(dp, z.shape[1], z.shape[2] // pool), pool)
         dr = F.max_unpool2d(dz, idx, mp, output_size=r.shape[-2:]) if idx is not None else dz
         delta = dr * (a > 0).to(a.dtype)
         dw, db = _hebbian(conv, h, delta)
@@ -687,82 +771,3 @@ def explicit_grads(rule: ImageSSLRule, net: BlockNet, batch: Batch) -> dict[str,
         if db is not None:
             out[f"net.blocks.{level}.pre.bias"] = db
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# activation memory held for backward
-
-
-class _Saved:
-    """A tensor saved for backward; releases its count when the graph drops it."""
-
-    __slots__ = ("tensor", "__weakref__")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-
-class SavedTensorMeter:
-    """Bytes of activations that autograd graphs hold for backward, live and at their peak.
-
-    Counted exactly with ``torch.autograd.graph.saved_tensors_hooks``: every tensor saved for
-    backward is registered by its storage (a storage saved twice counts once) until the graph
-    that holds it is freed. Storages of ``exclude`` (the parameters) are not counted.
-
-    Use as a context manager around the steps to measure; read :attr:`peak_bytes`.
-    """
-
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
-        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
-        self._live: dict[int, list[int]] = {}  # storage pointer -> [bytes, references]
-        self.current_bytes = 0
-        self.peak_bytes = 0
-        self._hooks: Any = None
-
-    def _release(self, ptr: int) -> None:
-        entry = self._live.get(ptr)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current_bytes -= entry[0]
-            del self._live[ptr]
-
-    def _pack(self, tensor: torch.Tensor) -> Any:
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr == 0 or ptr in self._excluded:
-            return tensor
-        entry = self._live.setdefault(ptr, [storage.nbytes(), 0])
-        if entry[1] == 0:
-            self.current_bytes += entry[0]
-            self.peak_bytes = max(self.peak_bytes, self.current_bytes)
-        entry[1] += 1
-        holder = _Saved(tensor)
-        weakref.finalize(holder, self._release, ptr)
-        return holder
-
-    @staticmethod
-    def _unpack(packed: Any) -> torch.Tensor:
-        return packed.tensor if isinstance(packed, _Saved) else packed
-
-    def reset_peak(self) -> None:
-        """Start a new peak from the bytes live now."""
-        self.peak_bytes = self.current_bytes
-
-    def __enter__(self) -> SavedTensorMeter:
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._hooks.__exit__(*exc)
-        self._hooks = None
-
-
-@contextmanager
-def saved_activation_meter(net: nn.Module, rule: nn.Module) -> Iterator[SavedTensorMeter]:
-    """A :class:`SavedTensorMeter` that leaves out the parameters of ``net`` and ``rule``."""
-    params = list(net.parameters()) + list(rule.parameters())
-    with SavedTensorMeter(exclude=params) as meter:
-        yield meter
