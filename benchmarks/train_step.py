@@ -27,7 +27,7 @@ The layer-wise rules own one dense prediction matrix per block on the flattened 
 step costs time and temporary memory in proportion, which the "whole step" figures include.
 
     python benchmarks/train_step.py [--widths 0.125 1.0] [--steps 2] [--threads N]
-        [--modes "clapp++ block" "clapp++ block mb2" bp-clapp++ ...] [--plain]
+        [--modes "clapp++ block" "clapp++ block mb2" bp-clapp++ ...] [--plain] [--repeat R]
 
 Full width on a CPU takes a few seconds per step; ``--widths 0.125`` runs in a minute.
 """
@@ -142,20 +142,69 @@ def measure(width: float, mode: str, steps: int, pairs: int, side: int, plain: b
     }
 
 
+def time_interleaved(width: float, modes: list[str], steps: int, pairs: int, side: int,
+                     plain: bool) -> dict[str, tuple[float, float]]:
+    """Seconds per step and of the gradients of every mode, timed in turns in this process.
+
+    One encoder and batch for all modes (each with its own rule and optimiser); every round
+    runs one step of each mode, so a slow spell of a shared machine hits all modes alike.
+    Medians over ``steps`` rounds after one warm-up round.
+    """
+    import torch
+
+    from locallearn.nets.vgg import vgg6
+    from locallearn.rules.base import Batch
+    from locallearn.runtime import tune_cpu_allocator
+
+    if not plain:
+        tune_cpu_allocator()
+    net = vgg6(width, seed=0)
+    if not plain:
+        net = net.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(0)
+    v1 = torch.randn(pairs, 3, side, side, generator=g)
+    v2 = torch.randn(pairs, 3, side, side, generator=g)
+    batch = Batch(v1, None, (v1, v2), g)
+    setups = []
+    for mode in modes:
+        rule = build_rule(mode)
+        rule.setup(net, v1)
+        opt = torch.optim.AdamW(rule.trained_parameters(net), lr=2e-4,
+                                fused=None if plain else True)
+        setups.append((mode, rule, opt))
+    times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    for round_ in range(steps + 1):
+        for mode, rule, opt in setups:
+            opt.zero_grad(set_to_none=False)
+            t0 = time.perf_counter()
+            rule.compute_grads(net, batch)
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            if round_:
+                times[mode].append((t2 - t0, t1 - t0))
+    return {m: (statistics.median(a for a, _ in ts), statistics.median(b for _, b in ts))
+            for m, ts in times.items()}
+
+
 def _child(args: argparse.Namespace) -> None:
     import torch
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    result = measure(args.child_width, args.child_mode, args.steps, args.pairs, args.side,
-                     args.plain)
+    if args.child_mode == "interleaved":
+        result = time_interleaved(args.child_width, args.modes, args.interleave, args.pairs,
+                                  args.side, args.plain)
+    else:
+        result = measure(args.child_width, args.child_mode, args.steps, args.pairs, args.side,
+                         args.plain)
     print("RESULT " + json.dumps(result))
 
 
 def _run_child(width: float, mode: str, args: argparse.Namespace) -> dict | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--child-width", str(width),
            "--child-mode", mode, "--steps", str(args.steps), "--pairs", str(args.pairs),
-           "--side", str(args.side)]
+           "--side", str(args.side), "--interleave", str(args.interleave), "--modes", *args.modes]
     if args.plain:
         cmd.append("--plain")
     if args.threads is not None:
@@ -168,6 +217,15 @@ def _run_child(width: float, mode: str, args: argparse.Namespace) -> dict | None
     return None
 
 
+def _median_row(results: list[dict]) -> dict:
+    """One row per mode: the median of every figure over the repeats."""
+    row = dict(results[0])
+    for key, value in row.items():
+        if isinstance(value, float) and all(r[key] is not None for r in results):
+            row[key] = statistics.median(r[key] for r in results)
+    return row
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -176,6 +234,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--widths", type=float, nargs="+", default=[0.125, 1.0])
     parser.add_argument("--steps", type=int, default=2, help="timed steps per measurement")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measurements per mode (modes in turn; medians are shown)")
+    parser.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                        help="time the modes in turns in one process, ROUNDS steps each (the "
+                             "times shown; memory still from one process per mode)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's default)")
     parser.add_argument("--pairs", type=int, default=32, help="image pairs per batch")
@@ -193,12 +256,24 @@ def main() -> None:
 
     threads = args.threads if args.threads is not None else "default"
     print(f"VGG-6, {args.pairs} pairs ({2 * args.pairs} views) of {args.side}x{args.side}, "
-          f"threads: {threads}, median of {args.steps} steps after 1 warm-up")
+          f"threads: {threads}, median of {args.steps} steps after 1 warm-up, "
+          f"{args.repeat} process(es) per mode")
     header = (f"{'width':>6} {'mode':<18} {'s/step':>7} {'s grads':>8} {'saved MiB':>9} "
               f"{'RSS+ grads':>10} {'RSS+ step':>9} {'params MiB':>10} {'time/BP':>7} "
               f"{'saved/BP':>8} {'RSS+g/BP':>8}")
     for width in args.widths:
-        rows = [r for r in (_run_child(width, m, args) for m in args.modes) if r is not None]
+        runs: dict[str, list[dict]] = {m: [] for m in args.modes}
+        for _ in range(args.repeat):  # modes in turn, so that a slow spell hits all of them
+            for m in args.modes:
+                result = _run_child(width, m, args)
+                if result is not None:
+                    runs[m].append(result)
+        rows = [_median_row(rs) for rs in runs.values() if rs]
+        if args.interleave:
+            timed = _run_child(width, "interleaved", args)
+            for r in rows:
+                if timed is not None and r["mode"] in timed:
+                    r["seconds_per_step"], r["seconds_grads"] = timed[r["mode"]]
         ref = next((r for r in rows if r["mode"] == "bp-clapp++"), None)
         print()
         print(header)
@@ -214,6 +289,9 @@ def main() -> None:
                   f"{_fmt(r['rss_grads_mib'], '>10.1f')} {_fmt(r['rss_step_mib'], '>9.1f')} "
                   f"{r['param_mib']:>10.1f} {_fmt(t_ratio, '>7.2f')} {_fmt(s_ratio, '>8.2f')} "
                   f"{_fmt(m_ratio, '>8.2f')}")
+    if args.interleave:
+        print(f"\ntimes: medians of {args.interleave} rounds of one step per mode, in turns in "
+              "one process")
     print("\ns/step: gradients + AdamW step; s grads: the rule's gradients only. saved MiB: peak "
           "activations held for backward (saved-tensor hooks, exact). RSS+ grads / step: peak "
           "resident memory above the built model (parameters, gradients, optimiser state) while "

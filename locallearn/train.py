@@ -115,7 +115,8 @@ class Trainer:
         self.opt, self.sched = build_optimizer(cfg, self.params)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
-        self.seconds = 0.0
+        self.seconds = 0.0  # training steps
+        self.eval_seconds = 0.0  # evaluations, alignment and final metrics (the probe)
         self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ checkpoints
@@ -123,6 +124,7 @@ class Trainer:
         return {
             "epoch": self.epoch,
             "seconds": self.seconds,
+            "eval_seconds": self.eval_seconds,
             "net": self.net.state_dict(),
             "rule": self.rule.state_dict(),
             "optimizer": self.opt.state_dict(),
@@ -157,6 +159,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.epoch = state["epoch"]
         self.seconds = state["seconds"]
+        self.eval_seconds = state.get("eval_seconds", 0.0)
         self.history = state["history"]
         return True
 
@@ -230,7 +233,10 @@ class Trainer:
         final = getattr(self.task, "final_metrics", None)
         if final is not None:  # e.g. the linear probe of image encoders, once at the end
             self.net.eval()
+            t0 = time.perf_counter()
             summary.update(final(self.net, self.rule, self.out))
+            self.eval_seconds += time.perf_counter() - t0
+            summary["eval_seconds"] = round(self.eval_seconds, 3)
         if self.main:
             write_json_atomic(self.out / SUMMARY, summary)
         return summary
@@ -274,12 +280,14 @@ class Trainer:
         return {key: value / max(count, 1) for key, value in sums.items()}
 
     def evaluate(self, epoch: int, train_metrics: dict[str, float]) -> dict[str, Any]:
+        t0 = time.perf_counter()
         self.net.eval()
         metrics = self.task.evaluate(self.net, self.rule)
         every = self.cfg.align_every
         if every and epoch % every == 0:
             for row in self.alignment():
                 metrics[f"align_block{row['block']}"] = row["cosine_mean"]
+        self.eval_seconds += time.perf_counter() - t0
         return {"epoch": epoch, **train_metrics, **metrics, "seconds": round(self.seconds, 3)}
 
     def alignment(self, n_batches: int | None = None, seed: int | None = None) -> list[dict]:
@@ -319,6 +327,7 @@ class Trainer:
             "epochs": self.epoch,
             "stopped_early": stopped_early,
             "seconds": round(self.seconds, 3),
+            "eval_seconds": round(self.eval_seconds, 3),
             "peak_rss_mib": round(peak_rss_mib(), 1),
             "seed": self.cfg.seed,
             "host": platform.node(),
