@@ -50,11 +50,11 @@ def image_root(tmp_path_factory) -> Path:
 
 def _config(tmp_path: Path, root: Path, **extra) -> Path:
     raw = {
-        "data": {"name": "folder", "root": str(root), "probe_per_block": True},
+        "data": {"name": "folder", "root": str(root)},
         "net": {"kind": "vgg6", "width_mult": 1 / 32, "bias": True},
         "rule": {"name": "clapp-image", "options": {"context": "both"}},
         "optim": {"name": "adamw", "lr": 2e-4},
-        "probe": {"epochs": 2},
+        "probe": {"epochs": 2, "per_block": True},
         "epochs": 1,
         "batch_size": 8,
         "checkpoint_every": 1,
@@ -162,15 +162,15 @@ def test_probe_command_updates_the_run(tmp_path, image_root):
     out = tmp_path / "run"
     cfg = load_config(_config(tmp_path, image_root, epochs=0))
     first = run(cfg, out)
-    result = probe_run(out, ["probe.epochs=0", "probe.steps=20", "data.probe_per_block=false",
-                             "data.probe_augment=false"])
+    result = probe_run(out, ["probe.epochs=0", "probe.steps=20", "probe.per_block=false",
+                             "probe.augment=false"])
     assert "L-BFGS" in result["probe_protocol"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["probe_accuracy"] == result["probe_accuracy"]
     assert "probe_block_accuracies" not in summary
     assert summary["epochs"] == first["epochs"] == 0
     assert json.loads((out / "probe.json").read_text())["accuracy"] == result["probe_accuracy"]
-    augmented = probe_run(out, ["probe.epochs=1", "data.probe_augment=true"])
+    augmented = probe_run(out, ["probe.epochs=1", "probe.augment=true"])
     assert "crop + flip" in augmented["probe_protocol"]
     with pytest.raises(ValueError, match="cannot change a saved run"):
         probe_run(out, ["optim.lr=1.0"])
@@ -195,6 +195,9 @@ def test_probe_command_updates_the_run(tmp_path, image_root):
         ({"data.subset": 1}, "data.subset=1 is invalid"),
         ({"data.root": "/nonexistent/images"}, "does not exist"),
         ({"rule.options": {"pool": [3, 1, 1, 1, 1, 1]}}, r"pool\[0\]=3 does not divide"),
+        ({"probe.batch_size": 0}, "probe.batch_size=0 is invalid"),
+        ({"probe.grid": [4, 0]}, r"probe.grid=\[4, 0\] is invalid"),
+        ({"data.probe_augment": True}, "unknown config key 'data.probe_augment'"),
     ],
 )
 def test_bad_input_is_a_one_line_error_with_exit_2(tmp_path, image_root, capsys, extra, match):

@@ -62,12 +62,10 @@ class ImageDataConfig:
         subset_seed: seed of the three subsets (``None``: the run's seed).
         cache_dir: where decoded image trees are cached (default: inside the data folder).
         download: download the official release into ``root`` when it is not there.
-        probe_augment: train the probe on padded random crops and flips (the paper's protocol;
-            features are then recomputed every epoch) instead of fixed clean features.
-        probe_per_block: also probe every block on its own.
-        probe_batch_size: minibatch size of the probe.
-        probe_grid: cells per side of each block's pooling grid in the probe (default: the
-            paper's 8-4-4-4-2-2).
+
+    How the probe trains (epochs, augmentation, per-block probes, pooling grid) is set in the
+    ``probe`` section (:class:`~locallearn.experiments.schema.ProbeConfig`); the data section
+    says which images it sees.
     """
 
     name: Literal["cifar10", "stl10", "tiny-imagenet", "folder"] = "cifar10"
@@ -81,20 +79,12 @@ class ImageDataConfig:
     subset_seed: int | None = None
     cache_dir: str | None = None
     download: bool = False
-    probe_augment: bool = False
-    probe_per_block: bool = False
-    probe_batch_size: int = 256
-    probe_grid: list[int] | None = None
 
     def validate(self) -> None:
         for key in ("subset", "probe_subset", "test_subset"):
             value = getattr(self, key)
             if value is not None and value < 2:
                 raise ValueError(f"data.{key}={value} is invalid: must be >= 2 (or null: all)")
-        if self.probe_batch_size < 1:
-            raise ValueError(f"data.probe_batch_size={self.probe_batch_size} is invalid: >= 1")
-        if self.probe_grid is not None and any(g < 1 for g in self.probe_grid):
-            raise ValueError(f"data.probe_grid={self.probe_grid} is invalid: cells must be >= 1")
         if self.download and self.name == "folder":
             raise ValueError("data.download=true is invalid for data.name=folder (no release)")
 
@@ -263,12 +253,12 @@ class ImageTask:
         d = data_cfg or self.data
         settings = ProbeSettings(
             epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, steps=p.steps,
-            batch_size=d.probe_batch_size, per_block=d.probe_per_block,
-            grid=tuple(d.probe_grid) if d.probe_grid is not None else None,
+            batch_size=p.batch_size, per_block=p.per_block,
+            grid=tuple(p.grid) if p.grid is not None else None,
             seed=self.cfg.seed,
         )
         augment = None
-        if d.probe_augment:
+        if p.augment:
             aug = ProbeAugment(None, mean=self.mean, std=self.std).to(self.device)
 
             def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -4,8 +4,9 @@ Rebuilds the run from its directory (config and last checkpoint; a run of zero e
 random encoder), runs the probe of :mod:`locallearn.eval.image_probe` with the run's settings or
 overridden ones, writes ``RUN_DIR/probe.json`` and updates the probe keys of
 ``RUN_DIR/summary.json`` (when the run has one). Only probe settings may be overridden:
-``probe.*`` (``epochs``, ``lr``, ``weight_decay``, ``steps``) and the probe keys of the data
-section (``data.probe_*``, ``data.test_split``, ``data.test_subset``).
+``probe.*`` (``epochs``, ``lr``, ``weight_decay``, ``steps``, ``augment``, ``per_block``,
+``batch_size``, ``grid``) and the images the probe sees (``data.probe_split``,
+``data.probe_subset``, ``data.test_split``, ``data.test_subset``).
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def add_probe(sub: argparse._SubParsersAction) -> None:
         help="linear probe of a saved image run (also of a zero-epoch run: random encoder)",
         description="Probe the encoder saved in RUN_DIR (made by locallearn run) and write "
         "RUN_DIR/probe.json; summary.json's probe_accuracy is updated. Overrides change only "
-        "probe settings, e.g. probe.epochs=100 data.probe_augment=true data.probe_per_block=true.",
+        "probe settings, e.g. probe.epochs=100 probe.augment=true probe.per_block=true.",
     )
     p.add_argument("run_dir", help="output directory of a locallearn run")
     p.add_argument("overrides", nargs="*", metavar="key=value")

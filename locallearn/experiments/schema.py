@@ -109,12 +109,34 @@ class OptimConfig:
 
 @dataclass
 class ProbeConfig:
-    """Linear read-out fitted on frozen features (rules whose encoder never sees labels)."""
+    """Linear read-out fitted on frozen features (rules whose encoder never sees labels).
+
+    Attributes:
+        steps: L-BFGS iterations of a full-batch probe.
+        weight_decay, lr: of the probe's optimiser.
+        epochs: image probes: epochs of minibatch Adam; 0: full-batch L-BFGS.
+        augment: image probes: train on padded random crops and flips (the paper's protocol;
+            features are recomputed every epoch) instead of fixed clean features.
+        per_block: image probes: also probe every block on its own.
+        batch_size: image probes: minibatch size.
+        grid: image probes: cells per side of each block's pooling grid (default: the paper's
+            8-4-4-4-2-2, as the losses).
+    """
 
     steps: int = 100
     weight_decay: float = 1e-4
     lr: float = 1e-3
-    epochs: int = 0  # image probes: epochs of minibatch Adam; 0 = full-batch L-BFGS
+    epochs: int = 0
+    augment: bool = False
+    per_block: bool = False
+    batch_size: int = 256
+    grid: list[int] | None = None
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"probe.batch_size={self.batch_size} is invalid: must be >= 1")
+        if self.grid is not None and any(g < 1 for g in self.grid):
+            raise ValueError(f"probe.grid={self.grid} is invalid: cells must be >= 1")
 
 
 @dataclass

@@ -62,7 +62,13 @@ the input patch ``x`` of every position (the Hebbian term)::
     dW_l = s / N * sum_samples sum_positions gamma * (P^T B_l c)[j] * relu'(a_j) * x_i
 
 where ``gamma = g_pos`` for the positive sample and ``g_neg`` for the negative one (whose own gate
-and input enter; the prediction is that of the positive's context).
+and input enter; the prediction is that of the positive's context). The prediction matrix learns
+from the product of the neuromodulated pooled outputs and the context::
+
+    dB_l = s / N * sum_anchors (g_pos p_pos + g_neg p_neg) c^T
+
+which the layer-wise rules compute in this form, gathered over the batch (and its micro-batches)
+into one matrix product per ``B`` (:class:`~locallearn.rules.ssl_pairs.PredictionGrads`).
 """
 
 from __future__ import annotations
