@@ -357,6 +357,8 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     started = ddp.world_size_from_env() > 1 and not ddp.is_initialized()
     ddp.init_from_env(cfg.device)
     try:
+        with torch.random.fork_rng(devices=[]):
+            build_rule(cfg.rule, cfg.seed)  # bad rule options fail before the data loads
         torch.manual_seed(cfg.seed)
         task = build_task(cfg)
         return Trainer(cfg, task, out_dir).run()

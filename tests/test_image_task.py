@@ -184,6 +184,16 @@ def test_probe_command_updates_the_run(tmp_path, image_root):
     assert args.run_dir == str(out) and args.overrides == ["probe.epochs=1"] and args.quiet
 
 
+def test_bad_rule_options_fail_before_the_data_loads(tmp_path, capsys):
+    missing = tmp_path / "no-such-images"
+    raw = {"data": {"name": "folder", "root": str(missing)}, "net": {"kind": "vgg6"},
+           "rule": {"name": "clapp-image", "options": {"micro_batches": 0}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
+    assert "micro_batches=0 is invalid" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
