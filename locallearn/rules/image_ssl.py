@@ -485,7 +485,7 @@ class LocalImageRule(ImageSSLRule):
         ranges = image_parts(n, self.micro_batches)
         same = self.same_contexts(net, x, neg, ranges)
         b_grads = PredictionGrads()  # B's three-factor updates, one product per B per batch
-        values = [0.0] * len(net.blocks)
+        values: list[torch.Tensor] = []  # per part and block; read once (one device sync)
         for start, stop in ranges:
             terms = pair_terms(n, neg, start, stop)
             h = x if len(ranges) == 1 else torch.cat([x[start:stop], x[n + start : n + stop]])
@@ -501,13 +501,14 @@ class LocalImageRule(ImageSSLRule):
                     loss.backward()  # frees this block's graph before the next block runs
                 else:
                     pending.append(loss)
-                values[level] += float(loss.detach())
+                values.append(loss.detach())
                 h = z.detach()
             if pending:
                 torch.stack(pending).sum().backward()
         b_grads.apply()
-        metrics = {f"loss_block{level + 1}": v for level, v in enumerate(values)}
-        metrics["loss"] = sum(values)
+        per_block = torch.stack(values).double().reshape(len(ranges), -1).sum(0).tolist()
+        metrics = {f"loss_block{level + 1}": v for level, v in enumerate(per_block)}
+        metrics["loss"] = sum(per_block)
         return metrics
 
 
