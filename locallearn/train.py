@@ -62,14 +62,14 @@ def resolve_device(name: str) -> torch.device:
 def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]):
     """The optimiser and the (per-epoch) schedule of the config."""
     o = cfg.optim
-    fused = o.fused or None  # None: torch's default implementation
+    fused: dict[str, Any] = {"fused": True} if o.fused else {}  # else torch's default
     if o.name == "adam":
-        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
+        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
     elif o.name == "adamw":
-        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
     else:
         opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                              fused=fused)
+                              **fused)
     sched = None
     if o.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
@@ -352,6 +352,8 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     """Train ``cfg`` into ``out_dir`` (resuming a checkpoint there) and return the summary.
 
     Under ``torchrun`` every rank calls this; the process group is set up and torn down here.
+    It also tunes the process's memory allocator for speed, for the rest of the process
+    (:func:`locallearn.runtime.tune_cpu_allocator`).
     """
     tune_cpu_allocator()
     started = ddp.world_size_from_env() > 1 and not ddp.is_initialized()

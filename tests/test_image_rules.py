@@ -314,7 +314,7 @@ def test_rules_are_registered_and_label_free():
         ("clapp-image", {"options": {"micro_batches": 0}}, "micro_batches=0 is invalid"),
         ("ff", {"options": {"micro_batches": -1}}, "micro_batches=-1 is invalid"),
         ("clapp-image", {"f": "softplus-diff", "options": {"micro_batches": 2}},
-         "scores positives and negatives separately"),
+         "does not fit rule.f=softplus-diff"),
     ],
 )
 def test_bad_options_are_one_line_errors(name, extra, match):

@@ -256,3 +256,40 @@ def test_real_cifar10_images_run_and_probe(tmp_path):
     assert summary["epochs"] == 1
     assert 0.0 <= summary["probe_accuracy"] <= 1.0
     assert len(summary["probe_block_accuracies"]) == 6
+
+
+@pytest.mark.parametrize("rule", [{"name": "clapp-image", "options": {"context": "both"}},
+                                  {"name": "bp-ssl", "options": {}}])
+def test_runs_saved_with_the_earlier_layout_load_unchanged(tmp_path, image_root, rule):
+    """Runs saved before the probe settings moved and features were flattened position-major."""
+    from locallearn.experiments.runs import load_run
+    from locallearn.rules.image_ssl import channel_major_order
+
+    cfg_path = _config(tmp_path, image_root, **{"rule.name": rule["name"],
+                                                "rule.options": rule["options"]})
+    out = tmp_path / "run"
+    run(load_config(cfg_path), out)
+    now = load_run(out)
+    b_now = {k: v.clone() for k, v in now.rule.state_dict().items()}
+    assert b_now and all(float(v.abs().max()) > 0 for v in b_now.values())
+    # write the run as the earlier code did: probe keys in data, B in channel-major order
+    raw = yaml.safe_load((out / "config.yaml").read_text())
+    for old, new in (("probe_augment", "augment"), ("probe_per_block", "per_block"),
+                     ("probe_batch_size", "batch_size"), ("probe_grid", "grid")):
+        raw["data"][old] = raw["probe"].pop(new)
+    (out / "config.yaml").write_text(yaml.safe_dump(raw))
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    channels = [b.pre.out_channels for b in now.net.blocks]
+    orders = [channel_major_order(d, c) for d, c in zip(now.rule.dims, channels)]
+    for key, value in ckpt["rule"].items():
+        level = int(key.split(".")[-1]) if rule["name"] == "clapp-image" else -1
+        rows = orders[level]
+        cols = orders[-1] if key.startswith("B_top.") or rule["name"] == "bp-ssl" else orders[level]
+        old = torch.empty_like(value)
+        old[rows[:, None], cols[None, :]] = value
+        ckpt["rule"][key] = old
+    torch.save(ckpt, out / "checkpoint.pt")
+    legacy = load_run(out)
+    assert legacy.cfg.probe.per_block is True
+    for key, value in legacy.rule.state_dict().items():
+        assert torch.equal(value, b_now[key]), key

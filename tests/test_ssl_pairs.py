@@ -52,5 +52,5 @@ def test_parts_and_early_images():
     # with the next image as negative only the last image's context is needed early
     assert early_images(neg, image_parts(6, 3)).tolist() == [5]
     assert early_images(neg, image_parts(6, 1)).tolist() == []
-    with pytest.raises(ValueError, match="not a part of a batch of 4"):
+    with pytest.raises(ValueError, match=r"images \[2, 6\) are not a non-empty part of a batch"):
         pair_terms(4, pick_negatives(4, "next", None, "cpu"), 2, 6)

@@ -18,7 +18,7 @@ from typing import Any
 
 from locallearn.experiments.config import deep_merge, parse_overrides, to_dict
 
-PROBE_KEYS_DATA = ("test_split", "test_subset")
+PROBE_KEYS_DATA = ("probe_split", "probe_subset", "test_split", "test_subset")
 
 
 def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
@@ -33,12 +33,10 @@ def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
 
 def _check_override_keys(overrides: dict[str, Any]) -> None:
     for key in _flat_keys(overrides):
-        ok = key.startswith("probe.") or key.startswith("data.probe_") or key in {
-            f"data.{k}" for k in PROBE_KEYS_DATA
-        }
+        ok = key.startswith("probe.") or key in {f"data.{k}" for k in PROBE_KEYS_DATA}
         if not ok:
             raise ValueError(
-                f"override {key!r} cannot change a saved run; valid: probe.*, data.probe_*, "
+                f"override {key!r} cannot change a saved run; valid: probe.*, "
                 + ", ".join(f"data.{k}" for k in PROBE_KEYS_DATA)
             )
 

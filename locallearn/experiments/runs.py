@@ -34,6 +34,28 @@ class LoadedRun:
         return read_metrics(self.path)
 
 
+#: Probe settings that image runs kept in the data section before they moved to ``probe``.
+LEGACY_PROBE_KEYS = {"probe_augment": "augment", "probe_per_block": "per_block",
+                     "probe_batch_size": "batch_size", "probe_grid": "grid"}
+
+
+def migrate_legacy_config(raw: dict[str, Any]) -> bool:
+    """Move the probe settings of an image run saved before they moved to the ``probe`` section.
+
+    Such runs also flattened pooled features channel-major (see
+    :func:`locallearn.rules.image_ssl.reorder_channel_major_b`). Returns whether ``raw`` was
+    such a run's config (changed in place).
+    """
+    data = raw.get("data")
+    if not isinstance(data, dict) or not any(k in data for k in LEGACY_PROBE_KEYS):
+        return False
+    probe = raw.setdefault("probe", {})
+    for old, new in LEGACY_PROBE_KEYS.items():
+        if old in data:
+            probe[new] = data.pop(old)
+    return True
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's ``metrics.jsonl`` (empty when it has none yet)."""
     path = Path(run_dir) / METRICS
@@ -54,6 +76,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
             "made by locallearn run)"
         )
     raw = load_yaml(path / CONFIG)
+    legacy = migrate_legacy_config(raw)
     if device is not None:
         raw["device"] = device
     raw["progress"] = False
@@ -62,6 +85,10 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     task = build_task(cfg)
     trainer = Trainer(cfg, task, path)
     trainer.load_checkpoint()
+    if legacy:
+        from locallearn.rules.image_ssl import reorder_channel_major_b
+
+        reorder_channel_major_b(trainer.rule, trainer.net)
     trainer.net.eval()
     summary = None
     if (path / SUMMARY).is_file():

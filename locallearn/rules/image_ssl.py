@@ -240,6 +240,34 @@ def pool_flat(z: torch.Tensor, pool: int) -> torch.Tensor:
     return z.permute(0, 2, 3, 1).flatten(1)
 
 
+def channel_major_order(dim: int, channels: int) -> torch.Tensor:
+    """Index of each position-major feature of :func:`pool_flat` in the channel-major order
+    (channel, grid row, grid column) that runs saved before this layout used."""
+    cells = dim // channels
+    return (torch.arange(channels)[None, :] * cells + torch.arange(cells)[:, None]).flatten()
+
+
+@torch.no_grad()
+def reorder_channel_major_b(rule: nn.Module, net: BlockNet) -> None:
+    """Reorder the prediction matrices of a rule loaded from a channel-major run, in place."""
+    channels = [block.pre.out_channels for block in net.blocks]
+    dims = getattr(rule, "dims", [])
+    if not dims:
+        return
+    orders = [channel_major_order(d, c) for d, c in zip(dims, channels)]
+
+    def reorder(B: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        B.copy_(B[rows.to(B.device)][:, cols.to(B.device)])
+
+    if isinstance(rule, LocalImageRule):
+        for level, B in enumerate(rule.B_same):
+            reorder(B, orders[level], orders[level])
+        for level, B in enumerate(rule.B_top):
+            reorder(B, orders[level], orders[-1])
+    elif isinstance(rule, BPSSL) and rule.loss_kind == "clapp":
+        reorder(rule.B[0], orders[-1], orders[-1])
+
+
 def unflatten_grid(p: torch.Tensor, channels: int, cells: int) -> torch.Tensor:
     """Inverse of the flattening of :func:`pool_flat`: ``(N, D)`` to ``(N, C, cells, cells)``."""
     return p.reshape(p.shape[0], cells, cells, channels).permute(0, 3, 1, 2)
@@ -397,8 +425,8 @@ class LocalImageRule(ImageSSLRule):
             raise ValueError("B fixed to the identity needs rule.options.context=same")
         if micro_batches > 1 and f == "softplus-diff":
             raise ValueError(
-                "rule.options.micro_batches > 1 needs an f that scores positives and negatives "
-                "separately; valid: hinge, softplus, linear"
+                "rule.options.micro_batches > 1 does not fit rule.f=softplus-diff (it couples "
+                "each positive score with its negative); valid f: hinge, softplus, linear"
             )
         self.micro_batches = micro_batches
         self.context = context
@@ -451,11 +479,13 @@ class LocalImageRule(ImageSSLRule):
         return loss
 
     def top_context(self, net: BlockNet, x: torch.Tensor) -> torch.Tensor | None:
-        """Pooled top block of both views, without gradients (``None`` without DFB)."""
+        """Pooled top block of both views, without gradients (``None`` without DFB), computed
+        in ``micro_batches`` parts (so that it never holds a whole batch's maps)."""
         if not self.uses_top:
             return None
         with torch.no_grad():
-            return pool_flat(net.encode(x), self.pools[-1])
+            parts = x.tensor_split(min(self.micro_batches, x.shape[0]))
+            return torch.cat([pool_flat(net.encode(part), self.pools[-1]) for part in parts])
 
     def reference_rule(self) -> Rule:
         """BP-SSL counterpart: this rule's top-block loss backpropagated through every block."""
@@ -485,7 +515,7 @@ class LocalImageRule(ImageSSLRule):
         ranges = image_parts(n, self.micro_batches)
         same = self.same_contexts(net, x, neg, ranges)
         b_grads = PredictionGrads()  # B's three-factor updates, one product per B per batch
-        values: list[torch.Tensor] = []  # per part and block; read once (one device sync)
+        values: list[torch.Tensor] = []  # per part and block, read once at the end
         for start, stop in ranges:
             terms = pair_terms(n, neg, start, stop)
             h = x if len(ranges) == 1 else torch.cat([x[start:stop], x[n + start : n + stop]])
@@ -506,7 +536,7 @@ class LocalImageRule(ImageSSLRule):
             if pending:
                 torch.stack(pending).sum().backward()
         b_grads.apply()
-        per_block = torch.stack(values).double().reshape(len(ranges), -1).sum(0).tolist()
+        per_block = torch.stack(values).cpu().double().reshape(len(ranges), -1).sum(0).tolist()
         metrics = {f"loss_block{level + 1}": v for level, v in enumerate(per_block)}
         metrics["loss"] = sum(per_block)
         return metrics

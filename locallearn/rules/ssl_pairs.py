@@ -57,7 +57,7 @@ def pair_terms(n: int, neg: torch.Tensor, start: int = 0, stop: int | None = Non
     """
     stop = n if stop is None else stop
     if not 0 <= start < stop <= n:
-        raise ValueError(f"images {start}..{stop - 1} are not a part of a batch of {n}")
+        raise ValueError(f"images [{start}, {stop}) are not a non-empty part of a batch of {n}")
     device = neg.device
     images = torch.arange(start, stop, device=device)
     rows = torch.cat([images, images + n])
