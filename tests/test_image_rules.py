@@ -18,13 +18,9 @@ from locallearn.nets.base import Block, BlockNet
 from locallearn.nets.vgg import vgg6
 from locallearn.rules import build_rule, registered
 from locallearn.rules.base import Batch
-from locallearn.rules.image_ssl import (
-    BPSSL,
-    FFRule,
-    LocalImageRule,
-    explicit_grads,
-    pool_flat,
-)
+from locallearn.rules.image_explicit import explicit_grads
+from locallearn.rules.image_grid import pool_flat
+from locallearn.rules.image_ssl import BPSSL, FFRule, LocalImageRule
 
 SIDE = 16
 WIDTH = 1 / 32  # 4-8-8-16-32-32 channels

@@ -263,7 +263,7 @@ def test_real_cifar10_images_run_and_probe(tmp_path):
 def test_runs_saved_with_the_earlier_layout_load_unchanged(tmp_path, image_root, rule):
     """Runs saved before the probe settings moved and features were flattened position-major."""
     from locallearn.experiments.runs import load_run
-    from locallearn.rules.image_ssl import channel_major_order
+    from locallearn.rules.image_grid import channel_major_order
 
     cfg_path = _config(tmp_path, image_root, **{"rule.name": rule["name"],
                                                 "rule.options": rule["options"]})

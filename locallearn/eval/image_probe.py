@@ -36,7 +36,7 @@ from tqdm import tqdm
 from locallearn.eval.probe import fit_linear_probe
 from locallearn.nets.base import BlockNet
 from locallearn.nets.vgg import PAPER_GRID, feature_sides, pool_sizes_for_grid
-from locallearn.rules.image_ssl import pool_flat
+from locallearn.rules.image_grid import pool_flat
 
 __all__ = ["ProbeResult", "ProbeSettings", "encoder_features", "probe_pools", "run_probe"]
 

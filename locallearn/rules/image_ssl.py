@@ -53,7 +53,8 @@ Pooling (``rule.options.pool``): ``auto`` (default) pools every block onto the p
 12-12-12-6-6-3 on STL-10 (96 px) and 8-8-8-4-4-2 on Tiny ImageNet (64 px); ``global`` pools every
 block onto one cell (no spatial dependence); or a list of pool sizes, one per block.
 
-Three-factor form (checked against autograd in the tests, see :func:`explicit_grads`): with
+Three-factor form (checked against autograd in the tests, see
+:func:`locallearn.rules.image_explicit.explicit_grads`): with
 neuromodulators ``g_pos = f'(u_pos)`` and ``g_neg = -f'(-u_neg)`` (``score_loss_grads``), the
 dendritic prediction ``B_l c`` pooled back to the map (each grid cell's value spread over its
 window and divided by the window area), the gate ``relu'(a)`` routed through the max-pool, and
@@ -79,15 +80,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from locallearn import losses
 from locallearn.experiments.config import from_dict
 from locallearn.nets.base import BlockNet
-from locallearn.nets.vgg import PAPER_GRID, feature_sides, pool_sizes_for_grid
+from locallearn.nets.vgg import feature_sides
 from locallearn.rules import register
 from locallearn.rules.base import Batch, Rule
+from locallearn.rules.image_grid import channel_major_order, pool_flat, resolve_pools
 from locallearn.rules.layerwise import NEGATIVES, pick_negatives
 from locallearn.rules.ssl_pairs import (
     PairTerms,
@@ -106,9 +107,7 @@ __all__ = [
     "LocalImageRule",
     "LocalOptions",
     "TopLossBackprop",
-    "explicit_grads",
-    "pool_flat",
-    "resolve_pools",
+    "reorder_channel_major_b",
 ]
 
 #: The value of ``Rule.view_kind`` of these rules: the task supplies two SSL views.
@@ -202,82 +201,6 @@ def _check_choice(key: str, value: str, valid: Iterable[str]) -> None:
     valid = tuple(valid)
     if value not in valid:
         raise ValueError(f"{key}={value!r} is invalid for image rules; valid: {', '.join(valid)}")
-
-
-# ---------------------------------------------------------------------------------------------
-# pooling
-
-
-def resolve_pools(pool: list[int] | str, sides: list[int]) -> list[int]:
-    """Pool sizes per block for maps of side ``sides``, from ``rule.options.pool``."""
-    if pool == "auto":
-        return pool_sizes_for_grid(sides, PAPER_GRID[: len(sides)])
-    if pool == "global":
-        return list(sides)
-    if not isinstance(pool, list):
-        raise ValueError(f"rule.options.pool={pool!r} is invalid")
-    if len(pool) != len(sides):
-        raise ValueError(
-            f"rule.options.pool lists {len(pool)} pool sizes for a network of {len(sides)} blocks"
-        )
-    for level, (p, side) in enumerate(zip(pool, sides)):
-        if side % p:
-            raise ValueError(
-                f"rule.options.pool[{level}]={p} does not divide block {level + 1}'s map "
-                f"side {side}"
-            )
-    return list(pool)
-
-
-def pool_flat(z: torch.Tensor, pool: int) -> torch.Tensor:
-    """Average-pool ``(N, C, H, W)`` with kernel = stride = ``pool`` and flatten to ``(N, D)``.
-
-    The flat order is position-major (grid row, grid column, channel): a view, without a copy,
-    of a channels-last map, so that the loss's gradient flows back in the encoder's layout.
-    """
-    if pool > 1:
-        z = F.avg_pool2d(z, pool)
-    return z.permute(0, 2, 3, 1).flatten(1)
-
-
-def channel_major_order(dim: int, channels: int) -> torch.Tensor:
-    """Index of each position-major feature of :func:`pool_flat` in the channel-major order
-    (channel, grid row, grid column) that runs saved before this layout used."""
-    cells = dim // channels
-    return (torch.arange(channels)[None, :] * cells + torch.arange(cells)[:, None]).flatten()
-
-
-@torch.no_grad()
-def reorder_channel_major_b(rule: nn.Module, net: BlockNet) -> None:
-    """Reorder the prediction matrices of a rule loaded from a channel-major run, in place."""
-    channels = [block.pre.out_channels for block in net.blocks]
-    dims = getattr(rule, "dims", [])
-    if not dims:
-        return
-    orders = [channel_major_order(d, c) for d, c in zip(dims, channels)]
-
-    def reorder(B: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
-        B.copy_(B[rows.to(B.device)][:, cols.to(B.device)])
-
-    if isinstance(rule, LocalImageRule):
-        for level, B in enumerate(rule.B_same):
-            reorder(B, orders[level], orders[level])
-        for level, B in enumerate(rule.B_top):
-            reorder(B, orders[level], orders[-1])
-    elif isinstance(rule, BPSSL) and rule.loss_kind == "clapp":
-        reorder(rule.B[0], orders[-1], orders[-1])
-
-
-def unflatten_grid(p: torch.Tensor, channels: int, cells: int) -> torch.Tensor:
-    """Inverse of the flattening of :func:`pool_flat`: ``(N, D)`` to ``(N, C, cells, cells)``."""
-    return p.reshape(p.shape[0], cells, cells, channels).permute(0, 3, 1, 2)
-
-
-def unpool(g: torch.Tensor, pool: int) -> torch.Tensor:
-    """Adjoint of the average pool: each cell's value spread over its window, over its area."""
-    if pool == 1:
-        return g
-    return g.repeat_interleave(pool, 2).repeat_interleave(pool, 3) / (pool * pool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -696,115 +619,25 @@ RULES = ("clapp-image", "ff", "bp-ssl")
 
 
 # ---------------------------------------------------------------------------------------------
-# the explicit three-factor form (for tests and alignment measures)
-
-
-def _block_halves(block: nn.Module) -> tuple[nn.Conv2d, int]:
-    """The convolution of a VGG block and its max-pool size (1: none)."""
-    conv = getattr(block, "pre", None)
-    post = getattr(block, "post", None)
-    if not isinstance(conv, nn.Conv2d) or post is None:
-        raise ValueError(
-            "the explicit form needs VGG blocks (pre: Conv2d, post: ReLU [+ max-pool])"
-        )
-    pool = 1
-    for m in post.modules():
-        if isinstance(m, nn.MaxPool2d):
-            pool = int(m.kernel_size) if isinstance(m.kernel_size, int) else int(m.kernel_size[0])
-    return conv, pool
-
-
-def _hebbian(
-    conv: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``sum_n,pos delta[o, pos] * patch(x)[i, pos]`` for the weight, ``sum delta`` for the bias."""
-    patches = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)
-    dw = torch.einsum("nol,nkl->ok", delta.flatten(2), patches).reshape(conv.weight.shape)
-    db = delta.sum((0, 2, 3)) if conv.bias is not None else None
-    return dw, db
-
-
-def _modulated_prediction(
-    rule: ImageSSLRule,
-    p: torch.Tensor,
-    c: torch.Tensor,
-    B: torch.Tensor | None,
-    neg: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``dL/dp`` (neuromodulator times dendritic prediction, per sample) and ``dL/dB``."""
-    n = p.shape[0]
-    s = rule.scale(p.shape[1], c.shape[1])
-    pred = c if B is None else c @ B.t()
-    u_pos = (p * pred).sum(1) * s
-    u_neg = (p[neg] * pred).sum(1) * s
-    g_pos, g_neg = losses.score_loss_grads(u_pos, u_neg, rule.f)
-    dp = g_pos[:, None] * pred
-    dp = dp.index_add(0, neg, g_neg[:, None] * pred) * (s / n)
-    dB = None
-    if B is not None:
-        post = g_pos[:, None] * p + g_neg[:, None] * p[neg]
-        dB = post.t() @ c * (s / n)
-    return dp, dB
+# runs saved with the earlier feature order
 
 
 @torch.no_grad()
-def explicit_grads(rule: ImageSSLRule, net: BlockNet, batch: Batch) -> dict[str, torch.Tensor]:
-    """The three-factor updates, without autograd, keyed like ``named_parameters``.
+def reorder_channel_major_b(rule: nn.Module, net: BlockNet) -> None:
+    """Reorder the prediction matrices of a rule loaded from a channel-major run, in place."""
+    channels = [block.pre.out_channels for block in net.blocks]
+    dims = getattr(rule, "dims", [])
+    if not dims:
+        return
+    orders = [channel_major_order(d, c) for d, c in zip(dims, channels)]
 
-    Keys: ``net.blocks.<l>.pre.weight`` / ``.bias`` for the encoder and ``rule.B_same.<l>``,
-    ``rule.B_top.<l>`` (``clapp-image``) or ``rule.B.0`` (``bp-ssl`` with ``loss=clapp``) for the
-    prediction matrices. For ``bp-ssl`` only the top block (whose update is local) is given.
-    Negatives are drawn as :meth:`compute_grads` draws them (same generator state gives the same).
-    """
-    x, n = ImageSSLRule.views(batch)
-    neg = rule.negative_index(n, batch, x.device)
-    if isinstance(rule, BPSSL):
-        if rule.loss_kind != "clapp":
-            raise ValueError("the explicit three-factor form is defined for rule.loss=clapp")
-        feats = net.features(x)
-        levels = [len(net.blocks) - 1]
-        inputs = {levels[0]: feats[-2] if len(feats) > 1 else x}
-    else:
-        feats = net.features(x)
-        levels = list(range(len(net.blocks)))
-        inputs = {lv: (x if lv == 0 else feats[lv - 1]) for lv in levels}
-    top = pool_flat(feats[-1], rule.pools[-1])
-    out: dict[str, torch.Tensor] = {}
-    for level in levels:
-        conv, mp = _block_halves(net.blocks[level])
-        h = inputs[level]
-        a = conv(h)
-        r = torch.relu(a)
-        if mp > 1:
-            z, idx = F.max_pool2d(r, mp, return_indices=True)
-        else:
-            z, idx = r, None
-        pool = rule.pools[level]
-        p = pool_flat(z, pool)
-        p1, p2 = p.chunk(2, 0)
-        dp = torch.zeros_like(p)
-        terms: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-        if isinstance(rule, BPSSL):
-            terms.append(("rule.B.0", p2, p1, rule.B[0]))
-        else:
-            if rule.uses_same:
-                B = None if rule.identity_b else rule.B_same[level]
-                terms.append((f"rule.B_same.{level}", p2, p1, B))
-            if rule.uses_top:
-                t1, t2 = top.chunk(2, 0)
-                terms.append((f"rule.B_top.{level}", t2, t1, rule.B_top[level]))
-        for key, c_for_1, c_for_2, B in terms:
-            d1, dB1 = _modulated_prediction(rule, p1, c_for_1, B, neg)
-            d2, dB2 = _modulated_prediction(rule, p2, c_for_2, B, neg)
-            dp += torch.cat([d1, d2], 0)
-            if B is not None:
-                out[key] = dB1 + dB2
-        # dendritic prediction pooled back onto the map, routed through the max-pool, gated
-        dz = unpool(unflatten_grid(dp, z.shape[1], z.shape[2] // pool), pool)
-        dr = F.max_unpool2d(dz, idx, mp, output_size=r.shape[-2:]) if idx is not None else dz
-        delta = dr * (a > 0).to(a.dtype)
-        dw, db = _hebbian(conv, h, delta)
-        out[f"net.blocks.{level}.pre.weight"] = dw
-        if db is not None:
-            out[f"net.blocks.{level}.pre.bias"] = db
-    return out
+    def reorder(B: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        B.copy_(B[rows.to(B.device)][:, cols.to(B.device)])
+
+    if isinstance(rule, LocalImageRule):
+        for level, B in enumerate(rule.B_same):
+            reorder(B, orders[level], orders[level])
+        for level, B in enumerate(rule.B_top):
+            reorder(B, orders[level], orders[-1])
+    elif isinstance(rule, BPSSL) and rule.loss_kind == "clapp":
+        reorder(rule.B[0], orders[-1], orders[-1])
