@@ -8,7 +8,8 @@ each of
 * ``clapp++ block mb2`` (``mb4``): the same, the batch taken through the encoder in 2 (4)
   micro-batches (the same gradients; the activation memory of one block of one part);
 * ``clapp++ summed``: the same losses summed and backpropagated once (inputs still detached);
-* ``bp-clapp++``: the CLAPP++ loss on the top block, backpropagated end to end;
+* ``bp-clapp++``: the CLAPP++ loss on the top block, backpropagated end to end (``mb2``: in 2
+  micro-batches, the same gradients: its context is detached too);
 * ``bp-infonce``: InfoNCE with a linear projection, backpropagated end to end;
 
 it prints the seconds per step (gradients + AdamW step, and the gradients alone; median over
@@ -44,7 +45,7 @@ import sys
 import time
 
 MODES = ("clapp++ block", "clapp++ block mb2", "clapp++ block mb4", "clapp++ summed",
-         "bp-clapp++", "bp-infonce")
+         "bp-clapp++", "bp-clapp++ mb2", "bp-infonce")
 EXTRA_MODES = ("clapp++dfb block", "clapp++both block", "clapp block")
 
 
@@ -67,8 +68,9 @@ def build_rule(mode: str):
     """The rule of a benchmark mode."""
     from locallearn.rules.image_ssl import BPSSL, LocalImageRule
 
-    if mode == "bp-clapp++":
-        return BPSSL("clapp", "auto")
+    if mode.startswith("bp-clapp++"):
+        parts = int(mode.split()[1][2:]) if " " in mode else 1
+        return BPSSL("clapp", "auto", micro_batches=parts)
     if mode == "bp-infonce":
         return BPSSL("infonce")
     name, step, *rest = mode.split()

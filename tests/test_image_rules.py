@@ -232,6 +232,26 @@ def test_micro_batches_hold_the_memory_of_one_part():
     assert peaks[2] < 0.55 * peaks[1]
 
 
+@pytest.mark.parametrize("negatives", ["next", "random"])
+def test_bp_clapp_micro_batches_give_the_same_gradients(negatives):
+    net = _net()
+    v1, v2 = _views(n=5)
+    grads, values = {}, {}
+    for parts in (1, 2, 5):
+        rule = _setup(BPSSL("clapp", "auto", "hinge", negatives, micro_batches=parts), net, v1)
+        batch = Batch(v1, None, (v1, v2), torch.Generator().manual_seed(3))
+        for p in list(net.parameters()) + list(rule.parameters()):
+            p.grad = None
+        values[parts] = rule.compute_grads(net, batch)["loss"]
+        grads[parts] = {k: p.grad.clone() for k, p in _named(net, rule).items()}
+        assert values[parts] > 0
+    for parts in (2, 5):
+        assert values[parts] == pytest.approx(values[1], rel=1e-10)
+        for key, value in grads[1].items():
+            assert float(value.abs().max()) > 0 or key.endswith("bias"), key
+            assert torch.allclose(grads[parts][key], value, rtol=1e-10, atol=1e-13), (parts, key)
+
+
 @pytest.mark.parametrize(
     ("kind", "context", "negatives", "step"),
     [
@@ -311,6 +331,8 @@ def test_rules_are_registered_and_label_free():
         ("ff", {"options": {"micro_batches": -1}}, "micro_batches=-1 is invalid"),
         ("clapp-image", {"f": "softplus-diff", "options": {"micro_batches": 2}},
          "does not fit rule.f=softplus-diff"),
+        ("bp-ssl", {"loss": "infonce", "options": {"micro_batches": 2}},
+         "micro_batches > 1 needs rule.loss=clapp"),
     ],
 )
 def test_bad_options_are_one_line_errors(name, extra, match):

@@ -167,14 +167,18 @@ class BPOptions:
         score_norm: as for ``clapp-image``.
         projection_dim: output size of the InfoNCE projection (default: the top block's
             channels, 1024 at full width).
+        micro_batches: ``rule.loss=clapp``: parts of the batch backpropagated one after the
+            other (the same gradients; activation memory of one part).
     """
 
     pool: list[int] | str = "auto"
     score_norm: Literal["none", "dims"] = "none"
     projection_dim: int | None = None
+    micro_batches: int = 1
 
     def validate(self) -> None:
         _check_pool(self.pool)
+        _check_micro_batches(self.micro_batches)
         if self.projection_dim is not None and self.projection_dim < 1:
             raise ValueError(
                 f"rule.options.projection_dim={self.projection_dim} is invalid: must be >= 1"
@@ -220,10 +224,18 @@ class ImageSSLRule(Rule):
         f: str,
         negatives: str,
         score_norm: str,
+        micro_batches: int = 1,
     ) -> None:
         super().__init__()
         _check_choice("rule.f", f, losses.F_KINDS)
         _check_choice("rule.negatives", negatives, NEGATIVES)
+        _check_micro_batches(micro_batches)
+        if micro_batches > 1 and f == "softplus-diff":
+            raise ValueError(
+                "rule.options.micro_batches > 1 does not fit rule.f=softplus-diff (it couples "
+                "each positive score with its negative); valid f: hinge, softplus, linear"
+            )
+        self.micro_batches = micro_batches
         self.pool_spec = pool
         self.f = f
         self.negatives = negatives
@@ -291,16 +303,28 @@ class ImageSSLRule(Rule):
             b_grads.add(B, terms.anchors, post, ctx)
         return losses.score_loss(u_pos, u_neg, self.f) / n
 
-    def both_directions(
-        self,
-        p: torch.Tensor,
-        c: torch.Tensor,
-        B: torch.Tensor | None,
-        neg: torch.Tensor,
-    ) -> torch.Tensor:
-        """The loss of the whole batch: ``p`` and ``c`` stack both views ``(2N, D)``."""
-        n = p.shape[0] // 2
-        return self.pair_loss(p, c, B, pair_terms(n, neg), n)
+    def pooled_stores(
+        self, net: BlockNet, x: torch.Tensor, neg: torch.Tensor, ranges: list[tuple[int, int]]
+    ) -> list[torch.Tensor]:
+        """Per block, room for the pooled outputs of all ``2N`` rows (the contexts from the
+        same block), with the rows of :func:`early_images` filled in by a forward pass without
+        gradients; the parts fill in their own rows as they run."""
+        store = [x.new_empty(x.shape[0], d) for d in self.dims]
+        early = early_images(neg, ranges)
+        if early.numel():
+            n = x.shape[0] // 2
+            rows = torch.cat([early, early + n])
+            with torch.no_grad():
+                for level, h in enumerate(net.features(x[rows])):
+                    store[level][rows] = pool_flat(h, self.pools[level])
+        return store
+
+    @staticmethod
+    def part_views(x: torch.Tensor, n: int, start: int, stop: int) -> torch.Tensor:
+        """Both views of images ``start..stop-1`` (``x`` itself for the whole batch)."""
+        if start == 0 and stop == n:
+            return x
+        return torch.cat([x[start:stop], x[n + start : n + stop]])
 
     @staticmethod
     def views(batch: Batch) -> tuple[torch.Tensor, int]:
@@ -340,18 +364,11 @@ class LocalImageRule(ImageSSLRule):
         identity_b: bool = False,
         micro_batches: int = 1,
     ) -> None:
-        super().__init__(pool, f, negatives, score_norm)
+        super().__init__(pool, f, negatives, score_norm, micro_batches)
         _check_choice("rule.options.context", context, ("same", "top", "both"))
         _check_choice("rule.options.step", step, ("block", "summed"))
-        _check_micro_batches(micro_batches)
         if identity_b and context != "same":
             raise ValueError("B fixed to the identity needs rule.options.context=same")
-        if micro_batches > 1 and f == "softplus-diff":
-            raise ValueError(
-                "rule.options.micro_batches > 1 does not fit rule.f=softplus-diff (it couples "
-                "each positive score with its negative); valid f: hinge, softplus, linear"
-            )
-        self.micro_batches = micro_batches
         self.context = context
         self.step = step
         self.identity_b = identity_b
@@ -414,34 +431,17 @@ class LocalImageRule(ImageSSLRule):
         """BP-SSL counterpart: this rule's top-block loss backpropagated through every block."""
         return TopLossBackprop(self)
 
-    def same_contexts(
-        self, net: BlockNet, x: torch.Tensor, neg: torch.Tensor, ranges: list[tuple[int, int]]
-    ) -> list[torch.Tensor] | None:
-        """Per block, room for the pooled outputs of all ``2N`` rows (the ``same`` contexts),
-        with the rows of :func:`early_images` filled in by a forward pass without gradients."""
-        if not self.uses_same:
-            return None
-        store = [x.new_empty(x.shape[0], d) for d in self.dims]
-        early = early_images(neg, ranges)
-        if early.numel():
-            n = x.shape[0] // 2
-            rows = torch.cat([early, early + n])
-            with torch.no_grad():
-                for level, h in enumerate(net.features(x[rows])):
-                    store[level][rows] = pool_flat(h, self.pools[level])
-        return store
-
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         x, n = self.views(batch)
         neg = self.negative_index(n, batch, x.device)
         top = self.top_context(net, x)
         ranges = image_parts(n, self.micro_batches)
-        same = self.same_contexts(net, x, neg, ranges)
+        same = self.pooled_stores(net, x, neg, ranges) if self.uses_same else None
         b_grads = PredictionGrads()  # B's three-factor updates, one product per B per batch
         values: list[torch.Tensor] = []  # per part and block, read once at the end
         for start, stop in ranges:
             terms = pair_terms(n, neg, start, stop)
-            h = x if len(ranges) == 1 else torch.cat([x[start:stop], x[n + start : n + stop]])
+            h = self.part_views(x, n, start, stop)
             pending: list[torch.Tensor] = []
             for level, block in enumerate(net.blocks):
                 z = block(h)
@@ -524,6 +524,10 @@ class BPSSL(ImageSSLRule):
         temperature: InfoNCE temperature.
         projection_dim: InfoNCE projection size (default: the top block's channels).
         seed: seed of the projection's initial weights (the run's seed).
+        micro_batches: ``clapp`` only: parts of the batch backpropagated one after the other
+            (the same gradients, since the context is detached; the activation memory of one
+            part). InfoNCE's negatives are the batch's other images inside the graph: it
+            cannot be split without recomputation.
     """
 
     name = "bp-ssl"
@@ -538,10 +542,16 @@ class BPSSL(ImageSSLRule):
         temperature: float = 0.1,
         projection_dim: int | None = None,
         seed: int = 0,
+        micro_batches: int = 1,
     ) -> None:
-        super().__init__(pool, f, negatives, score_norm)
+        super().__init__(pool, f, negatives, score_norm, micro_batches)
         self.seed = seed
         _check_choice("rule.loss", loss, ("clapp", "infonce"))
+        if micro_batches > 1 and loss != "clapp":
+            raise ValueError(
+                "rule.options.micro_batches > 1 needs rule.loss=clapp (InfoNCE's negatives "
+                "are the batch's other images, inside the graph)"
+            )
         if not temperature > 0:
             raise ValueError(f"rule.temperature={temperature} is invalid: must be > 0")
         self.loss_kind = loss
@@ -567,26 +577,31 @@ class BPSSL(ImageSSLRule):
     def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
         return net.encoder_parameters() + list(self.parameters())
 
-    def objective(self, net: BlockNet, x: torch.Tensor, neg: torch.Tensor | None) -> torch.Tensor:
-        """The top-block loss of both views ``x`` (2N, ...), with gradients through the encoder."""
-        z = net.encode(x)
-        if self.loss_kind == "infonce":
-            e = self.projection(z.mean((2, 3)))
-            e1, e2 = e.chunk(2, 0)
-            return losses.info_nce(e1, e2, self.temperature)
-        p = pool_flat(z, self.pools[-1])
-        return self.both_directions(p, p, self.B[0], neg)
-
     def reference_rule(self) -> Rule:
         """End-to-end backprop already: its own reference."""
         return self
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         x, n = self.views(batch)
-        neg = self.negative_index(n, batch, x.device) if self.loss_kind == "clapp" else None
-        loss = self.objective(net, x, neg)
-        loss.backward()
-        return {"loss": float(loss.detach())}
+        if self.loss_kind == "infonce":
+            e1, e2 = self.projection(net.encode(x).mean((2, 3))).chunk(2, 0)
+            loss = losses.info_nce(e1, e2, self.temperature)
+            loss.backward()
+            return {"loss": float(loss.detach())}
+        neg = self.negative_index(n, batch, x.device)
+        ranges = image_parts(n, self.micro_batches)
+        top = self.pooled_stores(net, x, neg, ranges)[-1]
+        b_grads = PredictionGrads()
+        values: list[torch.Tensor] = []
+        for start, stop in ranges:
+            terms = pair_terms(n, neg, start, stop)
+            p = pool_flat(net.encode(self.part_views(x, n, start, stop)), self.pools[-1])
+            top[terms.rows] = p.detach()
+            loss = self.pair_loss(p, top, self.B[0], terms, n, b_grads)
+            loss.backward()  # through every block; frees this part's graph
+            values.append(loss.detach())
+        b_grads.apply()
+        return {"loss": float(torch.stack(values).cpu().double().sum())}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -607,7 +622,7 @@ def _build_ff(cfg: Any, seed: int, **task: Any) -> FFRule:
 def _build_bp(cfg: Any, seed: int, **task: Any) -> BPSSL:
     o = from_dict(BPOptions, cfg.options, "rule.options.")
     return BPSSL(cfg.loss, o.pool, cfg.f, cfg.negatives, o.score_norm, cfg.temperature,
-                 o.projection_dim, seed)
+                 o.projection_dim, seed, o.micro_batches)
 
 
 register("clapp-image", _build_local)
