@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from locallearn.cli import main
 from locallearn.eval.alignment import alignment
@@ -77,3 +78,14 @@ def test_alignment_callback_and_align_command(tmp_path, capsys):
     assert "alignment of layerwise with bp-ssl" in capsys.readouterr().out
     assert main(["align", str(tmp_path / "missing")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_cosine_of_long_float32_vectors_stays_within_one():
+    from locallearn.eval.alignment import cosine
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(4_000_000, generator=g) + 10.0  # long, far from zero mean: float32 sums stray
+    b = a * (1 + 1e-7 * torch.randn(4_000_000, generator=g))
+    c = cosine(a, b)
+    assert 1 - 1e-9 < c <= 1 + 1e-12
+    assert cosine(a, -a) == pytest.approx(-1.0, abs=1e-12)

@@ -35,9 +35,11 @@ def block_grads(rule: Rule, net: BlockNet, batch: Batch) -> list[torch.Tensor | 
 
 
 def cosine(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
-    """Cosine similarity of two flat tensors; NaN when either is missing or zero."""
+    """Cosine similarity of two flat tensors, in float64 (a float32 dot product over millions
+    of weights strays by about 1e-4); NaN when either is missing or zero."""
     if a is None or b is None:
         return math.nan
+    a, b = a.double(), b.double()
     na, nb = a.norm(), b.norm()
     if na == 0 or nb == 0:
         return math.nan
