@@ -33,6 +33,7 @@ from locallearn.experiments.task import Task
 from locallearn.nets.base import BlockNet
 from locallearn.rules import build_rule
 from locallearn.rules.base import Rule
+from locallearn.rules.image_ssl import reorder_channel_major_b
 from locallearn.runtime import tune_cpu_allocator
 
 CHECKPOINT = "checkpoint.pt"
@@ -42,6 +43,9 @@ CONFIG = "config.yaml"
 
 
 #: config keys that change how a run is shown or scheduled, never its result
+#: Version of the checkpoint layout. 2: image rules' prediction matrices act on pooled features
+#: flattened position-major (earlier checkpoints are upgraded when loaded).
+CHECKPOINT_FORMAT = 2
 RUNTIME_KEYS = ("progress", "threads", "device")
 
 
@@ -123,6 +127,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
+            "format": CHECKPOINT_FORMAT,
             "seconds": self.seconds,
             "eval_seconds": self.eval_seconds,
             "net": self.net.state_dict(),
@@ -150,6 +155,8 @@ class Trainer:
         state = torch.load(path, map_location="cpu", weights_only=False)
         self.net.load_state_dict(state["net"])
         self.rule.load_state_dict(state["rule"])
+        if state.get("format", 1) < 2:  # pooled image features were flattened channel-major
+            reorder_channel_major_b(self.rule, self.net)
         self.opt.load_state_dict(state["optimizer"])
         if self.sched is not None and state["scheduler"] is not None:
             self.sched.load_state_dict(state["scheduler"])

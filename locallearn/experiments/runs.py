@@ -42,17 +42,17 @@ LEGACY_PROBE_KEYS = {"probe_augment": "augment", "probe_per_block": "per_block",
 def migrate_legacy_config(raw: dict[str, Any]) -> bool:
     """Move the probe settings of an image run saved before they moved to the ``probe`` section.
 
-    Such runs also flattened pooled features channel-major (see
-    :func:`locallearn.rules.image_ssl.reorder_channel_major_b`). Returns whether ``raw`` was
-    such a run's config (changed in place).
+    Returns whether ``raw`` was such a run's config (changed in place). (Such runs' checkpoints
+    are upgraded by :meth:`locallearn.train.Trainer.load_checkpoint`.)
     """
     data = raw.get("data")
     if not isinstance(data, dict) or not any(k in data for k in LEGACY_PROBE_KEYS):
         return False
-    probe = raw.setdefault("probe", {})
+    probe = raw.get("probe") or {}
+    raw["probe"] = probe
     for old, new in LEGACY_PROBE_KEYS.items():
         if old in data:
-            probe[new] = data.pop(old)
+            probe.setdefault(new, data.pop(old))
     return True
 
 
@@ -76,7 +76,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
             "made by locallearn run)"
         )
     raw = load_yaml(path / CONFIG)
-    legacy = migrate_legacy_config(raw)
+    migrate_legacy_config(raw)
     if device is not None:
         raw["device"] = device
     raw["progress"] = False
@@ -85,10 +85,6 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     task = build_task(cfg)
     trainer = Trainer(cfg, task, path)
     trainer.load_checkpoint()
-    if legacy:
-        from locallearn.rules.image_ssl import reorder_channel_major_b
-
-        reorder_channel_major_b(trainer.rule, trainer.net)
     trainer.net.eval()
     summary = None
     if (path / SUMMARY).is_file():

@@ -47,6 +47,9 @@ Registered rule names (``rule.name``):
     (``C -> C`` for a top block of ``C`` channels, i.e. 1024 -> 1024 at full width; no bias),
     cosine similarity divided by ``rule.temperature`` (0.1), the other images of the batch as
     negatives, symmetric in the two views (:func:`locallearn.losses.info_nce`; no stop-gradient).
+    With ``rule.loss=clapp``, ``rule.options.micro_batches`` splits the batch as for
+    ``clapp-image`` (each part backpropagated through every block in turn); InfoNCE cannot be
+    split (its negatives are inside the graph).
 
 Pooling (``rule.options.pool``): ``auto`` (default) pools every block onto the paper's grid of
 8, 4, 4, 4, 2, 2 cells per side, which gives pool sizes 4-4-4-2-2-1 on CIFAR-10 (32 px),
@@ -68,8 +71,9 @@ from the product of the neuromodulated pooled outputs and the context::
 
     dB_l = s / N * sum_anchors (g_pos p_pos + g_neg p_neg) c^T
 
-which the layer-wise rules compute in this form, gathered over the batch (and its micro-batches)
-into one matrix product per ``B`` (:class:`~locallearn.rules.ssl_pairs.PredictionGrads`).
+which the rules (the layer-wise ones and BP-CLAPP++) compute in this form, gathered over the
+batch (and its micro-batches) into one matrix product per ``B``
+(:class:`~locallearn.rules.ssl_pairs.PredictionGrads`).
 """
 
 from __future__ import annotations
