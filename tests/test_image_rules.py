@@ -380,3 +380,21 @@ def test_reference_rule_is_the_top_loss_backpropagated(context):
     assert all(-1.0 <= r["cosine_mean"] < 1.0 - 1e-6 for r in rows[:-1])
     bp = BPSSL("clapp")
     assert bp.reference_rule() is bp
+
+
+@pytest.mark.parametrize("context", ["same", "both"])
+def test_reference_rule_takes_the_micro_batches_of_its_rule(context):
+    net = _net()
+    v1, v2 = _views(n=5)
+    grads = {}
+    for parts in (1, 3):
+        rule = _setup(LocalImageRule(context, "auto", "hinge", "random", micro_batches=parts),
+                      net, v1)
+        grads[parts] = _autograd(rule.reference_rule(), net,
+                                 Batch(v1, None, (v1, v2), torch.Generator().manual_seed(4)))
+    for key, value in grads[1].items():
+        if value is None:  # parameters of the local rule the top loss does not use
+            assert grads[3][key] is None, key
+            continue
+        assert key.endswith("bias") or float(value.abs().max()) > 0, key
+        assert torch.allclose(grads[3][key], value, rtol=1e-10, atol=1e-13), key

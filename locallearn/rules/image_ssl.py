@@ -79,7 +79,7 @@ batch (and its micro-batches) into one matrix product per ``B``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -323,6 +323,32 @@ class ImageSSLRule(Rule):
                     store[level][rows] = pool_flat(h, self.pools[level])
         return store
 
+    def top_loss_backprop(
+        self,
+        net: BlockNet,
+        batch: Batch,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor, PairTerms, int], torch.Tensor],
+    ) -> float:
+        """Backpropagate a loss of the pooled top block through every block, part by part.
+
+        ``loss_fn(p, contexts, terms, n)`` gives the loss a part owns from its pooled top block
+        ``p`` and the contexts of all ``2N`` rows (the top block's pooled outputs). Returns the
+        summed loss.
+        """
+        x, n = self.views(batch)
+        neg = self.negative_index(n, batch, x.device)
+        ranges = image_parts(n, self.micro_batches)
+        contexts = self.pooled_stores(net, x, neg, ranges)[-1]
+        values: list[torch.Tensor] = []
+        for start, stop in ranges:
+            terms = pair_terms(n, neg, start, stop)
+            p = pool_flat(net.encode(self.part_views(x, n, start, stop)), self.pools[-1])
+            contexts[terms.rows] = p.detach()
+            loss = loss_fn(p, contexts, terms, n)
+            loss.backward()  # through every block; frees this part's graph
+            values.append(loss.detach())
+        return float(torch.stack(values).cpu().double().sum())
+
     @staticmethod
     def part_views(x: torch.Tensor, n: int, start: int, stop: int) -> torch.Tensor:
         """Both views of images ``start..stop-1`` (``x`` itself for the whole batch)."""
@@ -490,12 +516,12 @@ class TopLossBackprop(Rule):
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         local = self.local[0]
-        x, n = local.views(batch)
-        neg = local.negative_index(n, batch, x.device)
-        p = pool_flat(net.encode(x), local.pools[-1])
-        loss = local.block_loss(len(net.blocks) - 1, p, p, p, pair_terms(n, neg), n)
-        loss.backward()
-        return {"loss": float(loss.detach())}
+        top = len(net.blocks) - 1
+
+        def loss(p: torch.Tensor, ctx: torch.Tensor, terms: PairTerms, n: int) -> torch.Tensor:
+            return local.block_loss(top, p, ctx, ctx, terms, n)  # B through autograd
+
+        return {"loss": local.top_loss_backprop(net, batch, loss)}
 
 
 class FFRule(LocalImageRule):
@@ -586,26 +612,20 @@ class BPSSL(ImageSSLRule):
         return self
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
-        x, n = self.views(batch)
         if self.loss_kind == "infonce":
+            x, _ = self.views(batch)
             e1, e2 = self.projection(net.encode(x).mean((2, 3))).chunk(2, 0)
             loss = losses.info_nce(e1, e2, self.temperature)
             loss.backward()
             return {"loss": float(loss.detach())}
-        neg = self.negative_index(n, batch, x.device)
-        ranges = image_parts(n, self.micro_batches)
-        top = self.pooled_stores(net, x, neg, ranges)[-1]
         b_grads = PredictionGrads()
-        values: list[torch.Tensor] = []
-        for start, stop in ranges:
-            terms = pair_terms(n, neg, start, stop)
-            p = pool_flat(net.encode(self.part_views(x, n, start, stop)), self.pools[-1])
-            top[terms.rows] = p.detach()
-            loss = self.pair_loss(p, top, self.B[0], terms, n, b_grads)
-            loss.backward()  # through every block; frees this part's graph
-            values.append(loss.detach())
+
+        def loss(p: torch.Tensor, ctx: torch.Tensor, terms: PairTerms, n: int) -> torch.Tensor:
+            return self.pair_loss(p, ctx, self.B[0], terms, n, b_grads)
+
+        value = self.top_loss_backprop(net, batch, loss)
         b_grads.apply()
-        return {"loss": float(torch.stack(values).cpu().double().sum())}
+        return {"loss": value}
 
 
 # ---------------------------------------------------------------------------------------------
