@@ -80,13 +80,11 @@ def build_rule(mode: str):
     return LocalImageRule(context[name], pool, "hinge", "next", step=step, micro_batches=parts)
 
 
-def measure(width: float, mode: str, steps: int, pairs: int, side: int, plain: bool) -> dict:
-    """One measurement, in this process."""
-    import gc
-
+def _encoder_and_batch(width: float, pairs: int, side: int, plain: bool):
+    """VGG-6 at ``width`` and a batch of random view pairs, set up as the presets train
+    (channels-last, tuned allocator) unless ``plain``."""
     import torch
 
-    from locallearn.eval.memory import saved_activation_meter
     from locallearn.nets.vgg import vgg6
     from locallearn.rules.base import Batch
     from locallearn.runtime import tune_cpu_allocator
@@ -97,14 +95,34 @@ def measure(width: float, mode: str, steps: int, pairs: int, side: int, plain: b
     net = vgg6(width, seed=0)
     if not plain:
         net = net.to(memory_format=torch.channels_last)
-    rule = build_rule(mode)
     g = torch.Generator().manual_seed(0)
     v1 = torch.randn(pairs, 3, side, side, generator=g)
     v2 = torch.randn(pairs, 3, side, side, generator=g)
-    rule.setup(net, v1)
+    return net, Batch(v1, None, (v1, v2), g)
+
+
+def _rule_and_optimiser(mode: str, net, batch, plain: bool):
+    """The rule of ``mode`` set up for ``net`` and its AdamW (fused unless ``plain``)."""
+    import torch
+
+    rule = build_rule(mode)
+    rule.setup(net, batch.x)
+    opt = torch.optim.AdamW(rule.trained_parameters(net), lr=2e-4,
+                            fused=None if plain else True)
+    return rule, opt
+
+
+def measure(width: float, mode: str, steps: int, pairs: int, side: int, plain: bool) -> dict:
+    """One measurement, in this process."""
+    import gc
+
+    import torch
+
+    from locallearn.eval.memory import saved_activation_meter
+
+    net, batch = _encoder_and_batch(width, pairs, side, plain)
+    rule, opt = _rule_and_optimiser(mode, net, batch, plain)
     params = rule.trained_parameters(net)
-    opt = torch.optim.AdamW(params, lr=2e-4, fused=None if plain else True)
-    batch = Batch(v1, None, (v1, v2), g)
 
     def step() -> tuple[float, float, int, int]:
         """One step: (seconds of the gradients, of the optimiser, peak RSS KiB during each)."""
@@ -152,28 +170,8 @@ def time_interleaved(width: float, modes: list[str], steps: int, pairs: int, sid
     runs one step of each mode, so a slow spell of a shared machine hits all modes alike.
     Medians over ``steps`` rounds after one warm-up round.
     """
-    import torch
-
-    from locallearn.nets.vgg import vgg6
-    from locallearn.rules.base import Batch
-    from locallearn.runtime import tune_cpu_allocator
-
-    if not plain:
-        tune_cpu_allocator()
-    net = vgg6(width, seed=0)
-    if not plain:
-        net = net.to(memory_format=torch.channels_last)
-    g = torch.Generator().manual_seed(0)
-    v1 = torch.randn(pairs, 3, side, side, generator=g)
-    v2 = torch.randn(pairs, 3, side, side, generator=g)
-    batch = Batch(v1, None, (v1, v2), g)
-    setups = []
-    for mode in modes:
-        rule = build_rule(mode)
-        rule.setup(net, v1)
-        opt = torch.optim.AdamW(rule.trained_parameters(net), lr=2e-4,
-                                fused=None if plain else True)
-        setups.append((mode, rule, opt))
+    net, batch = _encoder_and_batch(width, pairs, side, plain)
+    setups = [(mode, *_rule_and_optimiser(mode, net, batch, plain)) for mode in modes]
     times: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     for round_ in range(steps + 1):
         for mode, rule, opt in setups:

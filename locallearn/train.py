@@ -33,7 +33,6 @@ from locallearn.experiments.task import Task
 from locallearn.nets.base import BlockNet
 from locallearn.rules import build_rule
 from locallearn.rules.base import Rule
-from locallearn.rules.image_ssl import reorder_channel_major_b
 from locallearn.runtime import tune_cpu_allocator
 
 CHECKPOINT = "checkpoint.pt"
@@ -155,8 +154,7 @@ class Trainer:
         state = torch.load(path, map_location="cpu", weights_only=False)
         self.net.load_state_dict(state["net"])
         self.rule.load_state_dict(state["rule"])
-        if state.get("format", 1) < 2:  # pooled image features were flattened channel-major
-            reorder_channel_major_b(self.rule, self.net)
+        self.rule.upgrade_state(self.net, state.get("format", 1))
         self.opt.load_state_dict(state["optimizer"])
         if self.sched is not None and state["scheduler"] is not None:
             self.sched.load_state_dict(state["scheduler"])

@@ -60,6 +60,10 @@ class Rule(nn.Module):
         """Fill ``.grad`` (accumulating into zeroed grads) and return metrics with ``loss``."""
         raise NotImplementedError
 
+    def upgrade_state(self, net: BlockNet, checkpoint_format: int) -> None:
+        """Bring state loaded from a checkpoint of an earlier ``checkpoint_format`` (see
+        :data:`locallearn.train.CHECKPOINT_FORMAT`) up to date; the default changes nothing."""
+
     def reference_rule(self) -> Rule:
         """The backprop counterpart this rule is compared with (gradient alignment).
 

@@ -110,6 +110,7 @@ __all__ = [
     "ImageSSLRule",
     "LocalImageRule",
     "LocalOptions",
+    "SSLOptions",
     "TopLossBackprop",
     "reorder_channel_major_b",
 ]
@@ -123,22 +124,18 @@ VIEW_KIND = "ssl"
 
 
 @dataclass
-class LocalOptions:
-    """``rule.options`` of ``clapp-image``.
+class SSLOptions:
+    """``rule.options`` shared by the image rules.
 
     Attributes:
-        context: ``same`` (CLAPP), ``top`` (direct feedback from the top block) or ``both``.
         pool: ``auto`` (the paper's grids 8-4-4-4-2-2), ``global``, or pool sizes per block.
-        step: ``block`` (backward per block, graph freed) or ``summed`` (one backward).
         score_norm: ``none`` sums scores over channels and grid positions (the paper);
             ``dims`` scales them by ``1/sqrt(D_z D_c)``.
         micro_batches: parts of the batch taken through the encoder one after the other (the
             same gradients; activation memory of one part).
     """
 
-    context: Literal["same", "top", "both"] = "same"
     pool: list[int] | str = "auto"
-    step: Literal["block", "summed"] = "block"
     score_norm: Literal["none", "dims"] = "none"
     micro_batches: int = 1
 
@@ -148,41 +145,41 @@ class LocalOptions:
 
 
 @dataclass
-class FFOptions:
-    """``rule.options`` of ``ff`` (``B`` is the identity, the context is the same block)."""
-
-    pool: list[int] | str = "auto"
-    step: Literal["block", "summed"] = "block"
-    score_norm: Literal["none", "dims"] = "none"
-    micro_batches: int = 1
-
-    def validate(self) -> None:
-        _check_pool(self.pool)
-        _check_micro_batches(self.micro_batches)
-
-
-@dataclass
-class BPOptions:
-    """``rule.options`` of ``bp-ssl``.
+class FFOptions(SSLOptions):
+    """``rule.options`` of ``ff`` (``B`` is the identity, the context is the same block).
 
     Attributes:
-        pool: pooling of the top block for ``rule.loss=clapp`` (``auto``, ``global`` or pool
-            sizes per block, of which the last is used).
-        score_norm: as for ``clapp-image``.
-        projection_dim: output size of the InfoNCE projection (default: the top block's
-            channels, 1024 at full width).
-        micro_batches: ``rule.loss=clapp``: parts of the batch backpropagated one after the
-            other (the same gradients; activation memory of one part).
+        step: ``block`` (backward per block, graph freed) or ``summed`` (one backward).
     """
 
-    pool: list[int] | str = "auto"
-    score_norm: Literal["none", "dims"] = "none"
+    step: Literal["block", "summed"] = "block"
+
+
+@dataclass
+class LocalOptions(FFOptions):
+    """``rule.options`` of ``clapp-image``.
+
+    Attributes:
+        context: ``same`` (CLAPP), ``top`` (direct feedback from the top block) or ``both``.
+    """
+
+    context: Literal["same", "top", "both"] = "same"
+
+
+@dataclass
+class BPOptions(SSLOptions):
+    """``rule.options`` of ``bp-ssl`` (``pool`` and ``micro_batches``: ``rule.loss=clapp``
+    only; of the pool sizes per block, the last is used).
+
+    Attributes:
+        projection_dim: output size of the InfoNCE projection (default: the top block's
+            channels, 1024 at full width).
+    """
+
     projection_dim: int | None = None
-    micro_batches: int = 1
 
     def validate(self) -> None:
-        _check_pool(self.pool)
-        _check_micro_batches(self.micro_batches)
+        super().validate()
         if self.projection_dim is not None and self.projection_dim < 1:
             raise ValueError(
                 f"rule.options.projection_dim={self.projection_dim} is invalid: must be >= 1"
@@ -349,6 +346,11 @@ class ImageSSLRule(Rule):
             values.append(loss.detach())
         return float(torch.stack(values).cpu().double().sum())
 
+    def upgrade_state(self, net: BlockNet, checkpoint_format: int) -> None:
+        """Before format 2, pooled features were flattened channel-major: reorder ``B``."""
+        if checkpoint_format < 2:
+            reorder_channel_major_b(self, net)
+
     @staticmethod
     def part_views(x: torch.Tensor, n: int, start: int, stop: int) -> torch.Tensor:
         """Both views of images ``start..stop-1`` (``x`` itself for the whole batch)."""
@@ -476,9 +478,10 @@ class LocalImageRule(ImageSSLRule):
             for level, block in enumerate(net.blocks):
                 z = block(h)
                 p = pool_flat(z, self.pools[level])
+                ctx = None
                 if same is not None:
-                    same[level][terms.rows] = p.detach()
-                ctx = same[level] if same is not None else None
+                    ctx = same[level]
+                    ctx[terms.rows] = p.detach()
                 loss = self.block_loss(level, p, ctx, top, terms, n, b_grads)
                 if self.step == "block":
                     loss.backward()  # frees this block's graph before the next block runs
