@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,31 +21,6 @@ SMALL = [
 ]
 
 
-def reference_rules(v, n_classes, m, s, L, seed):
-    """The rules as the reference generator draws them, written from its description."""
-    random.seed(seed)
-    tuples = list(itertools.product(range(v), repeat=s))
-    rules = [torch.tensor(random.sample(tuples, n_classes * m)).reshape(n_classes, m, s)]
-    for _ in range(L - 1):
-        rules.append(torch.tensor(random.sample(tuples, v * m)).reshape(v, m, s))
-    return rules
-
-
-def reference_decode(rules, n_classes, m, s, L, p_max, i):
-    """One index decoded with plain Python integers, following the reference description."""
-    per = p_max // n_classes
-    symbols = [i // per]
-    r = i % per
-    for level in range(L):
-        size = s**level
-        per //= m**size
-        q = r // per
-        digits = [(q // m ** (size - 1 - j)) % m for j in range(size)]
-        r %= per
-        symbols = [t for a, c in zip(symbols, digits) for t in rules[level][a][c].tolist()]
-    return symbols
-
-
 def reference_index(rhm: RHM, label: int, choices: list[list[int]]) -> int:
     """Inverse of decoding: the index of a tree from its class and rule choices."""
     r = 0
@@ -52,16 +30,58 @@ def reference_index(rhm: RHM, label: int, choices: list[list[int]]) -> int:
     return label * (rhm.P_max // rhm.n_classes) + r
 
 
-@pytest.mark.parametrize("seed", [0, 1, 7])
-def test_rules_match_reference_generator(seed):
-    params = dict(v=6, n_classes=5, m=3, s=2, L=4)
-    rhm = RHM(**params, seed_rules=seed)
-    ref = reference_rules(**params, seed=seed)
-    assert len(rhm.rules) == 4
-    assert rhm.rules[0].shape == (5, 3, 2)
-    assert all(r.shape == (6, 3, 2) for r in rhm.rules[1:])
-    for a, b in zip(rhm.rules, ref):
-        assert torch.equal(a, b)
+GOLDEN = json.loads((Path(__file__).parent / "data" / "rhm_golden.json").read_text())["cases"]
+
+
+def _sha(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _case_id(case: dict) -> str:
+    p = case["params"]
+    kind = "with" if case["replacement"] else "without"
+    return f"v{p['v']}n{p['n']}m{p['m']}s{p['s']}L{p['L']}-{kind}"
+
+
+def _golden_rhm(case: dict) -> RHM:
+    p = case["params"]
+    return RHM(v=p["v"], n_classes=p["n"], m=p["m"], s=p["s"], L=p["L"], seed_rules=p["seed_rules"])
+
+
+@pytest.mark.parametrize("case", GOLDEN, ids=_case_id)
+def test_rules_equal_the_public_reference_generator(case):
+    """Rules as stored from the public reference generator (tests/data/README.md)."""
+    rhm = _golden_rhm(case)
+    assert [_sha(r) for r in rhm.rules] == case["rules_sha256"]
+    assert rhm.rules[0].tolist() == case["rules_level0"]
+
+
+@pytest.mark.parametrize("case", GOLDEN, ids=_case_id)
+def test_samples_equal_the_public_reference_generator(case):
+    """Tokens and labels for the same seeds equal the reference's, bit for bit."""
+    rhm, p = _golden_rhm(case), case["params"]
+    if case["replacement"]:
+        data = rhm.sample_with_replacement(
+            p["n_train"], torch.Generator().manual_seed(p["seed_sample"])
+        )
+        tokens, labels = data.tokens, data.labels
+    else:
+        train, test = rhm.sample(p["n_train"], p["n_test"], seed_sample=p["seed_sample"])
+        tokens = torch.cat([train.tokens, test.tokens])
+        labels = torch.cat([train.labels, test.labels])
+    assert list(tokens.shape) == case["tokens_shape"]
+    assert tokens[:4].tolist() == case["tokens_head"]
+    assert labels[:4].tolist() == case["labels_head"]
+    assert _sha(tokens) == case["tokens_sha256"]
+    assert _sha(labels) == case["labels_sha256"]
+
+
+def test_golden_cases_cover_the_promised_regimes():
+    """The stored cases include P_max beyond int64 and both sampling modes."""
+    beyond = [c for c in GOLDEN if _golden_rhm(c).P_max > 2**63]
+    assert beyond and all(c["replacement"] for c in beyond)
+    assert {c["replacement"] for c in GOLDEN} == {True, False}
+    assert any(c["params"]["n_train"] == -1 for c in GOLDEN)  # whole datasets
 
 
 def test_rules_are_unambiguous():
@@ -97,24 +117,9 @@ def test_decoding_is_a_bijection_onto_valid_strings(params):
         assert reference_index(rhm, int(data.labels[i]), ch) == i
 
 
-@pytest.mark.parametrize("params", SMALL)
-def test_decoding_matches_reference(params):
-    rhm = RHM(**params, seed_rules=5)
-    data, _ = rhm.sample(n_train=-1)
-    ref = [rhm.rules[0].tolist()] + [r.tolist() for r in rhm.rules[1:]]
-    ref_rules = [torch.tensor(r) for r in ref]
-    for i in range(rhm.P_max):
-        expect = reference_decode(ref_rules, rhm.n_classes, rhm.m, rhm.s, rhm.L, rhm.P_max, i)
-        assert data.tokens[i].tolist() == expect
-
-
-def test_sampling_matches_reference_and_splits_are_disjoint():
+def test_splits_are_disjoint_and_reproducible():
     rhm = RHM(v=8, n_classes=8, m=4, s=2, L=3, seed_rules=0)
     train, test = rhm.sample(n_train=1000, n_test=300, seed_sample=11)
-    random.seed(11)
-    ref = random.sample(range(rhm.P_max), 1300)
-    assert train.indices.tolist() == ref[:1000]
-    assert test.indices.tolist() == ref[1000:]
     assert len(set(train.indices.tolist()) & set(test.indices.tolist())) == 0
     a = {tuple(t) for t in train.tokens.tolist()}
     b = {tuple(t) for t in test.tokens.tolist()}
