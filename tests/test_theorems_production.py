@@ -1,0 +1,103 @@
+"""The deep-linear-network theorem on the production rule, not on the theory module's copies.
+
+A deep linear network built from the project's own blocks (1x1 convolutions on 1x1 maps, no
+nonlinearity, no bias: an MLP) is trained by the project's own layer-wise rule
+(``clapp-image``, context ``same``, no pooling, softplus ``f``) and compared with that rule's own
+BP-SSL reference (its top-block loss backpropagated through every block). Theorem (arXiv
+2601.21683, see docs and ``locallearn.theory``): with orthonormal weights and every ``B_l`` at the
+optimum of its regularised local loss, the local update of every layer equals the BP-SSL
+gradient element-wise. Non-orthogonal weights, a random ``B`` or ReLU break it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from locallearn.nets.base import Block, BlockNet
+from locallearn.rules.base import Batch
+from locallearn.rules.image_ssl import LocalImageRule
+from locallearn.theory.optimal_b import fit_b
+
+WIDTH, DEPTH, N = 12, 4, 48
+
+
+def _matrix(kind: str, g: torch.Generator) -> torch.Tensor:
+    a = torch.randn(WIDTH, WIDTH, generator=g, dtype=torch.float64)
+    if kind == "gaussian":
+        return a / WIDTH**0.5
+    q, r = torch.linalg.qr(a)
+    return q * torch.sign(torch.diagonal(r))
+
+
+def _net(kind: str, post: type[nn.Module] = nn.Identity, seed: int = 0) -> BlockNet:
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(DEPTH):
+        conv = nn.Conv2d(WIDTH, WIDTH, kernel_size=1, bias=False).double()
+        with torch.no_grad():
+            conv.weight.copy_(_matrix(kind, g)[:, :, None, None])
+        blocks.append(Block(conv, post()))
+    return BlockNet(blocks)
+
+
+def _views(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, WIDTH, generator=g, dtype=torch.float64)
+    other = x + 0.5 * torch.randn(N, WIDTH, generator=g, dtype=torch.float64)
+    return x[:, :, None, None], other[:, :, None, None]
+
+
+def _rule(net: BlockNet, v1: torch.Tensor, v2: torch.Tensor, b: str) -> LocalImageRule:
+    rule = LocalImageRule("same", [1] * DEPTH, "softplus", "next")
+    rule.setup(net, v1)
+    rule.to(torch.float64)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        f1, f2 = net.features(v1), net.features(v2)
+        for level, B in enumerate(rule.B_same):
+            z, c = f1[level].flatten(1), f2[level].flatten(1)
+            optimal = fit_b(z, c, reg=0.01, kind="softplus", method="newton")
+            if b == "random" and level < DEPTH - 1:
+                optimal = torch.randn(B.shape, generator=g, dtype=B.dtype) * optimal.norm() / WIDTH
+            B.copy_(optimal)
+    return rule
+
+
+def _weight_grads(rule, net, v1, v2) -> list[torch.Tensor]:
+    for p in list(net.parameters()) + list(rule.parameters()):
+        p.grad = None
+    rule.compute_grads(net, Batch(v1, None, (v1, v2), torch.Generator().manual_seed(0)))
+    return [block.pre.weight.grad.clone() for block in net.blocks]
+
+
+def _local_and_bp(kind: str, b: str = "optimal", post: type[nn.Module] = nn.Identity):
+    net = _net(kind, post)
+    v1, v2 = _views()
+    rule = _rule(net, v1, v2, b)
+    return _weight_grads(rule, net, v1, v2), _weight_grads(rule.reference_rule(), net, v1, v2)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_orthonormal_weights_and_optimal_b_give_the_bp_update_exactly():
+    local, bp = _local_and_bp("orthonormal")
+    for level, (a, b) in enumerate(zip(local, bp)):
+        assert float(b.abs().max()) > 1e-6, f"layer {level + 1}: BP gradient vanishes"
+        assert _rel(a, b) < 1e-8, f"layer {level + 1}: relative error {_rel(a, b):.1e}"
+
+
+@pytest.mark.parametrize(
+    "kind, b, post",
+    [("gaussian", "optimal", nn.Identity), ("orthonormal", "random", nn.Identity),
+     ("orthonormal", "optimal", nn.ReLU)],
+    ids=["non-orthogonal", "random-B", "relu"],
+)
+def test_a_broken_assumption_breaks_the_equality(kind, b, post):
+    local, bp = _local_and_bp(kind, b, post)
+    assert _rel(local[-1], bp[-1]) < 1e-8  # the top layer's local loss is the BP loss
+    errors = [_rel(a, r) for a, r in zip(local[:-1], bp[:-1])]
+    assert min(errors) > 0.2, f"relative errors below the top: {errors}"
