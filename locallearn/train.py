@@ -250,7 +250,9 @@ class Trainer:
         thr = self.cfg.stop_train_loss
         if thr is None or not self.history:
             return False
-        loss = self.history[-1].get("train_loss")
+        row = self.history[-1]
+        # the task's training loss where it reports one (the RHM read-out), else the rule's own
+        loss = row.get("train_loss", row.get("loss"))
         return loss is not None and loss < thr
 
     def train_epoch(self) -> dict[str, float]:

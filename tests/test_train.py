@@ -57,11 +57,16 @@ def test_run_writes_outputs_and_learns(tmp_path):
 def test_epochs_zero_is_the_untrained_network(tmp_path):
     summary = run(tiny("epochs=0"), tmp_path)
     assert summary["epochs"] == 0
-    assert 0.0 <= summary["test_accuracy"] <= 1.0
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    fresh = Trainer(tiny("epochs=0"), build_task(tiny("epochs=0")), tmp_path / "other").net
+    task = build_task(tiny("epochs=0"))
+    fresh = Trainer(tiny("epochs=0"), task, tmp_path / "other").net
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, state["net"][key])
+    # the recorded accuracy is the untrained network's on the test set (not a trained one's)
+    with torch.no_grad():
+        hits = task.logits(fresh, task.test.tokens).argmax(1) == task.test.labels
+    assert summary["test_accuracy"] == pytest.approx(float(hits.float().mean()))
+    assert len(task.test) == 40
 
 
 @pytest.mark.parametrize(
