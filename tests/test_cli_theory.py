@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
+from locallearn import theory
 from locallearn.cli import main
 
 REQUIRED = {"exact", "random-B", "non-orthogonal", "relu", "shrinking-same", "shrinking-top",
             "conv-global-pool", "conv-pool-1"}
 
 
-def test_theory_command_writes_json_and_figure(tmp_path, capsys):
+def test_theory_command_writes_json_and_figure(tmp_path, capsys, monkeypatch):
+    # fewer pairs than the command's defaults (a tenth of the time); the statements still hold
+    # at this size, and test_theory.py checks them at full size
+    small = functools.partial(theory.run_all, n_samples=128, n_shrinking=512, n_maps=64,
+                              lbfgs=False)
+    monkeypatch.setattr(theory, "run_all", small)
     assert main(["theory", "--out", str(tmp_path), "--threads", "1"]) == 0
     rows = json.loads((tmp_path / "theory.json").read_text())
     assert REQUIRED <= {r["case"] for r in rows}
