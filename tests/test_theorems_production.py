@@ -101,3 +101,58 @@ def test_a_broken_assumption_breaks_the_equality(kind, b, post):
     assert _rel(local[-1], bp[-1]) < 1e-8  # the top layer's local loss is the BP loss
     errors = [_rel(a, r) for a, r in zip(local[:-1], bp[:-1])]
     assert min(errors) > 0.2, f"relative errors below the top: {errors}"
+
+
+# --- spatial dependence: a linear CNN of the project's blocks, pooled or not before the loss
+
+CHANNELS, SIDE = 6, 16  # maps 8, 4, 2, 1 cells per side after the four 2x2 stride-2 layers
+
+
+def _cnn(seed: int = 3) -> BlockNet:
+    torch.manual_seed(seed)
+    convs = [nn.Conv2d(3 if k == 0 else CHANNELS, CHANNELS, 2, stride=2, bias=False).double()
+             for k in range(4)]
+    return BlockNet([Block(conv, nn.Identity()) for conv in convs])
+
+
+def _transfer(net: BlockNet, level: int, shape: torch.Size) -> torch.Tensor:
+    """The blocks above ``level`` as a matrix on flattened maps, position-major (row, col, ch)."""
+    def above(flat: torch.Tensor) -> torch.Tensor:
+        h = flat.reshape(1, shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+        for block in net.blocks[level + 1:]:
+            h = block(h)
+        return h.permute(0, 2, 3, 1).reshape(-1)
+
+    return torch.autograd.functional.jacobian(above, torch.zeros(shape[1:].numel(),
+                                                                 dtype=torch.float64))
+
+
+@pytest.mark.parametrize("pool", ["none", "global"])
+def test_linear_cnn_is_exact_without_pooling_and_not_with_global_pooling(pool):
+    net = _cnn()
+    g = torch.Generator().manual_seed(4)
+    v1 = torch.randn(N, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
+    v2 = v1 + 0.5 * torch.randn(v1.shape, generator=g, dtype=torch.float64)
+    rule = LocalImageRule("same", [1] * 4 if pool == "none" else "global", "softplus", "next")
+    rule.setup(net, v1)
+    assert rule.pools == ([1] * 4 if pool == "none" else [8, 4, 2, 1])  # maps 8, 4, 2, 1
+    rule.to(torch.float64)
+    with torch.no_grad():
+        f1, f2 = net.features(v1), net.features(v2)
+        top1, top2 = f1[-1].flatten(1), f2[-1].flatten(1)
+        b_top = fit_b(top1, top2, reg=0.01, kind="softplus", method="newton")
+        for level, B in enumerate(rule.B_same):
+            if pool == "none":  # B_l = M_l^T B_L M_l: the top problem read through M_l
+                m = _transfer(net, level, f1[level].shape)
+                B.copy_(m.t() @ b_top @ m)
+            else:  # the optimum of the globally pooled local loss
+                z, c = f1[level].mean((2, 3)), f2[level].mean((2, 3))
+                B.copy_(fit_b(z, c, reg=0.01, kind="softplus", method="newton"))
+    local = _weight_grads(rule, net, v1, v2)
+    bp = _weight_grads(rule.reference_rule(), net, v1, v2)
+    errors = [_rel(a, b) for a, b in zip(local, bp)]
+    assert errors[-1] < 1e-8  # the top map is 1x1: pooled or not, its loss is BP's
+    if pool == "none":
+        assert max(errors) < 1e-8, errors
+    else:
+        assert min(errors[:-1]) > 0.05, errors

@@ -89,7 +89,6 @@ from torch import nn
 from locallearn import losses
 from locallearn.experiments.config import from_dict
 from locallearn.nets.base import BlockNet
-from locallearn.nets.vgg import feature_sides
 from locallearn.rules import register
 from locallearn.rules.base import Batch, Rule
 from locallearn.rules.image_grid import channel_major_order, pool_flat, resolve_pools
@@ -251,10 +250,10 @@ class ImageSSLRule(Rule):
                 f"image rules need square image batches (N, C, S, S), got "
                 f"{tuple(sample_input.shape)}"
             )
-        sides = feature_sides(net, int(sample_input.shape[2]))
-        self.pools = resolve_pools(self.pool_spec, sides)
         with torch.no_grad():
             feats = net.features(sample_input[:1])
+        # the maps' sides as the blocks make them (not only VGG's max-pools halving them)
+        self.pools = resolve_pools(self.pool_spec, [int(h.shape[-1]) for h in feats])
         self.dims = [pool_flat(h, p).shape[1] for h, p in zip(feats, self.pools)]
 
     def scale(self, d_z: int, d_c: int) -> float:
