@@ -6,7 +6,9 @@ nonlinearity, no bias: an MLP) is trained by the project's own layer-wise rule
 BP-SSL reference (its top-block loss backpropagated through every block). Theorem (arXiv
 2601.21683, see docs and ``locallearn.theory``): with orthonormal weights and every ``B_l`` at the
 optimum of its regularised local loss, the local update of every layer equals the BP-SSL
-gradient element-wise. Non-orthogonal weights, a random ``B`` or ReLU break it.
+gradient element-wise. Non-orthogonal weights, a random ``B`` or ReLU break it. Also on the
+production rule: a linear CNN is exact without pooling and not with global pooling; with shrinking
+widths, context from the top block (direct feedback) is closer to BP than the same block's.
 """
 
 from __future__ import annotations
@@ -156,3 +158,48 @@ def test_linear_cnn_is_exact_without_pooling_and_not_with_global_pooling(pool):
         assert max(errors) < 1e-8, errors
     else:
         assert min(errors[:-1]) > 0.05, errors
+
+
+# --- direct feedback: with shrinking widths the top block's context is closer to BP
+
+SHRINKING = (32, 16, 8, 4)
+
+
+def _shrinking_net(seed: int = 6) -> BlockNet:
+    g = torch.Generator().manual_seed(seed)
+    blocks, width = [], SHRINKING[0]
+    for out in SHRINKING:
+        q, _ = torch.linalg.qr(torch.randn(width, out, generator=g, dtype=torch.float64))
+        conv = nn.Conv2d(width, out, kernel_size=1, bias=False).double()
+        with torch.no_grad():
+            conv.weight.copy_(q.t()[:, :, None, None])  # orthonormal rows: W W^T = I
+        blocks.append(Block(conv, nn.Identity()))
+        width = out
+    return BlockNet(blocks)
+
+
+def _cosines(context: str, net: BlockNet, v1: torch.Tensor, v2: torch.Tensor) -> list[float]:
+    rule = LocalImageRule(context, [1] * len(SHRINKING), "softplus", "next")
+    rule.setup(net, v1)
+    rule.to(torch.float64)
+    with torch.no_grad():
+        f1, f2 = net.features(v1), net.features(v2)
+        store = rule.B_same if context == "same" else rule.B_top
+        for level, B in enumerate(store):
+            c = f2[level] if context == "same" else f2[-1]
+            B.copy_(fit_b(f1[level].flatten(1), c.flatten(1), reg=0.01, kind="softplus"))
+    local = _weight_grads(rule, net, v1, v2)
+    bp = _weight_grads(rule.reference_rule(), net, v1, v2)
+    return [float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0))
+            for a, b in zip(local, bp)]
+
+
+def test_direct_feedback_is_closer_to_bp_than_same_block_context_when_widths_shrink():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1024, SHRINKING[0], generator=g, dtype=torch.float64)
+    other = x + 0.5 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    v1, v2 = x[:, :, None, None], other[:, :, None, None]
+    net = _shrinking_net()
+    same, top = _cosines("same", net, v1, v2), _cosines("top", net, v1, v2)
+    assert same[-1] == pytest.approx(1.0) and top[-1] == pytest.approx(1.0)
+    assert all(t > s for t, s in zip(top[:-1], same[:-1])), (top, same)
