@@ -151,7 +151,7 @@ class RunConfig:
     seed: int = 0
     epochs: int = 60
     batch_size: int = 128
-    stop_train_loss: float | None = None  # task's train_loss if reported, else the rule's loss
+    stop_train_loss: float | None = None
     eval_every: int = 1
     align_every: int = 0  # log per-block gradient alignment every N epochs (0: never)
     align_batches: int = 4
