@@ -1,10 +1,10 @@
 """The one training loop, for every rule and every task.
 
 Per epoch: shuffle with the run's generator, hand batches to the rule (which fills ``.grad``),
-step the optimiser, step the schedule, evaluate, append one JSON line to ``metrics.jsonl``, and
-checkpoint every ``checkpoint_every`` epochs and at the end. A run started again in the same
-output directory resumes from its last checkpoint; on CPU it ends bit-identical to an
-uninterrupted run (the generator, the global RNG, the optimiser and the schedule are restored).
+step the optimiser and the (per-step) schedule, evaluate, append one JSON line to
+``metrics.jsonl``, and checkpoint every ``checkpoint_every`` epochs and at the end. A run started
+again in the same output directory resumes from its last checkpoint; on CPU it ends bit-identical
+to an uninterrupted run (the generator, the global RNG, optimiser and schedule are restored).
 
 Files in the output directory: ``config.yaml`` (the resolved config), ``metrics.jsonl``,
 ``checkpoint.pt``, ``summary.json`` (written when the run ends).
@@ -31,6 +31,7 @@ from locallearn.experiments.config import to_dict
 from locallearn.experiments.schema import RunConfig
 from locallearn.experiments.task import Task
 from locallearn.nets.base import BlockNet
+from locallearn.optim import build_optimizer
 from locallearn.rules import build_rule
 from locallearn.rules.base import Rule
 from locallearn.runtime import tune_cpu_allocator
@@ -60,23 +61,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} is not available on this machine; valid: cpu, auto")
     return torch.device(name)
-
-
-def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]):
-    """The optimiser and the (per-epoch) schedule of the config."""
-    o = cfg.optim
-    fused: dict[str, Any] = {"fused": True} if o.fused else {}  # else torch's default
-    if o.name == "adam":
-        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
-    elif o.name == "adamw":
-        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
-    else:
-        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                              **fused)
-    sched = None
-    if o.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
-    return opt, sched
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -115,7 +99,10 @@ class Trainer:
         self.rule.to(self.device)
         self.params = self.rule.trained_parameters(self.net)
         ddp.broadcast_params(list(self.params) + list(self.rule.buffers()))
-        self.opt, self.sched = build_optimizer(cfg, self.params)
+        steps = getattr(task, "steps_per_epoch", None)
+        self.opt, self.sched = build_optimizer(
+            cfg, self.params, steps(cfg.batch_size) if steps is not None else 1
+        )
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
         self.seconds = 0.0  # training steps
@@ -277,11 +264,11 @@ class Trainer:
                     f"the last good checkpoint (epoch {kept}) is kept in {self.out}"
                 )
             self.opt.step()
+            if self.sched is not None:  # per optimiser step (locallearn.optim)
+                self.sched.step()
             count += n
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * n
-        if self.sched is not None:
-            self.sched.step()
         return {key: value / max(count, 1) for key, value in sums.items()}
 
     def evaluate(self, epoch: int, train_metrics: dict[str, float]) -> dict[str, Any]:

@@ -62,6 +62,9 @@ class RHMTask:
         if view == "siblings" and self.rhm.L < 2:
             raise ValueError("rule.view=siblings needs data.L >= 2 (a block with siblings)")
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-self.n_train // batch_size)
+
     def batches(
         self, generator: torch.Generator, batch_size: int, view_kind: str | None
     ) -> Iterator[Batch]:

@@ -93,18 +93,35 @@ class RuleConfig:
 
 @dataclass
 class OptimConfig:
-    """Optimiser and schedule."""
+    """Optimiser and schedule (see :mod:`locallearn.optim`).
 
-    name: Literal["adam", "adamw", "sgd"] = "adam"
+    ``schedule=cosine``: per optimiser step, a linear warm-up over ``warmup_epochs`` epochs, then
+    a cosine decay to zero at the last step. ``lars``: SGD momentum wrapped in LARS with
+    ``trust_coefficient``; biases and norm parameters are left out of the trust ratio and decay.
+    """
+
+    name: Literal["adam", "adamw", "sgd", "lars"] = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
     schedule: Literal["none", "cosine"] = "none"
+    warmup_epochs: float = 0.0
+    trust_coefficient: float = 0.001
     fused: bool = False  # one fused kernel for all parameters (same update, faster)
 
     def validate(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"optim.lr={self.lr} is invalid: must be > 0")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"optim.warmup_epochs={self.warmup_epochs} is invalid: must be >= 0")
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise ValueError(
+                f"optim.warmup_epochs={self.warmup_epochs} needs optim.schedule=cosine"
+            )
+        if not self.trust_coefficient > 0:
+            raise ValueError(
+                f"optim.trust_coefficient={self.trust_coefficient} is invalid: must be > 0"
+            )
 
 
 @dataclass

@@ -31,6 +31,9 @@ class Task(Protocol):
         self, generator: torch.Generator, batch_size: int, view_kind: str | None
     ) -> Iterator[Batch]: ...
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Batches per epoch (the length of a per-step learning-rate schedule)."""
+
     def evaluate(self, net: BlockNet, rule: Rule) -> dict[str, float]:
         """Metrics after an epoch (cheap; written to ``metrics.jsonl``)."""
 
