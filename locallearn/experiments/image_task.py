@@ -1,7 +1,10 @@
 """Self-supervised learning on images: data on the device, VGG encoder, linear probe at the end.
 
-``data.name`` is ``cifar10``, ``stl10``, ``tiny-imagenet`` or ``folder`` (a tree
-``<root>/<split>/<class>/<images>``); the data section is :class:`ImageDataConfig`. The images of
+``data.name`` is ``cifar10``, ``stl10``, ``tiny-imagenet``, ``imagenet`` or ``folder`` (a tree
+``<root>/<split>/<class>/<images>``); the data section is :class:`ImageDataConfig`. ImageNet, and
+folders with ``data.streaming=true``, are not loaded into memory but decoded batch by batch in
+worker processes (:mod:`locallearn.experiments.image_stream`); everything below holds for them too,
+and the probe reads them in batches as well. The images of
 the training split are loaded once, as ``uint8``, onto the run's device; every batch is a random
 draw without replacement (the run's generator) whose two SSL views are computed on the device for
 the whole batch (:class:`locallearn.data.augment.SSLViews`). The view pipeline draws from torch's
@@ -29,18 +32,19 @@ from locallearn.eval.image_probe import ProbeResult, ProbeSettings, run_probe
 from locallearn.experiments import schema
 from locallearn.experiments.schema import ProbeConfig, RunConfig
 from locallearn.nets.base import BlockNet
-from locallearn.nets.vgg import vgg6
+from locallearn.nets.vgg import VGG_KINDS
 from locallearn.rules.base import Batch, Rule
 
-IMAGE_DATASETS = ("cifar10", "stl10", "tiny-imagenet", "folder")
+IMAGE_DATASETS = ("cifar10", "stl10", "tiny-imagenet", "imagenet", "folder")
 #: Default (SSL training split, test split, probe training split) of each dataset.
 DEFAULT_SPLITS: dict[str, tuple[str, str, str]] = {
     "cifar10": ("train", "test", "train"),
     "stl10": ("train+unlabeled", "test", "train"),
     "tiny-imagenet": ("train", "val", "train"),
+    "imagenet": ("train", "val", "train"),
     "folder": ("train", "test", "train"),
 }
-NET_KINDS = ("vgg6",)
+NET_KINDS = tuple(VGG_KINDS)
 PROBE_FILE = "probe.json"
 
 
@@ -62,13 +66,21 @@ class ImageDataConfig:
         subset_seed: seed of the three subsets (``None``: the run's seed).
         cache_dir: where decoded image trees are cached (default: inside the data folder).
         download: download the official release into ``root`` when it is not there.
+        streaming: decode the images batch by batch in worker processes instead of holding the
+            split in memory (``None``: on for ``imagenet``, off otherwise; ``folder`` may use it).
+        image_size: streamed data: side of the network's input (default 224).
+        load_size: streamed data: side of the decoded centre square the views and probe crops
+            are cut from (default ``round(1.1 * image_size)``: the probe's test images are
+            resized x1.1 and centre-cropped).
+        workers: streamed data: decoding worker processes (0: the training process decodes).
+        prefetch: streamed data: batches each worker decodes ahead.
 
     How the probe trains (epochs, augmentation, per-block probes, pooling grid) is set in the
     ``probe`` section (:class:`~locallearn.experiments.schema.ProbeConfig`); the data section
     says which images it sees.
     """
 
-    name: Literal["cifar10", "stl10", "tiny-imagenet", "folder"] = "cifar10"
+    name: Literal["cifar10", "stl10", "tiny-imagenet", "imagenet", "folder"] = "cifar10"
     root: str = "data/cifar10"
     split: str | None = None
     test_split: str | None = None
@@ -79,14 +91,43 @@ class ImageDataConfig:
     subset_seed: int | None = None
     cache_dir: str | None = None
     download: bool = False
+    streaming: bool | None = None
+    image_size: int | None = None
+    load_size: int | None = None
+    workers: int = 4
+    prefetch: int = 2
+
+    def streams(self) -> bool:
+        """Whether the images are decoded batch by batch (``streaming``, default per dataset)."""
+        return self.name == "imagenet" if self.streaming is None else bool(self.streaming)
 
     def validate(self) -> None:
         for key in ("subset", "probe_subset", "test_subset"):
             value = getattr(self, key)
             if value is not None and value < 2:
                 raise ValueError(f"data.{key}={value} is invalid: must be >= 2 (or null: all)")
-        if self.download and self.name == "folder":
-            raise ValueError("data.download=true is invalid for data.name=folder (no release)")
+        if self.download and self.name in ("folder", "imagenet"):
+            raise ValueError(
+                f"data.download=true is invalid for data.name={self.name} (no public download)"
+            )
+        if self.streams() and self.name not in ("imagenet", "folder"):
+            raise ValueError(
+                f"data.streaming=true is invalid for data.name={self.name}; valid: imagenet, folder"
+            )
+        if self.name == "imagenet" and not self.streams():
+            raise ValueError("data.streaming=false is invalid for data.name=imagenet (too large "
+                             "for memory)")
+        for key in ("image_size", "load_size"):
+            value = getattr(self, key)
+            if value is not None and not self.streams():
+                raise ValueError(f"data.{key} applies to streamed data only (data.streaming=true)")
+            if value is not None and value < 8:
+                raise ValueError(f"data.{key}={value} is invalid: must be >= 8")
+        if self.workers < 0 or self.prefetch < 1:
+            raise ValueError(
+                f"data.workers={self.workers}, data.prefetch={self.prefetch} are invalid: "
+                "workers >= 0, prefetch >= 1"
+            )
 
     def splits(self) -> tuple[str, str, str]:
         """``(training split, test split, probe training split)`` with defaults filled in."""
@@ -120,6 +161,12 @@ class ImageTask:
         self.subset_seed = cfg.seed if d.subset_seed is None else d.subset_seed
         info = dataset_info(d.name)
         self.mean, self.std = info.mean, info.std
+        self.stream = None
+        if d.streams():  # decoded batch by batch (ImageNet, large folders)
+            from locallearn.experiments.image_stream import init_stream
+
+            init_stream(self)
+            return
         train = self._load(self.split)
         keep = _subset(len(train), d.subset, self.subset_seed, 1)
         images = train.images if keep is None else train.images[keep]
@@ -178,13 +225,24 @@ class ImageTask:
                 f"valid: {', '.join(NET_KINDS)}"
             )
         seed = c.seed if c.net.seed is None else c.net.seed
-        net = vgg6(c.net.width_mult, bias=c.net.bias, seed=seed).to(self.device)
+        build = VGG_KINDS[c.net.kind]
+        net = build(c.net.width_mult, bias=c.net.bias, seed=seed).to(self.device)
         if c.net.channels_last:
             net = net.to(memory_format=torch.channels_last)
         return net
 
     def sample_input(self) -> torch.Tensor:
+        if self.stream is not None:
+            from locallearn.data.augment import center_crop
+
+            return self.transform(center_crop(self.stream.sample(2), self.side))
         return self.transform(self.train_images[:2])
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        if self.stream is not None:
+            return self.stream.steps(batch_size)
+        n = self.train_images.shape[0]
+        return n // batch_size + (1 if n % batch_size >= 2 else 0)
 
     def check_rule(self, rule: Rule) -> None:
         from locallearn.rules.image_ssl import RULES, VIEW_KIND
@@ -202,6 +260,11 @@ class ImageTask:
 
         if view_kind not in (None, VIEW_KIND):
             raise ValueError(f"image tasks supply views of kind {VIEW_KIND!r}, not {view_kind!r}")
+        if self.stream is not None:
+            from locallearn.experiments.image_stream import stream_batches
+
+            yield from stream_batches(self, generator, batch_size, view_kind)
+            return
         n = self.train_images.shape[0]
         perm = torch.randperm(n, generator=generator).to(self.device)
         labelled = bool((self.train_labels >= 0).all())
@@ -257,6 +320,11 @@ class ImageTask:
             grid=tuple(p.grid) if p.grid is not None else None,
             seed=self.cfg.seed,
         )
+        if self.stream is not None:
+            from locallearn.experiments.image_stream import stream_probe
+
+            return stream_probe(self, net, settings, p.augment,
+                                self.cfg.progress if progress is None else progress, d)
         augment = None
         if p.augment:
             aug = ProbeAugment(None, mean=self.mean, std=self.std).to(self.device)
