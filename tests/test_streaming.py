@@ -302,3 +302,55 @@ def test_missing_imagenet_layout_is_a_one_line_error(tmp_path, capsys):
                  "--out", str(tmp_path / "out"), f"data.root={tmp_path}", "device=cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "no ImageNet data under" in err
+
+
+SCRIPT = """
+import sys, torch
+from locallearn import distributed as ddp
+from locallearn.experiments.schema import load_config
+from locallearn.data.streaming import StreamSet
+from locallearn.train import build_task
+calls = []
+get = StreamSet.__getitem__
+StreamSet.__getitem__ = lambda self, i: calls.append(i) or get(self, i)
+ddp.init_from_env("cpu")
+torch.manual_seed(0)
+task = build_task(load_config(sys.argv[1], sys.argv[3:]))
+out = [(b.x, b.views, b.y) for b in task.batches(torch.Generator().manual_seed(5), 6, "ssl")]
+torch.save({"batches": out, "decoded": len(calls)}, f"{sys.argv[2]}.{ddp.rank()}")
+ddp.cleanup()
+"""
+
+
+def test_two_ranks_decode_their_parts_and_gather_the_batch_of_one(imagenet, tmp_path):
+    """Under torchrun each rank's workers decode its half of every global batch; after the
+    gather every rank holds the global batch and draws the same views as one process."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    config = str(ROOT / "configs" / "imagenet" / "bp-clapp++.yaml")
+    args = [f"data.root={imagenet}", *SMALL, "data.workers=0"]  # decoded here: countable
+    (tmp_path / "probe.py").write_text(SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+           str(tmp_path / "probe.py"), config, str(tmp_path / "out"), *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    torch.manual_seed(0)
+    task = build_task(load_config(config, args))
+    single = list(task.batches(torch.Generator().manual_seed(5), 6, "ssl"))
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"out.{rank}", weights_only=False)
+        assert saved["decoded"] == 2 + 4 * 3  # the sample input, then 3 images of each batch
+        got = saved["batches"]
+        assert len(got) == len(single) == 4
+        for (x, views, y), b in zip(got, single):
+            assert torch.equal(x, b.x) and torch.equal(y, b.y)
+            assert torch.equal(views[0], b.views[0]) and torch.equal(views[1], b.views[1])
