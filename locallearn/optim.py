@@ -145,7 +145,9 @@ def build_optimizer(cfg: Any, params: list[torch.nn.Parameter], steps_per_epoch:
         opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
     elif o.name == "lars":
         opt = LARS(lars_param_groups(list(params)), lr=o.lr, momentum=o.momentum,
-                   weight_decay=o.weight_decay, trust_coefficient=o.trust_coefficient, **fused)
+                   weight_decay=o.weight_decay,
+                   trust_coefficient=0.001 if o.trust_coefficient is None else o.trust_coefficient,
+                   **fused)
     elif o.name == "sgd":
         opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                               **fused)

@@ -129,6 +129,7 @@ def test_resume_with_lars_and_warmup_is_bit_identical(tmp_path, monkeypatch):
     (["optim.warmup_epochs=-1", "optim.schedule=cosine"], "must be >= 0"),
     (["optim.name=lars", "optim.trust_coefficient=0"], "optim.trust_coefficient=0.0 is invalid"),
     (["optim.name=lamb"], "optim.name"),
+    (["optim.name=sgd", "optim.trust_coefficient=0.01"], "applies to optim.name=lars only"),
 ])
 def test_bad_optimiser_options_are_one_line_errors(args, fragment):
     with pytest.raises(ValueError, match=fragment.replace(".", r"\.").replace("(", r"\(")):

@@ -288,6 +288,7 @@ def test_folder_in_streaming_mode(imagenet, tmp_path):
     (["data.name=cifar10", "data.streaming=true"], "data.streaming=true is invalid"),
     (["data.name=cifar10", "data.image_size=64"], "data.image_size applies to streamed"),
     (["data.name=imagenet", "data.workers=-1"], "data.workers=-1"),
+    (["data.name=folder", "data.workers=2"], "data.workers applies to streamed data only"),
     (["data.name=imagenet", "data.download=true"], "data.download=true is invalid"),
 ])
 def test_bad_streaming_options_are_one_line_errors(args, fragment):

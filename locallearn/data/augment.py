@@ -6,13 +6,14 @@ and return ``float32`` ``(B, 3, H, W)`` on the same device, normalised with the 
 per-channel mean and standard deviation. Every random parameter is drawn per image, in one
 tensor operation for the whole batch: there is no Python loop over images.
 
-:class:`SSLViews` makes the two views of the self-supervised objectives: random resized crop
-(output size = input size; area scale 0.25-1 for CIFAR-10 and 0.08-1 otherwise, aspect ratio
-3/4-4/3), horizontal flip (p 0.5), colour jitter (brightness, contrast, saturation 0.8, hue 0.2)
-with p 0.8, grayscale with p 0.2, Gaussian blur (kernel about 10% of the image side, odd, at least
-3; sigma uniform in 0.1-2.0) with p 0.5, then normalisation. Each image gets its own crop box,
-flip, jitter factors, grayscale and blur draws; only the order in which the four jitter
-adjustments are applied is drawn once per batch (per image in a per-image pipeline).
+:class:`SSLViews` makes the two views of the self-supervised objectives: random resized crop (output
+size = input size unless ``size`` is given, e.g. 224 px views of 246 px streamed squares; area scale
+0.25-1 for CIFAR-10 and 0.08-1 otherwise, aspect ratio 3/4-4/3), horizontal flip (p 0.5), colour
+jitter (brightness, contrast, saturation 0.8, hue 0.2) with p 0.8, grayscale with p 0.2, Gaussian
+blur (kernel about 10% of the image side, odd, at least 3; sigma uniform in 0.1-2.0) with p 0.5,
+then normalisation. Each image gets its own crop box, flip, jitter factors, grayscale and blur
+draws; only the order in which the four jitter adjustments are applied is drawn once per batch (per
+image in a per-image pipeline).
 
 Seeding. The view pipeline is built from kornia augmentations, which draw their random
 parameters from torch's global CPU generator (also when the images are on an accelerator). So:

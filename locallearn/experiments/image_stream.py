@@ -89,7 +89,7 @@ def open_source(task: Any, split: str, persistent: bool) -> StreamSource:
         raise ValueError(
             f"{d.name}: the classes of the {split} split differ from those of {task.split}"
         )
-    return StreamSource(data, task.device, d.workers, d.prefetch, persistent)
+    return StreamSource(data, task.device, *d.decoding(), persistent)
 
 
 def init_stream(task: Any) -> None:
@@ -107,7 +107,7 @@ def init_stream(task: Any) -> None:
     if len(data) < 2:
         raise ValueError(f"{d.name}: the {task.split} split has fewer than 2 images")
     task.side = side
-    task.stream = StreamSource(data, task.device, d.workers, d.prefetch, persistent=True)
+    task.stream = StreamSource(data, task.device, *d.decoding(), persistent=True)
     task.classes = list(full.classes)
     task.views = SSLViews(d.name, mean=task.mean, std=task.std, size=side).to(task.device)
     task.chance = 1.0 / max(len(task.classes), 1)
@@ -119,7 +119,7 @@ def init_stream(task: Any) -> None:
         "image_size": side,
         "load_size": load,
         "streaming": True,
-        "decode_workers": d.workers,
+        "decode_workers": d.decoding()[0],
         "num_classes": len(task.classes),
         "width_mult": cfg.net.width_mult,
     }
@@ -146,11 +146,11 @@ def stream_probe(task: Any, net: Any, settings: ProbeSettings, augment: bool,
     test = open_source(task, test_split, persistent=False)
     keep = _subset(len(train), d.probe_subset, task.subset_seed, 2)
     if keep is not None:
-        train = StreamSource(train.dataset.subset(keep), task.device, d.workers, d.prefetch,
+        train = StreamSource(train.dataset.subset(keep), task.device, *d.decoding(),
                              persistent=False)
     keep = _subset(len(test), d.test_subset, task.subset_seed, 3)
     if keep is not None:
-        test = StreamSource(test.dataset.subset(keep), task.device, d.workers, d.prefetch,
+        test = StreamSource(test.dataset.subset(keep), task.device, *d.decoding(),
                             persistent=False)
     return run_stream_probe(
         net, train.batches, len(train), test.batches, len(task.classes), task.side,

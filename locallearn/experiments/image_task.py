@@ -72,8 +72,9 @@ class ImageDataConfig:
         load_size: streamed data: side of the decoded centre square the views and probe crops
             are cut from (default ``round(1.1 * image_size)``: the probe's test images are
             resized x1.1 and centre-cropped).
-        workers: streamed data: decoding worker processes (0: the training process decodes).
-        prefetch: streamed data: batches each worker decodes ahead.
+        workers: streamed data: decoding worker processes (0: the training process decodes;
+            default 4).
+        prefetch: streamed data: batches each worker decodes ahead (default 2).
 
     How the probe trains (epochs, augmentation, per-block probes, pooling grid) is set in the
     ``probe`` section (:class:`~locallearn.experiments.schema.ProbeConfig`); the data section
@@ -94,8 +95,8 @@ class ImageDataConfig:
     streaming: bool | None = None
     image_size: int | None = None
     load_size: int | None = None
-    workers: int = 4
-    prefetch: int = 2
+    workers: int | None = None
+    prefetch: int | None = None
 
     def streams(self) -> bool:
         """Whether the images are decoded batch by batch (``streaming``, default per dataset)."""
@@ -117,17 +118,22 @@ class ImageDataConfig:
         if self.name == "imagenet" and not self.streams():
             raise ValueError("data.streaming=false is invalid for data.name=imagenet (too large "
                              "for memory)")
+        for key in ("image_size", "load_size", "workers", "prefetch"):
+            if getattr(self, key) is not None and not self.streams():
+                raise ValueError(f"data.{key} applies to streamed data only (data.streaming=true)")
         for key in ("image_size", "load_size"):
             value = getattr(self, key)
-            if value is not None and not self.streams():
-                raise ValueError(f"data.{key} applies to streamed data only (data.streaming=true)")
             if value is not None and value < 8:
                 raise ValueError(f"data.{key}={value} is invalid: must be >= 8")
-        if self.workers < 0 or self.prefetch < 1:
-            raise ValueError(
-                f"data.workers={self.workers}, data.prefetch={self.prefetch} are invalid: "
-                "workers >= 0, prefetch >= 1"
-            )
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"data.workers={self.workers} is invalid: must be >= 0")
+        if self.prefetch is not None and self.prefetch < 1:
+            raise ValueError(f"data.prefetch={self.prefetch} is invalid: must be >= 1")
+
+    def decoding(self) -> tuple[int, int]:
+        """``(workers, prefetch)`` of streamed data, defaults filled in."""
+        return (4 if self.workers is None else self.workers,
+                2 if self.prefetch is None else self.prefetch)
 
     def splits(self) -> tuple[str, str, str]:
         """``(training split, test split, probe training split)`` with defaults filled in."""

@@ -106,7 +106,7 @@ class OptimConfig:
     momentum: float = 0.9
     schedule: Literal["none", "cosine"] = "none"
     warmup_epochs: float = 0.0
-    trust_coefficient: float = 0.001
+    trust_coefficient: float | None = None  # LARS only; None: 0.001
     fused: bool = False  # one fused kernel for all parameters (same update, faster)
 
     def validate(self) -> None:
@@ -118,7 +118,11 @@ class OptimConfig:
             raise ValueError(
                 f"optim.warmup_epochs={self.warmup_epochs} needs optim.schedule=cosine"
             )
-        if not self.trust_coefficient > 0:
+        if self.trust_coefficient is not None and self.name != "lars":
+            raise ValueError(
+                f"optim.trust_coefficient applies to optim.name=lars only (got {self.name!r})"
+            )
+        if self.trust_coefficient is not None and not self.trust_coefficient > 0:
             raise ValueError(
                 f"optim.trust_coefficient={self.trust_coefficient} is invalid: must be > 0"
             )
