@@ -355,3 +355,20 @@ def test_two_ranks_decode_their_parts_and_gather_the_batch_of_one(imagenet, tmp_
         for (x, views, y), b in zip(got, single):
             assert torch.equal(x, b.x) and torch.equal(y, b.y)
             assert torch.equal(views[0], b.views[0]) and torch.equal(views[1], b.views[1])
+
+
+def test_random_crop_flip_cuts_windows_of_each_image():
+    from locallearn.data.augment import center_crop, random_crop_flip
+
+    x = torch.arange(16 * 3 * 9 * 11, dtype=torch.float32).reshape(16, 3, 9, 11)
+    out = random_crop_flip(x, 6, torch.Generator().manual_seed(0))
+    flips = 0
+    for i in range(16):
+        windows = {(t, l): x[i, :, t:t + 6, l:l + 6] for t in range(4) for l in range(6)}
+        plain = [k for k, w in windows.items() if torch.equal(out[i], w)]
+        flipped = [k for k, w in windows.items() if torch.equal(out[i], w.flip(-1))]
+        assert len(plain) + len(flipped) == 1
+        flips += len(flipped)
+    assert 0 < flips < 16
+    assert torch.equal(random_crop_flip(x, 6, torch.Generator().manual_seed(0)), out)
+    assert torch.equal(center_crop(x, 5), x[:, :, 2:7, 3:8])
