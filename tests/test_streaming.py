@@ -372,3 +372,14 @@ def test_random_crop_flip_cuts_windows_of_each_image():
     assert 0 < flips < 16
     assert torch.equal(random_crop_flip(x, 6, torch.Generator().manual_seed(0)), out)
     assert torch.equal(center_crop(x, 5), x[:, :, 2:7, 3:8])
+
+
+def test_probe_command_on_a_streamed_run(imagenet, tmp_path):
+    from locallearn.experiments.probe_command import probe_run
+
+    run(_small_cfg(imagenet, "epochs=0"), tmp_path / "run")
+    out = probe_run(tmp_path / "run", ["probe.epochs=2", "data.test_subset=4",
+                                       "probe.per_block=false"])
+    probe = json.loads((tmp_path / "run" / "probe.json").read_text())
+    assert probe["n_test"] == 4 and probe["block_accuracies"] is None
+    assert "2 epochs" in out["probe_protocol"] and "streamed" in out["probe_protocol"]

@@ -79,7 +79,7 @@ def run_stream_probe(
     net.eval()
     device = next(net.parameters()).device
     pools = probe_pools(net, side, settings.grid)
-    bs = settings.feature_batch
+    bs = settings.batch_size  # one batch size for every pass: one bound on decoded pixels
     # 1. statistics of the clean training features
     total = total_sq = None
     count = 0
