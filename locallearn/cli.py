@@ -15,18 +15,8 @@ from locallearn.runtime import tune_cpu_allocator
 DEFAULT_RHM = {"v": 8, "n_classes": 8, "m": 4, "s": 2, "L": 3, "seed_rules": 0}
 
 
-def parse_key_values(items: Sequence[str], what: str = "argument") -> dict[str, str]:
-    """Parse ``key=value`` strings; a malformed item is a one-line ValueError."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{what} {item!r} is not of the form key=value")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def _cmd_rhm_info(args: argparse.Namespace) -> int:
+    from locallearn.config import parse_key_values
     from locallearn.data.rhm import RHM
 
     params: dict[str, object] = dict(DEFAULT_RHM)

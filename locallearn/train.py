@@ -7,7 +7,12 @@ output directory resumes from its last checkpoint; on CPU it ends bit-identical 
 uninterrupted run (the generator, the global RNG, the optimiser and the schedule are restored).
 
 Files in the output directory: ``config.yaml`` (the resolved config), ``metrics.jsonl``,
-``checkpoint.pt``, ``summary.json`` (written when the run ends).
+``checkpoint.pt``, ``summary.json`` (written when the run ends); see :mod:`locallearn.runfiles`.
+
+The loop is handed a task (:class:`locallearn.task.Task`) and builds the rule by its name
+(:func:`locallearn.rules.build_rule`); it knows neither's kind. The task of a config is built by
+:mod:`locallearn.experiments.tasks`, and :func:`locallearn.experiments.runs.run` is the entry
+point that builds both and trains.
 """
 
 from __future__ import annotations
@@ -26,25 +31,26 @@ import yaml
 from tqdm import tqdm
 
 from locallearn import distributed as ddp
+from locallearn.config import to_dict
 from locallearn.errors import RunError
-from locallearn.experiments.config import to_dict
-from locallearn.experiments.schema import RunConfig
-from locallearn.experiments.task import Task
 from locallearn.nets.base import BlockNet
 from locallearn.rules import build_rule
 from locallearn.rules.base import Rule
-from locallearn.runtime import tune_cpu_allocator
+from locallearn.runfiles import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    SUMMARY,
+    write_json_atomic,
+    write_text_atomic,
+)
+from locallearn.schema import RunConfig
+from locallearn.task import Task
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-CONFIG = "config.yaml"
-
-
-#: config keys that change how a run is shown or scheduled, never its result
 #: Version of the checkpoint layout. 2: image rules' prediction matrices act on pooled features
 #: flattened position-major (earlier checkpoints are upgraded when loaded).
 CHECKPOINT_FORMAT = 2
+#: config keys that change how a run is shown or scheduled, never its result
 RUNTIME_KEYS = ("progress", "threads", "device")
 
 
@@ -77,13 +83,6 @@ def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]):
     if o.schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
     return opt, sched
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file and rename it over ``path``."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def peak_rss_mib() -> float:
@@ -172,9 +171,7 @@ class Trainer:
         if not self.main:
             return
         lines = "".join(json.dumps(row) + "\n" for row in self.history)
-        tmp = self.out / (METRICS + ".tmp")
-        tmp.write_text(lines)
-        os.replace(tmp, self.out / METRICS)
+        write_text_atomic(self.out / METRICS, lines)
 
     # ------------------------------------------------------------------ the loop
     def prepare_output(self) -> bool:
@@ -235,13 +232,11 @@ class Trainer:
         if stopped_early or self.epoch == cfg.epochs:
             self.save_checkpoint()
         summary = self.summary(stopped_early)
-        final = getattr(self.task, "final_metrics", None)
-        if final is not None:  # e.g. the linear probe of image encoders, once at the end
-            self.net.eval()
-            t0 = time.perf_counter()
-            summary.update(final(self.net, self.rule, self.out))
-            self.eval_seconds += time.perf_counter() - t0
-            summary["eval_seconds"] = round(self.eval_seconds, 3)
+        self.net.eval()  # e.g. the linear probe of image encoders, once at the end
+        t0 = time.perf_counter()
+        summary.update(self.task.final_metrics(self.net, self.rule, self.out))
+        self.eval_seconds += time.perf_counter() - t0
+        summary["eval_seconds"] = round(self.eval_seconds, 3)
         if self.main:
             write_json_atomic(self.out / SUMMARY, summary)
         return summary
@@ -339,36 +334,3 @@ class Trainer:
             "torch": torch.__version__,
             **self.task.info,
         }
-
-
-def build_task(cfg: RunConfig) -> Task:
-    """The task of ``cfg.data.name`` on the config's device (this rank's, under torchrun)."""
-    device = resolve_device(ddp.local_device(cfg.device))
-    if cfg.data.name == "rhm":
-        from locallearn.experiments.rhm_task import RHMTask
-
-        return RHMTask(cfg, device)
-    from locallearn.experiments import image_task
-
-    return image_task.ImageTask(cfg, device)
-
-
-def run(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Train ``cfg`` into ``out_dir`` (resuming a checkpoint there) and return the summary.
-
-    Under ``torchrun`` every rank calls this; the process group is set up and torn down here.
-    It also tunes the process's memory allocator for speed, for the rest of the process
-    (:func:`locallearn.runtime.tune_cpu_allocator`).
-    """
-    tune_cpu_allocator()
-    started = ddp.world_size_from_env() > 1 and not ddp.is_initialized()
-    ddp.init_from_env(cfg.device)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            build_rule(cfg.rule, cfg.seed)  # bad rule options fail before the data loads
-        torch.manual_seed(cfg.seed)
-        task = build_task(cfg)
-        return Trainer(cfg, task, out_dir).run()
-    finally:
-        if started:
-            ddp.cleanup()

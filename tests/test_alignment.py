@@ -10,8 +10,10 @@ import torch
 
 from locallearn.cli import main
 from locallearn.eval.alignment import alignment
-from locallearn.experiments.schema import load_config
-from locallearn.train import Trainer, build_task, run
+from locallearn.experiments.runs import run
+from locallearn.experiments.tasks import build_task
+from locallearn.schema import load_config
+from locallearn.train import Trainer
 
 TINY = ["data.v=8", "data.n_classes=4", "data.m=4", "data.L=3", "data.train_size=1P*",
         "data.test_size=20", "net.width=24", "batch_size=32", "progress=false"]

@@ -13,14 +13,15 @@ from torch import nn
 
 from locallearn import losses
 from locallearn.eval.memory import saved_activation_meter
-from locallearn.experiments.schema import RuleConfig
 from locallearn.nets.base import Block, BlockNet
 from locallearn.nets.vgg import vgg6
 from locallearn.rules import build_rule, registered
 from locallearn.rules.base import Batch
+from locallearn.rules.image_bp import BPSSL
 from locallearn.rules.image_explicit import explicit_grads
 from locallearn.rules.image_grid import pool_flat
-from locallearn.rules.image_ssl import BPSSL, FFRule, LocalImageRule
+from locallearn.rules.image_local import FFRule, LocalImageRule
+from locallearn.schema import RuleConfig
 
 SIDE = 16
 WIDTH = 1 / 32  # 4-8-8-16-32-32 channels

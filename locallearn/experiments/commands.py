@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from locallearn.experiments.schema import load_config
-    from locallearn.train import run
+    from locallearn.experiments.runs import run
+    from locallearn.schema import load_config
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
@@ -63,7 +63,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_align(args: argparse.Namespace) -> int:
     from locallearn.experiments.runs import load_run
-    from locallearn.train import Trainer, write_json_atomic
+    from locallearn.runfiles import write_json_atomic
+    from locallearn.train import Trainer
 
     loaded = load_run(args.run_dir)
     trainer = Trainer(loaded.cfg, loaded.task, loaded.path)
@@ -96,7 +97,7 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_theory(args: argparse.Namespace) -> int:
     from locallearn import theory
-    from locallearn.train import write_json_atomic
+    from locallearn.runfiles import write_json_atomic
 
     inputs = None
     if args.data == "cifar":

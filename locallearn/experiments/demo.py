@@ -12,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from locallearn.experiments.config import deep_merge, parse_overrides
-from locallearn.experiments.schema import build_config
-from locallearn.train import run, write_json_atomic
+from locallearn.config import deep_merge, parse_overrides
+from locallearn.experiments.runs import run
+from locallearn.runfiles import read_metrics, write_json_atomic
+from locallearn.schema import build_config
 
 DEMO_CONFIG: dict[str, Any] = {
     "data": {"name": "rhm", "v": 8, "n_classes": 8, "m": 4, "s": 2, "L": 3,
@@ -53,7 +54,6 @@ def run_demo(
 ) -> list[dict[str, Any]]:
     """Run every demo rule; write ``summary.json`` (one object per rule) and ``accuracy.png``."""
     from locallearn.experiments.plots import plot_curves
-    from locallearn.experiments.runs import read_metrics
 
     out = Path(out_dir)
     names = list(rules or DEMO_RULES)

@@ -17,85 +17,21 @@ frozen encoder and writes ``probe.json``; its accuracy joins ``summary.json`` as
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from locallearn.data.augment import ProbeAugment, SSLViews, normalize
 from locallearn.data.images import ImageSet, dataset_info, load_images
 from locallearn.eval.image_probe import ProbeResult, ProbeSettings, run_probe
-from locallearn.experiments import schema
-from locallearn.experiments.schema import ProbeConfig, RunConfig
 from locallearn.nets.base import BlockNet
 from locallearn.nets.vgg import vgg6
 from locallearn.rules.base import Batch, Rule
+from locallearn.runfiles import PROBE, write_json_atomic
+from locallearn.schema import ImageDataConfig, ProbeConfig, RunConfig
 
-IMAGE_DATASETS = ("cifar10", "stl10", "tiny-imagenet", "folder")
-#: Default (SSL training split, test split, probe training split) of each dataset.
-DEFAULT_SPLITS: dict[str, tuple[str, str, str]] = {
-    "cifar10": ("train", "test", "train"),
-    "stl10": ("train+unlabeled", "test", "train"),
-    "tiny-imagenet": ("train", "val", "train"),
-    "folder": ("train", "test", "train"),
-}
 NET_KINDS = ("vgg6",)
-PROBE_FILE = "probe.json"
-
-
-@dataclass
-class ImageDataConfig:
-    """An image dataset for self-supervised training and its linear probe.
-
-    Attributes:
-        name: ``cifar10``, ``stl10``, ``tiny-imagenet`` or ``folder``.
-        root: the data folder (see :func:`locallearn.data.images.load_images` for layouts).
-        split: split of the self-supervised training (default: ``train``; STL-10:
-            ``train+unlabeled``, the 100k unlabelled images and the 5k labelled ones).
-        test_split: split the probe is tested on (default ``test``; Tiny ImageNet ``val``).
-        probe_split: labelled split the probe is trained on (default ``train``).
-        subset: number of SSL training images (a random subset drawn with ``subset_seed``);
-            ``None``: all.
-        probe_subset: number of probe training images (random subset); ``None``: all.
-        test_subset: number of test images (random subset); ``None``: all.
-        subset_seed: seed of the three subsets (``None``: the run's seed).
-        cache_dir: where decoded image trees are cached (default: inside the data folder).
-        download: download the official release into ``root`` when it is not there.
-
-    How the probe trains (epochs, augmentation, per-block probes, pooling grid) is set in the
-    ``probe`` section (:class:`~locallearn.experiments.schema.ProbeConfig`); the data section
-    says which images it sees.
-    """
-
-    name: Literal["cifar10", "stl10", "tiny-imagenet", "folder"] = "cifar10"
-    root: str = "data/cifar10"
-    split: str | None = None
-    test_split: str | None = None
-    probe_split: str | None = None
-    subset: int | None = None
-    probe_subset: int | None = None
-    test_subset: int | None = None
-    subset_seed: int | None = None
-    cache_dir: str | None = None
-    download: bool = False
-
-    def validate(self) -> None:
-        for key in ("subset", "probe_subset", "test_subset"):
-            value = getattr(self, key)
-            if value is not None and value < 2:
-                raise ValueError(f"data.{key}={value} is invalid: must be >= 2 (or null: all)")
-        if self.download and self.name == "folder":
-            raise ValueError("data.download=true is invalid for data.name=folder (no release)")
-
-    def splits(self) -> tuple[str, str, str]:
-        """``(training split, test split, probe training split)`` with defaults filled in."""
-        train, test, probe = DEFAULT_SPLITS[self.name]
-        return (self.split or train, self.test_split or test, self.probe_split or probe)
-
-
-for _name in IMAGE_DATASETS:
-    schema.DATA_CONFIGS[_name] = ImageDataConfig
 
 
 def _subset(n: int, size: int | None, seed: int, salt: int) -> torch.Tensor | None:
@@ -283,11 +219,9 @@ def write_probe(out_dir: Path, result: ProbeResult) -> dict[str, Any]:
 
     Under data parallelism every rank probes (the same result); only rank 0 writes.
     """
-    from locallearn.train import write_json_atomic
-
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        write_json_atomic(out_dir / PROBE_FILE, result.as_dict())
+        write_json_atomic(out_dir / PROBE, result.as_dict())
     keys: dict[str, Any] = {
         "probe_accuracy": result.accuracy,
         "probe_train_accuracy": result.train_accuracy,

@@ -276,12 +276,9 @@ class ResultsStore:
 
 
 def _parse_scalar(text: str) -> Any:
-    import yaml
+    from locallearn.config import parse_value
 
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+    value = parse_value(text)
     return db_value(value) if not isinstance(value, (list, dict)) else text
 
 

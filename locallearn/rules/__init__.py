@@ -1,6 +1,7 @@
 """Learning rules. Each fills ``.grad`` of the parameters it trains; an optimiser steps.
 
-``build_rule(cfg)`` makes a rule from its config section; :func:`register` adds a rule class.
+``build_rule(cfg)`` makes a rule from its config section; every rule is listed here, in one place
+(rule modules never import this package); :func:`register` adds one at run time.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 from locallearn.rules.backprop import Backprop, BackpropNoMask
 from locallearn.rules.base import Batch, Rule
 from locallearn.rules.feedback import DirectFeedback
+from locallearn.rules.image_bp import build_bp
+from locallearn.rules.image_local import build_ff, build_local
 from locallearn.rules.layerwise import Layerwise
 
 __all__ = ["Batch", "Rule", "Backprop", "BackpropNoMask", "DirectFeedback", "Layerwise",
@@ -28,6 +31,9 @@ _BUILDERS: dict[str, Builder] = {
         loss=cfg.loss, view=cfg.view, f=cfg.f, negatives=cfg.negatives,
         temperature=cfg.temperature, s=task.get("s", 2), **cfg.options,
     ),
+    "clapp-image": build_local,
+    "ff": build_ff,
+    "bp-ssl": build_bp,
 }
 
 
@@ -38,7 +44,6 @@ def register(name: str, builder: Builder) -> None:
 
 def registered() -> list[str]:
     """Names accepted by ``rule.name``."""
-    _load_optional()
     return list(_BUILDERS)
 
 
@@ -47,7 +52,6 @@ def build_rule(cfg: Any, seed: int = 0, **task_info: Any) -> Rule:
 
     ``task_info`` carries facts of the task a rule may need (``s``: the RHM branching factor).
     """
-    _load_optional()
     if cfg.name not in _BUILDERS:
         raise ValueError(f"rule.name={cfg.name!r} is unknown; valid: {', '.join(_BUILDERS)}")
     try:
@@ -55,8 +59,3 @@ def build_rule(cfg: Any, seed: int = 0, **task_info: Any) -> Rule:
     except TypeError as err:
         raise ValueError(f"rule {cfg.name}: bad option: {err}") from None
 
-
-def _load_optional() -> None:
-    """Rules defined next to the image encoders register themselves on import (imported late:
-    they import this package)."""
-    import locallearn.rules.image_ssl  # noqa: F401

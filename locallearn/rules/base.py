@@ -67,13 +67,12 @@ class Rule(nn.Module):
     def reference_rule(self) -> Rule:
         """The backprop counterpart this rule is compared with (gradient alignment).
 
-        Label-driven rules: backprop of the cross-entropy. Self-supervised rules override it
-        with their loss on the top block backpropagated through every block (BP-SSL); the
-        reference shares this rule's parameters (prediction matrices).
+        Label-driven rules (:class:`~locallearn.rules.backprop.SupervisedRule`): backprop of the
+        cross-entropy. Self-supervised rules: their loss on the top block backpropagated through
+        every block (BP-SSL), sharing this rule's parameters (prediction matrices). A rule
+        without one raises ValueError.
         """
-        from locallearn.rules.backprop import Backprop
-
-        return Backprop()
+        raise ValueError(f"rule {self.name} has no backprop reference to be compared with")
 
 
 def relu_grad(a: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule, ce_error, relu_grad
+from locallearn.rules.backprop import SupervisedRule
+from locallearn.rules.base import Batch, ce_error, relu_grad
 
 FEEDBACK_KINDS = ("dfa", "drtp", "sign-dfa")
 
 
-class DirectFeedback(Rule):
+class DirectFeedback(SupervisedRule):
     """DFA and its relatives; ``kind`` in :data:`FEEDBACK_KINDS`."""
 
     name = "dfa"

@@ -211,6 +211,10 @@ class TopLossBackprop(Rule):
     def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
         return self.local[0].trained_parameters(net)
 
+    def reference_rule(self) -> Rule:
+        """End-to-end backprop already: its own reference."""
+        return self
+
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         local = self.local[0]
         per_block = local.view == "synonyms-per-block"

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from locallearn.experiments.config import deep_merge, from_dict, load_yaml, parse_overrides
+from locallearn.config import deep_merge, from_dict, load_yaml, parse_overrides
 
 _P_STAR = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*?\s*P\*\s*$")
 
@@ -54,8 +54,70 @@ class RHMDataConfig:
             raise ValueError(f"data.test_size={self.test_size} is invalid: must be >= 0")
 
 
-#: ``data.name`` -> its config class; the image datasets register theirs.
-DATA_CONFIGS: dict[str, type] = {"rhm": RHMDataConfig}
+IMAGE_DATASETS = ("cifar10", "stl10", "tiny-imagenet", "folder")
+#: Default (SSL training split, test split, probe training split) of each dataset.
+DEFAULT_SPLITS: dict[str, tuple[str, str, str]] = {
+    "cifar10": ("train", "test", "train"),
+    "stl10": ("train+unlabeled", "test", "train"),
+    "tiny-imagenet": ("train", "val", "train"),
+    "folder": ("train", "test", "train"),
+}
+
+
+@dataclass
+class ImageDataConfig:
+    """An image dataset for self-supervised training and its linear probe.
+
+    Attributes:
+        name: ``cifar10``, ``stl10``, ``tiny-imagenet`` or ``folder``.
+        root: the data folder (see :func:`locallearn.data.images.load_images` for layouts).
+        split: split of the self-supervised training (default: ``train``; STL-10:
+            ``train+unlabeled``, the 100k unlabelled images and the 5k labelled ones).
+        test_split: split the probe is tested on (default ``test``; Tiny ImageNet ``val``).
+        probe_split: labelled split the probe is trained on (default ``train``).
+        subset: number of SSL training images (a random subset drawn with ``subset_seed``);
+            ``None``: all.
+        probe_subset: number of probe training images (random subset); ``None``: all.
+        test_subset: number of test images (random subset); ``None``: all.
+        subset_seed: seed of the three subsets (``None``: the run's seed).
+        cache_dir: where decoded image trees are cached (default: inside the data folder).
+        download: download the official release into ``root`` when it is not there.
+
+    How the probe trains (epochs, augmentation, per-block probes, pooling grid) is set in the
+    ``probe`` section (:class:`ProbeConfig`); the data section says which images it sees.
+    """
+
+    name: Literal["cifar10", "stl10", "tiny-imagenet", "folder"] = "cifar10"
+    root: str = "data/cifar10"
+    split: str | None = None
+    test_split: str | None = None
+    probe_split: str | None = None
+    subset: int | None = None
+    probe_subset: int | None = None
+    test_subset: int | None = None
+    subset_seed: int | None = None
+    cache_dir: str | None = None
+    download: bool = False
+
+    def validate(self) -> None:
+        for key in ("subset", "probe_subset", "test_subset"):
+            value = getattr(self, key)
+            if value is not None and value < 2:
+                raise ValueError(f"data.{key}={value} is invalid: must be >= 2 (or null: all)")
+        if self.download and self.name == "folder":
+            raise ValueError("data.download=true is invalid for data.name=folder (no release)")
+
+    def splits(self) -> tuple[str, str, str]:
+        """``(training split, test split, probe training split)`` with defaults filled in."""
+        train, test, probe = DEFAULT_SPLITS[self.name]
+        return (self.split or train, self.test_split or test, self.probe_split or probe)
+
+
+#: ``data.name`` -> the class of its data section (the one list of data configs; the task of
+#: each name is in :mod:`locallearn.experiments.tasks`).
+DATA_CONFIGS: dict[str, type] = {
+    "rhm": RHMDataConfig, **{name: ImageDataConfig for name in IMAGE_DATASETS}
+}
 
 
 @dataclass
@@ -179,17 +241,10 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
         raise ValueError(f"data must be a mapping, got {data!r}")
     name = data.get("name", "rhm")
     if name not in DATA_CONFIGS:
-        _load_data_configs()
-    if name not in DATA_CONFIGS:
         raise ValueError(f"data.name={name!r} is unknown; valid: {', '.join(DATA_CONFIGS)}")
     cfg = from_dict(RunConfig, raw)
     cfg.data = from_dict(DATA_CONFIGS[name], data, "data.")
     return cfg
-
-
-def _load_data_configs() -> None:
-    """Import the data modules that register config classes (late: they import this one)."""
-    import locallearn.experiments.image_task  # noqa: F401
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
