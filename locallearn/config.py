@@ -189,3 +189,17 @@ def _type_name(tp: Any) -> str:
 def to_dict(obj: Any) -> dict[str, Any]:
     """A dataclass config as a plain mapping (for YAML and JSON)."""
     return dataclasses.asdict(obj)
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The first dotted key whose values differ in two configs (keys in both), or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in a:
+            if key in b:
+                found = first_difference(a[key], b[key], f"{prefix}{key}.")
+                if found is not None:
+                    return found
+        return None
+    if a == b:
+        return None
+    return f"{prefix.rstrip('.') or 'config'}: {a!r} vs {b!r}"

@@ -21,9 +21,18 @@ PROBE = "probe.json"
 ALIGNMENT = "alignment.json"
 
 __all__ = [
-    "ALIGNMENT", "CHECKPOINT", "CONFIG", "METRICS", "PROBE", "SUMMARY", "read_metrics",
+    "ALIGNMENT", "CHECKPOINT", "CONFIG", "METRICS", "PROBE", "SUMMARY", "check_out_dir",
+    "read_metrics",
     "write_json_atomic", "write_text_atomic",
 ]
+
+
+def check_out_dir(path: str | Path) -> Path:
+    """``path`` as an output directory: a ValueError when it exists and is not a directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a file, not a directory; give a directory")
+    return path
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from locallearn.config import deep_merge, from_dict, load_yaml, parse_overrides
 
@@ -31,6 +31,10 @@ def resolve_size(value: int | str, p_star: int, key: str) -> int:
 @dataclass
 class RHMDataConfig:
     """An RHM task: the grammar, the sample sizes and the views."""
+
+    #: keys of other sections that only this kind of data reads, with their defaults (an RHM
+    #: run given a key that another kind of data owns, e.g. ``net.channels_last``, is an error)
+    run_keys: ClassVar[dict[str, dict[str, Any]]] = {"net": {"width": 256}}
 
     name: Literal["rhm"] = "rhm"
     v: int = 8
@@ -87,6 +91,13 @@ class ImageDataConfig:
     ``probe`` section (:class:`ProbeConfig`); the data section says which images it sees.
     """
 
+    #: keys of other sections that only image runs read, with their defaults
+    run_keys: ClassVar[dict[str, dict[str, Any]]] = {
+        "net": {"width_mult": 1.0, "channels_last": True},
+        "probe": {"lr": 1e-3, "epochs": 0, "augment": False, "per_block": False,
+                  "batch_size": 256, "grid": None},
+    }
+
     name: Literal["cifar10", "stl10", "tiny-imagenet", "folder"] = "cifar10"
     root: str = "data/cifar10"
     split: str | None = None
@@ -122,35 +133,45 @@ DATA_CONFIGS: dict[str, type] = {
 
 @dataclass
 class NetConfig:
-    """The network. ``width``: channels of every block (one number or one per block)."""
+    """The network. Keys that only one kind of data reads are ``None`` until the config is built
+    (then they hold that data's default); given for another kind of data, they are an error.
 
-    width: int | list[int] = 256
+    Attributes:
+        width: RHM: channels of every block (one number or one per block; default 256).
+        width_mult: images: multiplier of the paper's widths (default 1).
+        channels_last: images: channels-last layout, faster convolutions (default true).
+    """
+
+    width: int | list[int] | None = None
     bias: bool = False
     seed: int | None = None  # initial weights; None: the run's seed
     kind: str = "hier-cnn"
-    width_mult: float = 1.0  # image encoders: multiplier of the paper's widths
-    channels_last: bool = True  # image encoders: channels-last layout (faster convolutions)
+    width_mult: float | None = None
+    channels_last: bool | None = None
 
 
 @dataclass
 class RuleConfig:
-    """The learning rule and its options (``loss``, ``view``, ``f``... for layer-wise rules)."""
+    """The learning rule, its settings and its options.
+
+    ``loss``, ``view``, ``f``, ``negatives``, ``temperature``: settings that some rules read
+    (each rule says which, :attr:`locallearn.rules.base.Rule.settings`); ``None`` until the config
+    is built, then the rule's default for the ones it reads. A setting the rule does not read is
+    an error. ``options``: the rule's typed options (:attr:`locallearn.rules.base.Rule.Options`).
+    """
 
     name: str = "backprop"
-    loss: str = "clapp"
-    view: str = "synonyms"
-    f: str = "hinge"
-    negatives: str = "next"
-    temperature: float = 0.1
+    loss: str | None = None
+    view: str | None = None
+    f: str | None = None
+    negatives: str | None = None
+    temperature: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
-        from locallearn.rules import registered
+        from locallearn.rules import check_rule_config
 
-        if self.name not in registered():
-            raise ValueError(
-                f"rule.name={self.name!r} is unknown; valid: {', '.join(registered())}"
-            )
+        check_rule_config(self)
 
 
 @dataclass
@@ -175,27 +196,31 @@ class ProbeConfig:
 
     Attributes:
         steps: L-BFGS iterations of a full-batch probe.
-        weight_decay, lr: of the probe's optimiser.
-        epochs: image probes: epochs of minibatch Adam; 0: full-batch L-BFGS.
+        weight_decay: of the probe's optimiser.
+        lr: image probes: learning rate of minibatch Adam (default 1e-3).
+        epochs: image probes: epochs of minibatch Adam; 0 (default): full-batch L-BFGS.
         augment: image probes: train on padded random crops and flips (the paper's protocol;
             features are recomputed every epoch) instead of fixed clean features.
         per_block: image probes: also probe every block on its own.
-        batch_size: image probes: minibatch size.
+        batch_size: image probes: minibatch size (default 256).
         grid: image probes: cells per side of each block's pooling grid (default: the paper's
             8-4-4-4-2-2, as the losses).
+
+    The image-only keys are ``None`` until the config is built (see :class:`NetConfig`); RHM
+    runs read ``steps`` and ``weight_decay`` (the read-out of label-free rules).
     """
 
     steps: int = 100
     weight_decay: float = 1e-4
-    lr: float = 1e-3
-    epochs: int = 0
-    augment: bool = False
-    per_block: bool = False
-    batch_size: int = 256
+    lr: float | None = None
+    epochs: int | None = None
+    augment: bool | None = None
+    per_block: bool | None = None
+    batch_size: int | None = None
     grid: list[int] | None = None
 
     def validate(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"probe.batch_size={self.batch_size} is invalid: must be >= 1")
         if self.grid is not None and any(g < 1 for g in self.grid):
             raise ValueError(f"probe.grid={self.grid} is invalid: cells must be >= 1")
@@ -214,6 +239,9 @@ class RunConfig:
     epochs: int = 60
     batch_size: int = 128
     stop_train_loss: float | None = None
+    #: stop with an error when a batch's loss exceeds this multiple of the run's first batch
+    #: loss (a diverging run); ``None`` trains on whatever the loss does
+    stop_loss_factor: float | None = 100.0
     eval_every: int = 1
     align_every: int = 0  # log per-block gradient alignment every N epochs (0: never)
     align_batches: int = 4
@@ -221,6 +249,7 @@ class RunConfig:
     device: str = "cpu"
     threads: int = 0  # CPU threads of torch (0: torch's default); 1 is fastest on a busy machine
     progress: bool = True
+    label: str | None = None  # shown in progress bars, summaries and plots (default: rule.name)
 
     def validate(self) -> None:
         for key in ("epochs", "seed", "align_every", "threads"):
@@ -231,10 +260,18 @@ class RunConfig:
                 raise ValueError(f"{key}={getattr(self, key)} is invalid: must be >= 1")
         if self.device != "cpu" and not self.device.startswith(("cuda", "mps", "auto")):
             raise ValueError(f"device={self.device!r} is invalid; valid: cpu, cuda[:N], auto")
+        if self.stop_loss_factor is not None and not self.stop_loss_factor > 1:
+            raise ValueError(
+                f"stop_loss_factor={self.stop_loss_factor} is invalid: must be > 1 (or null: off)"
+            )
 
 
 def build_config(raw: dict[str, Any]) -> RunConfig:
-    """A checked :class:`RunConfig` from a mapping (the data section by its ``name``)."""
+    """A checked :class:`RunConfig` from a mapping (the data section by its ``name``).
+
+    Keys that only another kind of data reads (``net.channels_last`` on an RHM run) are errors;
+    those this data reads get its defaults when unset.
+    """
     raw = dict(raw)
     data = raw.pop("data", None) or {}
     if not isinstance(data, dict):
@@ -244,7 +281,75 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
         raise ValueError(f"data.name={name!r} is unknown; valid: {', '.join(DATA_CONFIGS)}")
     cfg = from_dict(RunConfig, raw)
     cfg.data = from_dict(DATA_CONFIGS[name], data, "data.")
+    _apply_run_keys(cfg)
     return cfg
+
+
+def _foreign_keys(data_cls: type) -> dict[str, dict[str, list[str]]]:
+    """``section -> key -> data names that read it``, for keys that ``data_cls`` does not read."""
+    own = data_cls.run_keys
+    out: dict[str, dict[str, list[str]]] = {}
+    for data_name, cls in DATA_CONFIGS.items():
+        for section, keys in cls.run_keys.items():
+            for key in keys:
+                if key not in own.get(section, {}):
+                    out.setdefault(section, {}).setdefault(key, []).append(data_name)
+    return out
+
+
+def _apply_run_keys(cfg: RunConfig) -> None:
+    data_cls = type(cfg.data)
+    for section, keys in _foreign_keys(data_cls).items():
+        for key, owners in keys.items():
+            value = getattr(getattr(cfg, section), key)
+            if value is not None:
+                raise ValueError(
+                    f"{section}.{key}={value!r} does not apply to data.name={cfg.data.name} "
+                    f"(only {', '.join(owners)} read it); remove it"
+                )
+    for section, keys in data_cls.run_keys.items():
+        sec = getattr(cfg, section)
+        for key, default in keys.items():
+            if getattr(sec, key) is None:
+                setattr(sec, key, default)
+
+
+#: Probe settings that image runs kept in the data section before they moved to ``probe``.
+LEGACY_PROBE_KEYS = {"probe_augment": "augment", "probe_per_block": "per_block",
+                     "probe_batch_size": "batch_size", "probe_grid": "grid"}
+
+
+def migrate_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """Bring the config a run saved (``config.yaml``) to today's layout, in place; returns it.
+
+    Runs saved by earlier versions wrote every key: the keys that do not apply to their data or
+    rule (read by nothing then) are dropped, and image runs' probe settings move from the data
+    section to ``probe``. A config saved by this version is unchanged.
+    """
+    data = raw.get("data")
+    if isinstance(data, dict) and any(k in data for k in LEGACY_PROBE_KEYS):
+        probe = raw.get("probe") or {}
+        raw["probe"] = probe
+        for old, new in LEGACY_PROBE_KEYS.items():
+            if old in data:
+                probe.setdefault(new, data.pop(old))
+    name = data.get("name", "rhm") if isinstance(data, dict) else "rhm"
+    if name in DATA_CONFIGS:
+        for section, keys in _foreign_keys(DATA_CONFIGS[name]).items():
+            if isinstance(raw.get(section), dict):
+                for key in keys:
+                    raw[section].pop(key, None)
+    rule = raw.get("rule")
+    if isinstance(rule, dict):
+        from locallearn.rules import registered, rule_class
+        from locallearn.rules.base import SETTING_KEYS
+
+        if rule.get("name", "backprop") in registered():
+            used = rule_class(rule.get("name", "backprop")).settings_for(rule)
+            for key in SETTING_KEYS:
+                if key not in used:
+                    rule.pop(key, None)
+    return raw
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

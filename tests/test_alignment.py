@@ -77,7 +77,7 @@ def test_alignment_callback_and_align_command(tmp_path, capsys):
     out = json.loads((tmp_path / "alignment.json").read_text())
     assert [r["block"] for r in out] == [1, 2, 3]
     assert {"cosine_mean", "cosine_std"} <= set(out[0])
-    assert "alignment of layerwise with bp-ssl" in capsys.readouterr().out
+    assert "alignment of layerwise with top-loss-backprop(layerwise)" in capsys.readouterr().out
     assert main(["align", str(tmp_path / "missing")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
 

@@ -13,9 +13,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from locallearn.schema import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.label is None:  # progress bar and summary name the preset
+        cfg.label = Path(args.config).stem
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     summary = run(cfg, out)
-    keys = ("rule", "test_accuracy", "probe_accuracy", "chance", "epochs", "seconds")
+    keys = ("label", "rule", "test_accuracy", "readout", "probe_accuracy", "chance", "epochs",
+            "seconds")
     shown = {k: summary[k] for k in keys if summary.get(k) is not None}
     print(json.dumps(shown))
     print(f"wrote {out / 'summary.json'}")
@@ -49,7 +52,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="the RHM study in three minutes: backprop, no masking, DFA, layer-wise SSL",
+        help="the RHM study in a minute: backprop, no masking, DFA, layer-wise SSL",
         description="Train the demo RHM with each rule, print a table and plot test accuracy "
         "per epoch. key=value overrides apply to every rule.",
     )

@@ -40,7 +40,7 @@ from locallearn.experiments.sweep_spec import (
     expand,
     value_label,
 )
-from locallearn.runfiles import SUMMARY
+from locallearn.runfiles import SUMMARY, check_out_dir
 
 try:  # POSIX file locks; without them (Windows) a sweep cannot guard against a second sweep
     import fcntl
@@ -230,7 +230,7 @@ def run_sweep(
         )
     emit = on_event or (lambda _msg: None)
     runs = expand(spec, threads)  # validates every config before anything starts
-    out = Path(out)
+    out = check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     with file_lock(out / LOCK_FILE, blocking=False) as locked:

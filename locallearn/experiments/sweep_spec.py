@@ -38,6 +38,7 @@ import yaml
 
 from locallearn.config import (
     deep_merge,
+    first_difference,
     load_yaml,
     parse_key_values,
     parse_overrides,
@@ -202,13 +203,18 @@ def _values(name: str, values: Any) -> Axis:
 
 
 def _check_axis_name(name: str) -> None:
+    import dataclasses
+
     from locallearn.experiments.results import RESERVED_COLUMNS
+    from locallearn.schema import RunConfig
 
     if name in ("seed", "seeds"):
         raise ValueError("the seed is not a grid axis: use seeds: [...] or --seeds 0,1,2")
-    if name in RESERVED_COLUMNS:
+    config_keys = {f.name for f in dataclasses.fields(RunConfig)}
+    if name in RESERVED_COLUMNS and name not in config_keys:
         raise ValueError(
-            f"grid axis {name!r} clashes with a column of the results; rename the axis"
+            f"grid axis {name!r} clashes with a column of the results; rename the axis (an "
+            f"axis of named variants sets config keys under any name)"
         )
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.\-]*", name):
         raise ValueError(f"grid axis {name!r} is invalid: use letters, digits, '_', '-', '.'")
@@ -452,17 +458,3 @@ def check_existing(runs: Sequence[RunSpec], out: str | Path) -> None:
                 f"{str(run.run_dir(out))!r} holds a run of another config (differs at {where}); "
                 "use another --out or remove that folder"
             )
-
-
-def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
-    """The first dotted key whose values differ in two configs (keys in both), or None."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in a:
-            if key in b:
-                found = first_difference(a[key], b[key], f"{prefix}{key}.")
-                if found is not None:
-                    return found
-        return None
-    if a == b:
-        return None
-    return f"{prefix.rstrip('.') or 'config'}: {a!r} vs {b!r}"

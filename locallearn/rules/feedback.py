@@ -40,6 +40,10 @@ class DirectFeedback(SupervisedRule):
         self.name = kind  # type: ignore[misc]
         self.n_blocks = 0
 
+    @classmethod
+    def from_config(cls, cfg, options, seed: int, **task_info) -> DirectFeedback:
+        return cls(cfg.name, seed)
+
     def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
         if net.readout is None:
             raise ValueError(f"rule {self.kind} needs a network with a read-out")

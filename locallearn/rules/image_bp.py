@@ -3,20 +3,20 @@ encoder (BP-CLAPP++, BP-InfoNCE); see :mod:`locallearn.rules.image_ssl` for the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from locallearn import losses
-from locallearn.config import from_dict
 from locallearn.nets.base import BlockNet
 from locallearn.rules.base import Batch, Rule
 from locallearn.rules.image_options import BPOptions, check_choice
 from locallearn.rules.image_ssl import ImageSSLRule
 from locallearn.rules.ssl_pairs import PairTerms, PredictionGrads
 
-__all__ = ["BPSSL", "build_bp"]
+__all__ = ["BPSSL"]
 
 
 class BPSSL(ImageSSLRule):
@@ -36,6 +36,20 @@ class BPSSL(ImageSSLRule):
     """
 
     name = "bp-ssl"
+    Options = BPOptions
+    settings = {"loss": "clapp", "f": "hinge", "negatives": "next", "temperature": 0.1}
+
+    @classmethod
+    def settings_for(cls, section: Mapping[str, Any]) -> dict[str, Any]:
+        loss = section.get("loss") or cls.settings["loss"]
+        keys = ("loss", "temperature") if loss == "infonce" else ("loss", "f", "negatives")
+        return {k: cls.settings[k] for k in keys}
+
+    @classmethod
+    def from_config(cls, cfg, options: BPOptions, seed: int, **task_info) -> BPSSL:
+        o = options
+        return cls(cfg.loss, o.pool, cfg.f or "hinge", cfg.negatives or "next", o.score_norm,
+                   cfg.temperature or 0.1, o.projection_dim, seed, o.micro_batches)
 
     def __init__(
         self,
@@ -106,8 +120,3 @@ class BPSSL(ImageSSLRule):
         b_grads.apply()
         return {"loss": value}
 
-
-def build_bp(cfg: Any, seed: int, **task: Any) -> BPSSL:
-    o = from_dict(BPOptions, cfg.options, "rule.options.")
-    return BPSSL(cfg.loss, o.pool, cfg.f, cfg.negatives, o.score_norm, cfg.temperature,
-                 o.projection_dim, seed, o.micro_batches)

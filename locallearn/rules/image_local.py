@@ -6,12 +6,9 @@ backpropagated through every block). The loss and its three-factor form are desc
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from locallearn.config import from_dict
 from locallearn.nets.base import BlockNet
 from locallearn.rules.base import Batch, Rule
 from locallearn.rules.image_grid import pool_flat
@@ -19,7 +16,7 @@ from locallearn.rules.image_options import FFOptions, LocalOptions, check_choice
 from locallearn.rules.image_ssl import VIEW_KIND, ImageSSLRule
 from locallearn.rules.ssl_pairs import PairTerms, PredictionGrads, image_parts, pair_terms
 
-__all__ = ["FFRule", "LocalImageRule", "TopLossBackprop", "build_ff", "build_local"]
+__all__ = ["FFRule", "LocalImageRule", "TopLossBackprop"]
 
 
 class LocalImageRule(ImageSSLRule):
@@ -39,6 +36,14 @@ class LocalImageRule(ImageSSLRule):
     """
 
     name = "clapp-image"
+    Options = LocalOptions
+    settings = {"f": "hinge", "negatives": "next"}
+
+    @classmethod
+    def from_config(cls, cfg, options: LocalOptions, seed: int, **task_info) -> LocalImageRule:
+        o = options
+        return cls(o.context, o.pool, cfg.f, cfg.negatives, o.step, o.score_norm,
+                   micro_batches=o.micro_batches)
 
     def __init__(
         self,
@@ -167,13 +172,14 @@ class TopLossBackprop(Rule):
     only and gradients through all blocks. Its top-block update equals the local rule's.
     """
 
-    name = "bp-ssl"
+    name = "top-loss-backprop"
     uses_labels = False
     view_kind = VIEW_KIND
 
     def __init__(self, local: LocalImageRule) -> None:
         super().__init__()
         self.local = [local]  # a list: the local rule's parameters are not registered twice
+        self.name = f"top-loss-backprop({local.name})"  # type: ignore[misc]
 
     def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
         return self.local[0].trained_parameters(net)
@@ -196,6 +202,13 @@ class FFRule(LocalImageRule):
     """``ff``: :class:`LocalImageRule` with ``B`` fixed to the identity and context ``same``."""
 
     name = "ff"
+    Options = FFOptions
+    settings = {"f": "softplus", "negatives": "next"}
+
+    @classmethod
+    def from_config(cls, cfg, options: FFOptions, seed: int, **task_info) -> FFRule:
+        o = options
+        return cls(o.pool, cfg.f, cfg.negatives, o.step, o.score_norm, o.micro_batches)
 
     def __init__(
         self,
@@ -211,13 +224,3 @@ class FFRule(LocalImageRule):
             micro_batches=micro_batches,
         )
 
-
-def build_local(cfg: Any, seed: int, **task: Any) -> LocalImageRule:
-    o = from_dict(LocalOptions, cfg.options, "rule.options.")
-    return LocalImageRule(o.context, o.pool, cfg.f, cfg.negatives, o.step, o.score_norm,
-                          micro_batches=o.micro_batches)
-
-
-def build_ff(cfg: Any, seed: int, **task: Any) -> FFRule:
-    o = from_dict(FFOptions, cfg.options, "rule.options.")
-    return FFRule(o.pool, cfg.f, cfg.negatives, o.step, o.score_norm, o.micro_batches)

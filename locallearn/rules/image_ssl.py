@@ -78,7 +78,6 @@ batch (and its micro-batches) into one matrix product per ``B``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -156,7 +155,7 @@ class ImageSSLRule(Rule):
 
     def scale(self, d_z: int, d_c: int) -> float:
         """The score scale ``s``."""
-        return 1.0 / math.sqrt(d_z * d_c) if self.score_norm == "dims" else 1.0
+        return losses.score_scale(self.score_norm, d_z, d_c)
 
     def negative_index(self, n: int, batch: Batch, device: torch.device) -> torch.Tensor:
         """Index of the negative of every sample (another image of the batch)."""
