@@ -210,3 +210,25 @@ def test_demo_names_each_preset_and_its_read_out(tmp_path, capsys):
     assert re.search(r"clapp-per-block\s+\S+\s+linear", table), table
     assert "linear read-out" in table and "end-to-end" in table
     assert "layerwise" not in table.split("\n\n")[0]
+
+
+def test_readme_states_the_torch_versions_pyproject_requires():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    low, high = re.search(r'"torch>=([0-9.]+),<([0-9.]+)"', pyproject).groups()
+    readme = (ROOT / "README.md").read_text()
+    assert f"torch from {low} on" in readme
+    pinned = re.search(r"pip install torch==([0-9.]+)", readme).group(1)
+    as_tuple = [int(x) for x in pinned.split(".")[:2]]
+    assert [int(x) for x in low.split(".")] <= as_tuple < [int(x) for x in high.split(".")]
+
+
+def test_one_key_value_parser_for_every_command(tmp_path, capsys):
+    """Every command splits key=value with config.split_key_value: the same one-line error."""
+    for args in (["rhm", "info", "v"], ["run", PRESET, "--out", str(tmp_path / "r"), "epochs"]):
+        assert main(args) == 2
+        assert "is not of the form key=value" in one_line_error(capsys)
+    assert main(["sweep", PRESET, "--grid", "epochs", "--dry-run"]) == 2
+    assert "is not of the form KEY=V1,V2,..." in one_line_error(capsys)
+    splitters = [p.relative_to(ROOT).as_posix() for p in (ROOT / "locallearn").rglob("*.py")
+                 if '.partition("=")' in p.read_text()]
+    assert splitters == ["locallearn/config.py"]

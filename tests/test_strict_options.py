@@ -44,6 +44,8 @@ def test_every_rule_declares_typed_options_and_its_settings():
          "unknown config key 'rule.options.pool'"),
         (["rule.name=bp-ssl", "rule.loss=clapp", "rule.temperature=0.2"],
          "rule.temperature=0.2 does not apply"),
+        (["rule.name=layerwise", "rule.loss=infonce", "rule.temperature=0"],
+         "rule.temperature=0.0 is invalid: must be > 0"),
         (["net.channels_last=false"], "net.channels_last=False does not apply to data.name=rhm"),
         (["probe.epochs=3"], "probe.epochs=3 does not apply to data.name=rhm"),
         (["probe.augment=true"], "probe.augment=True does not apply"),
@@ -131,3 +133,12 @@ def test_the_bp_ssl_references_are_named_apart_from_the_bp_ssl_rule():
     names = {build_rule(RuleConfig(name=n)).reference_rule().name
              for n in ("layerwise", "clapp-image", "bp-ssl")}
     assert names == {"top-loss-backprop(layerwise)", "top-loss-backprop(clapp-image)", "bp-ssl"}
+
+
+def test_bad_rule_values_fail_when_the_config_is_built():
+    """Sweeps check every config before starting (--dry-run): values are checked there too."""
+    with pytest.raises(ValueError, match=r"rule\.temperature=-5\.0 is invalid"):
+        build_config({"rule": {"name": "layerwise", "loss": "infonce", "temperature": -5}})
+    with pytest.raises(ValueError, match="rule.options.context='sideways' is invalid"):
+        build_config({"data": {"name": "cifar10"}, "net": {"kind": "vgg6"},
+                      "rule": {"name": "clapp-image", "options": {"context": "sideways"}}})

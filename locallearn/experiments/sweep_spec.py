@@ -46,6 +46,7 @@ from locallearn.config import (
     split_key_value,
 )
 from locallearn.runfiles import CONFIG
+from locallearn.schema import migrate_config
 
 SWEEP_KEYS = ("config", "base", "settings", "grid", "variants", "seeds", "description")
 RUNS_DIR = "runs"
@@ -441,6 +442,9 @@ def expand(spec: SweepSpec, threads: int = 1) -> list[RunSpec]:
 def check_existing(runs: Sequence[RunSpec], out: str | Path) -> None:
     """Raise ValueError when a run folder under ``out`` holds a run of another config.
 
+    Configs saved by earlier versions are brought to today's layout first
+    (:func:`locallearn.schema.migrate_config`).
+
     Keys that only one of the two configs has are ignored (a config key added to the code since
     the run was made, with its default); every value both have must agree.
     """
@@ -452,7 +456,9 @@ def check_existing(runs: Sequence[RunSpec], out: str | Path) -> None:
             old = yaml.safe_load(path.read_text())
         except yaml.YAMLError:
             continue  # a torn write: the run starts again and rewrites it
-        where = first_difference(old, run.raw)
+        if not isinstance(old, dict):
+            continue
+        where = first_difference(migrate_config(old), run.raw)
         if where is not None:
             raise ValueError(
                 f"{str(run.run_dir(out))!r} holds a run of another config (differs at {where}); "

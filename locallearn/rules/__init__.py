@@ -70,7 +70,8 @@ def check_rule_config(cfg: Any) -> None:
 
     A setting (``rule.loss``, ``rule.view``, ``rule.f``, ``rule.negatives``,
     ``rule.temperature``) that the rule does not read is a ValueError naming it; the settings
-    it reads and that are unset (``None``) get the rule's defaults. The options are checked too.
+    it reads and that are unset (``None``) get the rule's defaults. The options are checked,
+    and the rule is made once so that its own value checks run (before any data is loaded).
     """
     cls = rule_class(cfg.name)
     section = {key: getattr(cfg, key) for key in SETTING_KEYS}
@@ -85,7 +86,7 @@ def check_rule_config(cfg: Any) -> None:
             )
         if key in used and value is None:
             setattr(cfg, key, used[key])
-    rule_options(cfg)
+    cls.from_config(cfg, rule_options(cfg), 0)
 
 
 def build_rule(cfg: Any, seed: int = 0, **task_info: Any) -> Rule:

@@ -49,7 +49,8 @@ class BPSSL(ImageSSLRule):
     def from_config(cls, cfg, options: BPOptions, seed: int, **task_info) -> BPSSL:
         o = options
         return cls(cfg.loss, o.pool, cfg.f or "hinge", cfg.negatives or "next", o.score_norm,
-                   cfg.temperature or 0.1, o.projection_dim, seed, o.micro_batches)
+                   0.1 if cfg.temperature is None else cfg.temperature, o.projection_dim,
+                   seed, o.micro_batches)
 
     def __init__(
         self,

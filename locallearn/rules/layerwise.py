@@ -105,7 +105,8 @@ class Layerwise(Rule):
     def from_config(cls, cfg, options: LayerwiseOptions, seed: int, **task_info) -> Layerwise:
         return cls(
             loss=cfg.loss, view=cfg.view, f=cfg.f or "hinge", negatives=cfg.negatives or "next",
-            temperature=cfg.temperature or 0.1, s=task_info.get("s", 2),
+            temperature=0.1 if cfg.temperature is None else cfg.temperature,
+            s=task_info.get("s", 2),
             score_norm=options.score_norm,
         )
 
