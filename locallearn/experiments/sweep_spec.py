@@ -18,6 +18,9 @@ A plain run preset (without those keys) is a sweep of one grid point. From the c
 ``--seeds 0,1,2`` replaces the seeds and ``key=value`` overrides apply to every run. The config of
 one run is: preset, then ``settings``, then the overrides, then the grid values, then its seed.
 
+An axis may be any config key, ``epochs`` included: in the results its column holds the axis's
+value (a summary entry of the same name stays in ``summary_json``).
+
 This module reads the specification and expands it into runs (:func:`load_sweep`,
 :func:`expand`); :mod:`locallearn.experiments.sweep` launches them.
 """
