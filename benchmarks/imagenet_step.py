@@ -35,11 +35,11 @@ def child(args: argparse.Namespace) -> dict:
     import torch
 
     from locallearn.data.augment import SSLViews, center_crop, normalize
-    from locallearn.experiments.schema import load_config
     from locallearn.nets.vgg import VGG_KINDS
     from locallearn.optim import build_optimizer
     from locallearn.rules import build_rule
     from locallearn.rules.base import Batch
+    from locallearn.schema import load_config
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

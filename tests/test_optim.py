@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from locallearn.experiments.schema import load_config
+from locallearn.experiments.runs import run
+from locallearn.experiments.tasks import build_task
 from locallearn.optim import LARS, build_optimizer, lars_param_groups, warmup_cosine
-from locallearn.train import Trainer, build_task, run
+from locallearn.schema import load_config
+from locallearn.train import Trainer
 
 TINY = [
     "data.v=8", "data.n_classes=4", "data.m=4", "data.L=2", "data.train_size=2P*",

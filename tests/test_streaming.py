@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 
 from locallearn.data.streaming import PathList, StreamLoader, decode_square, open_stream
-from locallearn.experiments.schema import load_config
+from locallearn.experiments.runs import run
+from locallearn.experiments.tasks import build_task
 from locallearn.nets.vgg import VGG8_PLAN, feature_sides, probe_grid, vgg8
-from locallearn.train import Trainer, build_task, run
+from locallearn.schema import load_config
+from locallearn.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = ["n02000003", "n01000001", "n01500002"]  # written unsorted: labels follow sorted order
@@ -308,9 +310,9 @@ def test_missing_imagenet_layout_is_a_one_line_error(tmp_path, capsys):
 SCRIPT = """
 import sys, torch
 from locallearn import distributed as ddp
-from locallearn.experiments.schema import load_config
+from locallearn.schema import load_config
 from locallearn.data.streaming import StreamSet
-from locallearn.train import build_task
+from locallearn.experiments.tasks import build_task
 calls = []
 get = StreamSet.__getitem__
 StreamSet.__getitem__ = lambda self, i: calls.append(i) or get(self, i)

@@ -839,3 +839,12 @@ def _mp_start_methods() -> list[str]:
     import multiprocessing as mp
 
     return mp.get_all_start_methods()
+
+
+def subset_indices(n: int, size: int | None, seed: int, salt: int) -> torch.Tensor | None:
+    """Sorted indices of a random subset of ``size`` out of ``n`` (``None``: everything); the
+    generator is seeded from ``seed`` and ``salt`` so each split draws its own subset."""
+    if size is None or size >= n:
+        return None
+    gen = torch.Generator().manual_seed(seed * 1000 + salt)
+    return torch.randperm(n, generator=gen)[:size].sort().values

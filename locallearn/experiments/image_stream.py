@@ -21,6 +21,7 @@ import torch
 
 from locallearn import distributed as ddp
 from locallearn.data.augment import SSLViews, center_crop
+from locallearn.data.images import subset_indices
 from locallearn.data.streaming import StreamLoader, StreamSet, open_stream
 from locallearn.eval.image_probe import ProbeResult, ProbeSettings
 from locallearn.eval.stream_probe import run_stream_probe
@@ -95,14 +96,13 @@ def open_source(task: Any, split: str, persistent: bool) -> StreamSource:
 def init_stream(task: Any) -> None:
     """Set the task's streamed training data, views and facts (the in-memory path's
     counterpart in ``ImageTask.__init__``)."""
-    from locallearn.experiments.image_task import _subset
 
     d, cfg = task.data, task.cfg
     side, load = _sizes(d, None if d.name == "folder" else 224)
     if load < side:
         raise ValueError(f"data.load_size={load} is invalid: must be >= data.image_size={side}")
     full = open_stream(d.name, d.root, task.split, load)
-    keep = _subset(len(full), d.subset, task.subset_seed, 1)
+    keep = subset_indices(len(full), d.subset, task.subset_seed, 1)
     data = full.subset(keep)
     if len(data) < 2:
         raise ValueError(f"{d.name}: the {task.split} split has fewer than 2 images")
@@ -139,16 +139,15 @@ def stream_batches(task: Any, generator: torch.Generator, batch_size: int,
 def stream_probe(task: Any, net: Any, settings: ProbeSettings, augment: bool,
                  progress: bool, d: Any) -> ProbeResult:
     """The linear probe on streamed probe-training and test splits."""
-    from locallearn.experiments.image_task import _subset
 
     _, test_split, probe_split = d.splits()
     train = open_source(task, probe_split, persistent=False)
     test = open_source(task, test_split, persistent=False)
-    keep = _subset(len(train), d.probe_subset, task.subset_seed, 2)
+    keep = subset_indices(len(train), d.probe_subset, task.subset_seed, 2)
     if keep is not None:
         train = StreamSource(train.dataset.subset(keep), task.device, *d.decoding(),
                              persistent=False)
-    keep = _subset(len(test), d.test_subset, task.subset_seed, 3)
+    keep = subset_indices(len(test), d.test_subset, task.subset_seed, 3)
     if keep is not None:
         test = StreamSource(test.dataset.subset(keep), task.device, *d.decoding(),
                             persistent=False)

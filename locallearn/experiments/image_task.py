@@ -20,137 +20,21 @@ frozen encoder and writes ``probe.json``; its accuracy joins ``summary.json`` as
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from locallearn.data.augment import ProbeAugment, SSLViews, normalize
-from locallearn.data.images import ImageSet, dataset_info, load_images
+from locallearn.data.images import ImageSet, dataset_info, load_images, subset_indices
 from locallearn.eval.image_probe import ProbeResult, ProbeSettings, run_probe
-from locallearn.experiments import schema
-from locallearn.experiments.schema import ProbeConfig, RunConfig
 from locallearn.nets.base import BlockNet
 from locallearn.nets.vgg import VGG_KINDS
 from locallearn.rules.base import Batch, Rule
+from locallearn.runfiles import PROBE, write_json_atomic
+from locallearn.schema import ImageDataConfig, ProbeConfig, RunConfig
 
-IMAGE_DATASETS = ("cifar10", "stl10", "tiny-imagenet", "imagenet", "folder")
-#: Default (SSL training split, test split, probe training split) of each dataset.
-DEFAULT_SPLITS: dict[str, tuple[str, str, str]] = {
-    "cifar10": ("train", "test", "train"),
-    "stl10": ("train+unlabeled", "test", "train"),
-    "tiny-imagenet": ("train", "val", "train"),
-    "imagenet": ("train", "val", "train"),
-    "folder": ("train", "test", "train"),
-}
 NET_KINDS = tuple(VGG_KINDS)
-PROBE_FILE = "probe.json"
-
-
-@dataclass
-class ImageDataConfig:
-    """An image dataset for self-supervised training and its linear probe.
-
-    Attributes:
-        name: ``cifar10``, ``stl10``, ``tiny-imagenet`` or ``folder``.
-        root: the data folder (see :func:`locallearn.data.images.load_images` for layouts).
-        split: split of the self-supervised training (default: ``train``; STL-10:
-            ``train+unlabeled``, the 100k unlabelled images and the 5k labelled ones).
-        test_split: split the probe is tested on (default ``test``; Tiny ImageNet ``val``).
-        probe_split: labelled split the probe is trained on (default ``train``).
-        subset: number of SSL training images (a random subset drawn with ``subset_seed``);
-            ``None``: all.
-        probe_subset: number of probe training images (random subset); ``None``: all.
-        test_subset: number of test images (random subset); ``None``: all.
-        subset_seed: seed of the three subsets (``None``: the run's seed).
-        cache_dir: where decoded image trees are cached (default: inside the data folder).
-        download: download the official release into ``root`` when it is not there.
-        streaming: decode the images batch by batch in worker processes instead of holding the
-            split in memory (``None``: on for ``imagenet``, off otherwise; ``folder`` may use it).
-        image_size: streamed data: side of the network's input (default 224).
-        load_size: streamed data: side of the decoded centre square the views and probe crops
-            are cut from (default ``round(1.1 * image_size)``: the probe's test images are
-            resized x1.1 and centre-cropped).
-        workers: streamed data: decoding worker processes (0: the training process decodes;
-            default 4).
-        prefetch: streamed data: batches each worker decodes ahead (default 2).
-
-    How the probe trains (epochs, augmentation, per-block probes, pooling grid) is set in the
-    ``probe`` section (:class:`~locallearn.experiments.schema.ProbeConfig`); the data section
-    says which images it sees.
-    """
-
-    name: Literal["cifar10", "stl10", "tiny-imagenet", "imagenet", "folder"] = "cifar10"
-    root: str = "data/cifar10"
-    split: str | None = None
-    test_split: str | None = None
-    probe_split: str | None = None
-    subset: int | None = None
-    probe_subset: int | None = None
-    test_subset: int | None = None
-    subset_seed: int | None = None
-    cache_dir: str | None = None
-    download: bool = False
-    streaming: bool | None = None
-    image_size: int | None = None
-    load_size: int | None = None
-    workers: int | None = None
-    prefetch: int | None = None
-
-    def streams(self) -> bool:
-        """Whether the images are decoded batch by batch (``streaming``, default per dataset)."""
-        return self.name == "imagenet" if self.streaming is None else bool(self.streaming)
-
-    def validate(self) -> None:
-        for key in ("subset", "probe_subset", "test_subset"):
-            value = getattr(self, key)
-            if value is not None and value < 2:
-                raise ValueError(f"data.{key}={value} is invalid: must be >= 2 (or null: all)")
-        if self.download and self.name in ("folder", "imagenet"):
-            raise ValueError(
-                f"data.download=true is invalid for data.name={self.name} (no public download)"
-            )
-        if self.streams() and self.name not in ("imagenet", "folder"):
-            raise ValueError(
-                f"data.streaming=true is invalid for data.name={self.name}; valid: imagenet, folder"
-            )
-        if self.name == "imagenet" and not self.streams():
-            raise ValueError("data.streaming=false is invalid for data.name=imagenet (too large "
-                             "for memory)")
-        for key in ("image_size", "load_size", "workers", "prefetch"):
-            if getattr(self, key) is not None and not self.streams():
-                raise ValueError(f"data.{key} applies to streamed data only (data.streaming=true)")
-        for key in ("image_size", "load_size"):
-            value = getattr(self, key)
-            if value is not None and value < 8:
-                raise ValueError(f"data.{key}={value} is invalid: must be >= 8")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError(f"data.workers={self.workers} is invalid: must be >= 0")
-        if self.prefetch is not None and self.prefetch < 1:
-            raise ValueError(f"data.prefetch={self.prefetch} is invalid: must be >= 1")
-
-    def decoding(self) -> tuple[int, int]:
-        """``(workers, prefetch)`` of streamed data, defaults filled in."""
-        return (4 if self.workers is None else self.workers,
-                2 if self.prefetch is None else self.prefetch)
-
-    def splits(self) -> tuple[str, str, str]:
-        """``(training split, test split, probe training split)`` with defaults filled in."""
-        train, test, probe = DEFAULT_SPLITS[self.name]
-        return (self.split or train, self.test_split or test, self.probe_split or probe)
-
-
-for _name in IMAGE_DATASETS:
-    schema.DATA_CONFIGS[_name] = ImageDataConfig
-
-
-def _subset(n: int, size: int | None, seed: int, salt: int) -> torch.Tensor | None:
-    """Sorted indices of a random subset of ``size`` out of ``n`` (``None``: everything)."""
-    if size is None or size >= n:
-        return None
-    gen = torch.Generator().manual_seed(seed * 1000 + salt)
-    return torch.randperm(n, generator=gen)[:size].sort().values
 
 
 class ImageTask:
@@ -174,7 +58,7 @@ class ImageTask:
             init_stream(self)
             return
         train = self._load(self.split)
-        keep = _subset(len(train), d.subset, self.subset_seed, 1)
+        keep = subset_indices(len(train), d.subset, self.subset_seed, 1)
         images = train.images if keep is None else train.images[keep]
         labels = train.labels if keep is None else train.labels[keep]
         if images.shape[0] < 2:
@@ -296,10 +180,10 @@ class ImageTask:
         _, test_split, probe_split = d.splits()
         train = self._full_train if probe_split == self.split else self._load(probe_split)
         test = self._load(test_split)
-        keep = _subset(len(train), d.probe_subset, self.subset_seed, 2)
+        keep = subset_indices(len(train), d.probe_subset, self.subset_seed, 2)
         tr_x = train.images if keep is None else train.images[keep]
         tr_y = train.labels if keep is None else train.labels[keep]
-        keep = _subset(len(test), d.test_subset, self.subset_seed, 3)
+        keep = subset_indices(len(test), d.test_subset, self.subset_seed, 3)
         te_x = test.images if keep is None else test.images[keep]
         te_y = test.labels if keep is None else test.labels[keep]
         if tr_x.shape[1:] != te_x.shape[1:]:
@@ -357,11 +241,9 @@ def write_probe(out_dir: Path, result: ProbeResult) -> dict[str, Any]:
 
     Under data parallelism every rank probes (the same result); only rank 0 writes.
     """
-    from locallearn.train import write_json_atomic
-
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        write_json_atomic(out_dir / PROBE_FILE, result.as_dict())
+        write_json_atomic(out_dir / PROBE, result.as_dict())
     keys: dict[str, Any] = {
         "probe_accuracy": result.accuracy,
         "probe_train_accuracy": result.train_accuracy,

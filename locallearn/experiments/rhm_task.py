@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,10 +12,10 @@ import torch.nn.functional as F
 from locallearn.data.rhm import RHM
 from locallearn.data.rhm_views import block_view_pairs, two_views
 from locallearn.eval.probe import batched_features, fit_linear_probe
-from locallearn.experiments.schema import RunConfig, resolve_size
 from locallearn.nets.base import BlockNet
 from locallearn.nets.hier_cnn import hier_cnn
 from locallearn.rules.base import Batch, Rule
+from locallearn.schema import RunConfig, resolve_size
 
 
 class RHMTask:
@@ -98,6 +99,10 @@ class RHMTask:
         with torch.no_grad():
             ro.weight.copy_(w / ro.scale if hasattr(ro, "scale") else w)
             ro.bias.copy_(b)
+
+    def final_metrics(self, net: BlockNet, rule: Rule, out_dir: Path) -> dict[str, Any]:
+        """Nothing beyond the last evaluation."""
+        return {}
 
     def evaluate(self, net: BlockNet, rule: Rule) -> dict[str, float]:
         if not rule.uses_labels:
