@@ -66,7 +66,8 @@ def _reset_peak_rss() -> bool:
 
 def build_rule(mode: str):
     """The rule of a benchmark mode."""
-    from locallearn.rules.image_ssl import BPSSL, LocalImageRule
+    from locallearn.rules.image_bp import BPSSL
+    from locallearn.rules.image_local import LocalImageRule
 
     if mode.startswith("bp-clapp++"):
         parts = int(mode.split()[1][2:]) if " " in mode else 1

@@ -53,7 +53,7 @@ def measure_end_to_end(aug: SSLViews, pairs: int, side: int, device: torch.devic
     trained as the presets train (channels-last encoder, fused AdamW)."""
     from locallearn.nets.vgg import vgg6
     from locallearn.rules.base import Batch
-    from locallearn.rules.image_ssl import LocalImageRule
+    from locallearn.rules.image_local import LocalImageRule
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (pairs, 3, side, side), dtype=torch.uint8, generator=g).to(device)

@@ -1,11 +1,14 @@
 """The ``locallearn`` command line.
 
-Only this module prints and chooses exit codes: 0 ok, 1 the run failed, 2 bad input.
+Only this module prints and chooses exit codes: 0 ok, 1 the run failed (a RunError, or any other
+error once a run has started, out of memory included), 2 bad input (a ValueError). Errors are one
+line; ``LOCALLEARN_TRACEBACK=1`` shows the traceback of an unexpected one.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -15,18 +18,8 @@ from locallearn.runtime import tune_cpu_allocator
 DEFAULT_RHM = {"v": 8, "n_classes": 8, "m": 4, "s": 2, "L": 3, "seed_rules": 0}
 
 
-def parse_key_values(items: Sequence[str], what: str = "argument") -> dict[str, str]:
-    """Parse ``key=value`` strings; a malformed item is a one-line ValueError."""
-    out: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{what} {item!r} is not of the form key=value")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def _cmd_rhm_info(args: argparse.Namespace) -> int:
+    from locallearn.config import parse_key_values
     from locallearn.data.rhm import RHM
 
     params: dict[str, object] = dict(DEFAULT_RHM)
@@ -107,15 +100,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except RunError as err:
-        print(f"locallearn: error: {err}", file=sys.stderr)
-        return 1
+        return _fail(str(err), 1)
     except ValueError as err:
-        print(f"locallearn: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err), 2)
     except KeyboardInterrupt:
         print("locallearn: interrupted; finished work and the last checkpoint are kept",
               file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - anything else: one line, exit 1
+        if os.environ.get("LOCALLEARN_TRACEBACK") == "1":
+            raise
+        what = str(err).splitlines()[0] if str(err) else ""
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+            return _fail(f"out of memory: {what} (lower batch_size or the net's size)", 1)
+        return _fail(f"{type(err).__name__}: {what} (LOCALLEARN_TRACEBACK=1 shows where)", 1)
+
+
+def _fail(message: str, code: int) -> int:
+    """Print one line of error (the first line of ``message``) and return ``code``."""
+    line = message.splitlines()[0] if message else "failed"
+    print(f"locallearn: error: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -191,6 +191,22 @@ def average_metrics(metrics: dict[str, float], count: int | None = None) -> dict
     return {k: float(t[i]) / total for i, k in enumerate(keys)}
 
 
+def gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Every rank's rows concatenated in rank order (``counts[r]``: rank ``r``'s row count).
+
+    The inverse of :func:`shard`: ranks that each decoded their part of a global batch rebuild
+    the whole batch. Identity without a process group.
+    """
+    if not is_initialized():
+        return local
+    most = max(counts)
+    padded = local.new_zeros((most, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
+
+
 def broadcast_params(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
     """Copy ``tensors`` (parameters, buffers) from rank ``src`` to every rank."""
     if not is_initialized():

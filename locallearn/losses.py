@@ -10,6 +10,8 @@ All functions return the mean over the batch unless said otherwise.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +49,21 @@ def f_prime(x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "linear":
         return -torch.ones_like(x)
     raise ValueError("f=softplus-diff acts on u_pos - u_neg; use score_loss")
+
+
+#: How a bilinear score ``z^T B c`` is scaled (``rule.options.score_norm``).
+SCORE_NORMS = ("none", "dims")
+
+
+def score_scale(norm: str, d_z: int, d_c: int) -> float:
+    """The scale ``s`` of the score ``u = s * z^T B c`` of a ``d_z``-dim output predicted from a
+    ``d_c``-dim context: ``1`` for ``none`` (the sum, as in the image paper's code) and
+    ``1 / sqrt(d_z d_c)`` for ``dims`` (``1 / C`` for a ``C x C`` matrix ``B``). The one convention
+    of every CLAPP-style rule (RHM and images); it is a fixed rescaling of ``B``.
+    """
+    if norm not in SCORE_NORMS:
+        raise ValueError(f"score_norm={norm!r} is unknown; valid: {', '.join(SCORE_NORMS)}")
+    return 1.0 / math.sqrt(d_z * d_c) if norm == "dims" else 1.0
 
 
 def score_loss(u_pos: torch.Tensor, u_neg: torch.Tensor, kind: str = "hinge") -> torch.Tensor:

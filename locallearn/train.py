@@ -1,13 +1,18 @@
 """The one training loop, for every rule and every task.
 
 Per epoch: shuffle with the run's generator, hand batches to the rule (which fills ``.grad``),
-step the optimiser, step the schedule, evaluate, append one JSON line to ``metrics.jsonl``, and
-checkpoint every ``checkpoint_every`` epochs and at the end. A run started again in the same
-output directory resumes from its last checkpoint; on CPU it ends bit-identical to an
-uninterrupted run (the generator, the global RNG, the optimiser and the schedule are restored).
+step the optimiser and the (per-step) schedule, evaluate, append one JSON line to
+``metrics.jsonl``, and checkpoint every ``checkpoint_every`` epochs and at the end. A run started
+again in the same output directory resumes from its last checkpoint; on CPU it ends bit-identical
+to an uninterrupted run (the generator, the global RNG, optimiser and schedule are restored).
 
 Files in the output directory: ``config.yaml`` (the resolved config), ``metrics.jsonl``,
-``checkpoint.pt``, ``summary.json`` (written when the run ends).
+``checkpoint.pt``, ``summary.json`` (written when the run ends); see :mod:`locallearn.runfiles`.
+
+The loop is handed a task (:class:`locallearn.task.Task`) and builds the rule by its name
+(:func:`locallearn.rules.build_rule`); it knows neither's kind. The task of a config is built by
+:mod:`locallearn.experiments.tasks`, and :func:`locallearn.experiments.runs.run` is the entry
+point that builds both and trains.
 """
 
 from __future__ import annotations
@@ -26,31 +31,42 @@ import yaml
 from tqdm import tqdm
 
 from locallearn import distributed as ddp
+from locallearn.config import first_difference, to_dict
 from locallearn.errors import RunError
-from locallearn.experiments.config import to_dict
-from locallearn.experiments.schema import RunConfig
-from locallearn.experiments.task import Task
 from locallearn.nets.base import BlockNet
+from locallearn.optim import build_optimizer
 from locallearn.rules import build_rule
 from locallearn.rules.base import Rule
-from locallearn.runtime import tune_cpu_allocator
+from locallearn.runfiles import (
+    CHECKPOINT,
+    CONFIG,
+    METRICS,
+    SUMMARY,
+    check_out_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
+from locallearn.schema import RunConfig, migrate_config
+from locallearn.task import Task
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-CONFIG = "config.yaml"
-
-
-#: config keys that change how a run is shown or scheduled, never its result
 #: Version of the checkpoint layout. 2: image rules' prediction matrices act on pooled features
 #: flattened position-major (earlier checkpoints are upgraded when loaded).
 CHECKPOINT_FORMAT = 2
-RUNTIME_KEYS = ("progress", "threads", "device")
+#: config keys that change how a run is shown or scheduled, never its result
+RUNTIME_KEYS = ("progress", "threads", "device", "label")
+#: what a run may change when started again in the same directory: the runtime keys and
+#: ``epochs`` (a larger value extends a run; it continues from its last checkpoint)
+RESUMABLE_KEYS = (*RUNTIME_KEYS, "epochs")
 
 
 def _comparable(raw: dict[str, Any]) -> dict[str, Any]:
-    """A saved config without its runtime keys (a run may resume with other ones)."""
-    return {k: v for k, v in raw.items() if k not in RUNTIME_KEYS}
+    """A saved config without the keys a resumed run may change."""
+    return {k: v for k, v in raw.items() if k not in RESUMABLE_KEYS}
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None)
+    return isinstance(err, MemoryError) or (oom is not None and isinstance(err, oom))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,28 +78,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]):
-    """The optimiser and the (per-epoch) schedule of the config."""
-    o = cfg.optim
-    fused: dict[str, Any] = {"fused": True} if o.fused else {}  # else torch's default
-    if o.name == "adam":
-        opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
-    elif o.name == "adamw":
-        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
-    else:
-        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                              **fused)
-    sched = None
-    if o.schedule == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs, 1))
-    return opt, sched
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file and rename it over ``path``."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def peak_rss_mib() -> float:
@@ -101,7 +95,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, task: Task, out_dir: str | Path):
         self.cfg = cfg
         self.task = task
-        self.out = Path(out_dir)
+        self.out = check_out_dir(out_dir)
         self.device = resolve_device(ddp.local_device(cfg.device))
         self.rank, self.world = ddp.rank(), ddp.world_size()
         self.main = self.rank == 0
@@ -115,12 +109,17 @@ class Trainer:
         self.rule.to(self.device)
         self.params = self.rule.trained_parameters(self.net)
         ddp.broadcast_params(list(self.params) + list(self.rule.buffers()))
-        self.opt, self.sched = build_optimizer(cfg, self.params)
+        steps = getattr(task, "steps_per_epoch", None)
+        self.opt, self.sched = build_optimizer(
+            cfg, self.params, steps(cfg.batch_size) if steps is not None else 1
+        )
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
         self.seconds = 0.0  # training steps
         self.eval_seconds = 0.0  # evaluations, alignment and final metrics (the probe)
         self.history: list[dict[str, Any]] = []
+        self.first_loss: float | None = None  # of the run's first batch (the blow-up guard)
+        self.saved_epoch: int | None = None  # epoch of the checkpoint on disk
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
@@ -137,6 +136,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "history": self.history,
+            "first_loss": self.first_loss,
         }
 
     def save_checkpoint(self) -> None:
@@ -144,69 +144,146 @@ class Trainer:
             tmp = self.out / (CHECKPOINT + ".tmp")
             torch.save(self.state(), tmp)
             os.replace(tmp, self.out / CHECKPOINT)
+        self.saved_epoch = self.epoch
         ddp.barrier()
 
     def load_checkpoint(self) -> bool:
         path = self.out / CHECKPOINT
         if not path.exists():
             return False
-        # on the CPU first: RNG states must stay CPU byte tensors; load_state_dict moves the rest
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        self.net.load_state_dict(state["net"])
-        self.rule.load_state_dict(state["rule"])
-        self.rule.upgrade_state(self.net, state.get("format", 1))
-        self.opt.load_state_dict(state["optimizer"])
-        if self.sched is not None and state["scheduler"] is not None:
-            self.sched.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.epoch = state["epoch"]
-        self.seconds = state["seconds"]
-        self.eval_seconds = state.get("eval_seconds", 0.0)
-        self.history = state["history"]
+        try:
+            # on the CPU first: RNG states must stay CPU byte tensors; load_state_dict moves the
+            # rest
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            self.net.load_state_dict(state["net"])
+            self.rule.load_state_dict(state["rule"])
+            self.rule.upgrade_state(self.net, state.get("format", 1))
+            self.opt.load_state_dict(state["optimizer"])
+            if self.sched is not None and state["scheduler"] is not None:
+                self.sched.load_state_dict(state["scheduler"])
+            self.generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            if state.get("cuda_rng") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            self.epoch = int(state["epoch"])
+            self.seconds = state["seconds"]
+            self.eval_seconds = state.get("eval_seconds", 0.0)
+            self.history = list(state["history"])
+            self.first_loss = state.get("first_loss")
+        except Exception as err:  # noqa: BLE001 - any unreadable file: one line and the way out
+            what = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            raise ValueError(
+                f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {what}); move it "
+                "aside to start this run again from scratch, or restore it from a copy"
+            ) from None
+        self.saved_epoch = self.epoch
         return True
 
     def _write_metrics(self) -> None:
         if not self.main:
             return
         lines = "".join(json.dumps(row) + "\n" for row in self.history)
-        tmp = self.out / (METRICS + ".tmp")
-        tmp.write_text(lines)
-        os.replace(tmp, self.out / METRICS)
+        write_text_atomic(self.out / METRICS, lines)
 
     # ------------------------------------------------------------------ the loop
     def prepare_output(self) -> bool:
-        """Create the output directory; return True when a checkpoint was resumed."""
-        cfg_text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        """Create the output directory; return True when a checkpoint was resumed.
+
+        A directory that holds a run of another config is a ValueError naming the first key
+        that differs. ``epochs`` may differ: a larger value extends the run (it continues from
+        its last checkpoint, as a run started with that many epochs would), a smaller one than
+        the checkpoint's is an error, and so is a new length under the cosine schedule (which
+        anneals over the run's length).
+        """
+        new = to_dict(self.cfg)
+        cfg_text = yaml.safe_dump(new, sort_keys=False)
         cfg_path = self.out / CONFIG
         if cfg_path.exists() and (self.out / CHECKPOINT).exists():
-            old = _comparable(yaml.safe_load(cfg_path.read_text()))
-            if old != _comparable(yaml.safe_load(cfg_text)):
+            old = self._saved_config(cfg_path)
+            where = first_difference(_comparable(old), _comparable(new))
+            if where is not None:
                 raise ValueError(
-                    f"output directory {str(self.out)!r} holds a run of another config; "
-                    "choose another --out or remove it"
+                    f"output directory {str(self.out)!r} holds a run of another config "
+                    f"(differs at {where}); choose another --out, or remove it to start again"
+                )
+            if old.get("epochs") != self.cfg.epochs and self.cfg.optim.schedule == "cosine":
+                raise ValueError(
+                    f"epochs={self.cfg.epochs} differs from the run in {str(self.out)!r} "
+                    f"(epochs={old.get('epochs')}) and optim.schedule=cosine anneals over the "
+                    "run's length; start a new run with another --out"
                 )
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            cfg_path.write_text(cfg_text)
         ddp.barrier()
         resumed = self.load_checkpoint()
+        if resumed and self.epoch > self.cfg.epochs:
+            raise ValueError(
+                f"the run in {str(self.out)!r} has trained {self.epoch} epochs; "
+                f"epochs={self.cfg.epochs} would shorten it (give epochs >= {self.epoch} to "
+                "extend it)"
+            )
+        if self.main:
+            write_text_atomic(cfg_path, cfg_text)
         if resumed:
             self._write_metrics()  # drop lines written after the checkpoint
         return resumed
 
+    @staticmethod
+    def _saved_config(path: Path) -> dict[str, Any]:
+        try:
+            old = yaml.safe_load(path.read_text())
+        except yaml.YAMLError:
+            old = None
+        if not isinstance(old, dict):
+            raise ValueError(
+                f"{str(path)!r} is not a readable config; move the run directory aside to "
+                "start again"
+            )
+        return migrate_config(old)
+
+    @property
+    def label(self) -> str:
+        """The run's name in progress bars and summaries (``label``, else the rule's name)."""
+        return self.cfg.label or self.rule.name
+
     def run(self) -> dict[str, Any]:
-        """Train to the end (resuming if possible) and return the summary."""
+        """Train to the end (resuming if possible) and return the summary.
+
+        Bad input found before training starts is a ValueError; a failure once it has started
+        (an error inside a step, a diverging loss, running out of memory) is a
+        :class:`~locallearn.errors.RunError` that says what is kept.
+        """
         self.prepare_output()
+        try:
+            return self._train_and_summarise()
+        except RunError:
+            raise
+        except (ValueError, RuntimeError, MemoryError) as err:
+            what = str(err).splitlines()[0] if str(err) else type(err).__name__
+            where = f"{self.label} failed at epoch {self.epoch + 1}"
+            if _out_of_memory(err):
+                raise RunError(
+                    f"{where}: out of memory ({what[:200]}); lower batch_size, or use "
+                    f"micro-batches or a smaller net; {self._kept()}"
+                ) from None
+            raise RunError(f"{where}: {type(err).__name__}: {what}; {self._kept()}") from None
+
+    def _kept(self) -> str:
+        """What a failed run leaves behind, truthfully."""
+        if self.saved_epoch is None:
+            return (f"no checkpoint was saved, so starting it again in {str(self.out)!r} "
+                    "starts from scratch")
+        return (f"its checkpoint of epoch {self.saved_epoch} is kept in {str(self.out)!r} "
+                "(starting it again resumes from there)")
+
+    def _train_and_summarise(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.epoch == 0 and not self.history:
             self.history.append(self.evaluate(0, {}))
             self._write_metrics()
         bar = tqdm(
             total=cfg.epochs, initial=self.epoch, disable=not (cfg.progress and self.main),
-            desc=self.rule.name, unit="epoch", leave=False,
+            desc=self.label, unit="epoch", leave=False,
         )
         stopped_early = False
         try:
@@ -235,13 +312,11 @@ class Trainer:
         if stopped_early or self.epoch == cfg.epochs:
             self.save_checkpoint()
         summary = self.summary(stopped_early)
-        final = getattr(self.task, "final_metrics", None)
-        if final is not None:  # e.g. the linear probe of image encoders, once at the end
-            self.net.eval()
-            t0 = time.perf_counter()
-            summary.update(final(self.net, self.rule, self.out))
-            self.eval_seconds += time.perf_counter() - t0
-            summary["eval_seconds"] = round(self.eval_seconds, 3)
+        self.net.eval()  # e.g. the linear probe of image encoders, once at the end
+        t0 = time.perf_counter()
+        summary.update(self.task.final_metrics(self.net, self.rule, self.out))
+        self.eval_seconds += time.perf_counter() - t0
+        summary["eval_seconds"] = round(self.eval_seconds, 3)
         if self.main:
             write_json_atomic(self.out / SUMMARY, summary)
         return summary
@@ -272,19 +347,34 @@ class Trainer:
                 ddp.average_grads(self.params, batch.x.shape[0])
                 metrics = ddp.average_metrics(metrics, batch.x.shape[0])
             loss = metrics["loss"]
-            if not math.isfinite(loss):
-                kept = self.epoch - self.epoch % self.cfg.checkpoint_every
-                raise RunError(
-                    f"rule {self.rule.name} diverged at epoch {self.epoch + 1}: loss is {loss}; "
-                    f"the last good checkpoint (epoch {kept}) is kept in {self.out}"
-                )
+            self._check_loss(loss)
             self.opt.step()
+            if self.sched is not None:  # per optimiser step (locallearn.optim)
+                self.sched.step()
             count += n
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * n
-        if self.sched is not None:
-            self.sched.step()
         return {key: value / max(count, 1) for key, value in sums.items()}
+
+    def _check_loss(self, loss: float) -> None:
+        """Stop a diverging run: a loss that is not finite, or that grew beyond
+        ``stop_loss_factor`` times the run's first batch loss (when that was > 0)."""
+        if not math.isfinite(loss):
+            raise RunError(
+                f"{self.label} diverged at epoch {self.epoch + 1}: the loss is {loss}; lower "
+                f"optim.lr; {self._kept()}"
+            )
+        if self.first_loss is None:
+            self.first_loss = loss
+            return
+        factor = self.cfg.stop_loss_factor
+        if factor is not None and self.first_loss > 0 and loss > factor * self.first_loss:
+            raise RunError(
+                f"{self.label} diverged at epoch {self.epoch + 1}: the loss grew to {loss:.4g}, "
+                f"more than stop_loss_factor={factor:g} times its first value "
+                f"{self.first_loss:.4g}; lower optim.lr (or set stop_loss_factor=null to train "
+                f"on); {self._kept()}"
+            )
 
     def evaluate(self, epoch: int, train_metrics: dict[str, float]) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -323,6 +413,10 @@ class Trainer:
         best = max(evals, key=lambda r: r["test_accuracy"]) if evals else last
         return {
             "rule": self.rule.name,
+            "label": self.label,
+            #: how test accuracies are read out: through the net's own trained read-out, or a
+            #: linear read-out fitted on the frozen features of a rule that never sees labels
+            "readout": "end-to-end" if self.rule.uses_labels else "linear (frozen features)",
             "rule_config": to_dict(self.cfg.rule),
             "test_accuracy": last.get("test_accuracy"),
             "test_loss": last.get("test_loss"),
@@ -341,36 +435,3 @@ class Trainer:
             "torch": torch.__version__,
             **self.task.info,
         }
-
-
-def build_task(cfg: RunConfig) -> Task:
-    """The task of ``cfg.data.name`` on the config's device (this rank's, under torchrun)."""
-    device = resolve_device(ddp.local_device(cfg.device))
-    if cfg.data.name == "rhm":
-        from locallearn.experiments.rhm_task import RHMTask
-
-        return RHMTask(cfg, device)
-    from locallearn.experiments import image_task
-
-    return image_task.ImageTask(cfg, device)
-
-
-def run(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Train ``cfg`` into ``out_dir`` (resuming a checkpoint there) and return the summary.
-
-    Under ``torchrun`` every rank calls this; the process group is set up and torn down here.
-    It also tunes the process's memory allocator for speed, for the rest of the process
-    (:func:`locallearn.runtime.tune_cpu_allocator`).
-    """
-    tune_cpu_allocator()
-    started = ddp.world_size_from_env() > 1 and not ddp.is_initialized()
-    ddp.init_from_env(cfg.device)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            build_rule(cfg.rule, cfg.seed)  # bad rule options fail before the data loads
-        torch.manual_seed(cfg.seed)
-        task = build_task(cfg)
-        return Trainer(cfg, task, out_dir).run()
-    finally:
-        if started:
-            ddp.cleanup()

@@ -10,8 +10,10 @@ import torch
 
 from locallearn.cli import main
 from locallearn.eval.alignment import alignment
-from locallearn.experiments.schema import load_config
-from locallearn.train import Trainer, build_task, run
+from locallearn.experiments.runs import run
+from locallearn.experiments.tasks import build_task
+from locallearn.schema import load_config
+from locallearn.train import Trainer
 
 TINY = ["data.v=8", "data.n_classes=4", "data.m=4", "data.L=3", "data.train_size=1P*",
         "data.test_size=20", "net.width=24", "batch_size=32", "progress=false"]
@@ -75,7 +77,7 @@ def test_alignment_callback_and_align_command(tmp_path, capsys):
     out = json.loads((tmp_path / "alignment.json").read_text())
     assert [r["block"] for r in out] == [1, 2, 3]
     assert {"cosine_mean", "cosine_std"} <= set(out[0])
-    assert "alignment of layerwise with bp-ssl" in capsys.readouterr().out
+    assert "alignment of layerwise with top-loss-backprop(layerwise)" in capsys.readouterr().out
     assert main(["align", str(tmp_path / "missing")]) == 2
     assert "is not a run directory" in capsys.readouterr().err
 

@@ -24,7 +24,7 @@ from locallearn.data.rhm import RHM
 from locallearn.nets.hier_cnn import hier_cnn
 from locallearn.nets.vgg import vgg6
 from locallearn.rules.base import Batch
-from locallearn.rules.image_ssl import LocalImageRule
+from locallearn.rules.image_local import LocalImageRule
 from locallearn.rules.layerwise import Layerwise
 
 GLOBAL_BATCH = 7  # parts of 4 and 3: uneven, weighted by the part sizes

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from locallearn.experiments.schema import load_config
-from locallearn.train import Trainer, build_task, run
+from locallearn.experiments.runs import run
+from locallearn.experiments.tasks import build_task
+from locallearn.schema import load_config
+from locallearn.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["data.v=8", "data.n_classes=4", "data.m=4", "data.L=2", "data.train_size=2P*",

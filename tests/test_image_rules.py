@@ -12,14 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from locallearn.eval.memory import saved_activation_meter
-from locallearn.experiments.schema import RuleConfig
 from locallearn.nets.base import Block, BlockNet
 from locallearn.nets.vgg import vgg6
 from locallearn.rules import build_rule, registered
 from locallearn.rules.base import Batch
+from locallearn.rules.image_bp import BPSSL
 from locallearn.rules.image_explicit import explicit_grads
 from locallearn.rules.image_grid import pool_flat
-from locallearn.rules.image_ssl import BPSSL, FFRule, LocalImageRule
+from locallearn.rules.image_local import FFRule, LocalImageRule
+from locallearn.schema import RuleConfig
 
 SIDE = 16
 WIDTH = 1 / 32  # 4-8-8-16-32-32 channels
@@ -327,7 +328,7 @@ def test_rules_are_registered_and_label_free():
         ("ff", {"options": {"context": "top"}}, "unknown config key 'rule.options.context'"),
         ("bp-ssl", {"loss": "vicreg"}, "rule.loss='vicreg' is invalid"),
         ("bp-ssl", {"options": {"projection_dim": 0}}, "projection_dim=0 is invalid"),
-        ("bp-ssl", {"temperature": 0.0}, "rule.temperature=0.0 is invalid"),
+        ("bp-ssl", {"loss": "infonce", "temperature": 0.0}, "rule.temperature=0.0 is invalid"),
         ("clapp-image", {"options": {"micro_batches": 0}}, "micro_batches=0 is invalid"),
         ("ff", {"options": {"micro_batches": -1}}, "micro_batches=-1 is invalid"),
         ("clapp-image", {"f": "softplus-diff", "options": {"micro_batches": 2}},
@@ -375,7 +376,7 @@ def test_reference_rule_is_the_top_loss_backpropagated(context):
     v1, v2 = _views()
     rule = _setup(LocalImageRule(context, "auto", "hinge", "random"), net, v1)
     reference = rule.reference_rule()
-    assert reference.name == "bp-ssl" and list(reference.parameters()) == []
+    assert reference.name == "top-loss-backprop(clapp-image)" and list(reference.parameters()) == []
     rows = alignment(rule, net, [Batch(v1, None, (v1, v2), torch.Generator().manual_seed(2))])
     assert rows[-1]["cosine_mean"] == pytest.approx(1.0, abs=1e-9)  # top block: the same update
     assert all(-1.0 <= r["cosine_mean"] < 1.0 - 1e-6 for r in rows[:-1])

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from locallearn.nets.vgg import vgg6
 from locallearn.rules.base import Batch
-from locallearn.rules.image_ssl import BPSSL, FFRule, LocalImageRule
+from locallearn.rules.image_bp import BPSSL
+from locallearn.rules.image_local import FFRule, LocalImageRule
 
 N = 4
 #: the paper's grid (cells per side of each block's pooled map) gives these pool sizes at 32 px

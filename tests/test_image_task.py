@@ -19,11 +19,12 @@ import yaml
 from PIL import Image
 
 from locallearn import cli
-from locallearn.experiments.image_task import ImageDataConfig, ImageTask
+from locallearn.experiments.image_task import ImageTask
 from locallearn.experiments.probe_command import add_probe, probe_run
-from locallearn.experiments.schema import DATA_CONFIGS, load_config
+from locallearn.experiments.runs import run
 from locallearn.nets.vgg import vgg6
-from locallearn.train import Trainer, run
+from locallearn.schema import DATA_CONFIGS, ImageDataConfig, load_config
+from locallearn.train import Trainer
 
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 

@@ -19,10 +19,10 @@ from locallearn.eval.rhm_measures import (
     synonym_sensitivity,
 )
 from locallearn.experiments.analyze import PLOTS, add_analyze, analyze_run, format_analysis
-from locallearn.experiments.schema import load_config
+from locallearn.experiments.runs import run
 from locallearn.nets.hier_cnn import hier_cnn
 from locallearn.rules.feedback import DirectFeedback
-from locallearn.train import run
+from locallearn.schema import load_config
 
 SMALL = {"v": 4, "n_classes": 4, "m": 2, "s": 2, "L": 3}
 

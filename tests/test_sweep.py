@@ -17,12 +17,12 @@ import pytest
 import yaml
 
 from locallearn.experiments.results import DB_NAME, ResultsStore
-from locallearn.experiments.sweep import (
+from locallearn.experiments.sweep import run_sweep
+from locallearn.experiments.sweep_spec import (
     expand,
     load_sweep,
     parse_grid_arg,
     run_name,
-    run_sweep,
     sanitise,
     split_values,
 )
@@ -245,7 +245,8 @@ def test_worker_killed_mid_run_is_resumed_and_recorded_once(tmp_path):
 SWEEP_SCRIPT = textwrap.dedent(
     """
     import sys
-    from locallearn.experiments.sweep import load_sweep, run_sweep
+    from locallearn.experiments.sweep import run_sweep
+    from locallearn.experiments.sweep_spec import load_sweep
 
     if __name__ == "__main__":
         spec = load_sweep(sys.argv[1], overrides=["epochs=4"])

@@ -19,7 +19,7 @@ from torch import nn
 
 from locallearn.nets.base import Block, BlockNet
 from locallearn.rules.base import Batch
-from locallearn.rules.image_ssl import LocalImageRule
+from locallearn.rules.image_local import LocalImageRule
 from locallearn.theory.optimal_b import fit_b
 
 WIDTH, DEPTH, N = 12, 4, 48

@@ -13,8 +13,10 @@ import torch
 
 from locallearn.cli import main
 from locallearn.errors import RunError
-from locallearn.experiments.schema import load_config, resolve_size
-from locallearn.train import Trainer, build_task, run
+from locallearn.experiments.runs import run
+from locallearn.experiments.tasks import build_task
+from locallearn.schema import load_config, resolve_size
+from locallearn.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -6,13 +6,14 @@ and return ``float32`` ``(B, 3, H, W)`` on the same device, normalised with the 
 per-channel mean and standard deviation. Every random parameter is drawn per image, in one
 tensor operation for the whole batch: there is no Python loop over images.
 
-:class:`SSLViews` makes the two views of the self-supervised objectives: random resized crop
-(output size = input size; area scale 0.25-1 for CIFAR-10 and 0.08-1 otherwise, aspect ratio
-3/4-4/3), horizontal flip (p 0.5), colour jitter (brightness, contrast, saturation 0.8, hue 0.2)
-with p 0.8, grayscale with p 0.2, Gaussian blur (kernel about 10% of the image side, odd, at least
-3; sigma uniform in 0.1-2.0) with p 0.5, then normalisation. Each image gets its own crop box,
-flip, jitter factors, grayscale and blur draws; only the order in which the four jitter
-adjustments are applied is drawn once per batch (per image in a per-image pipeline).
+:class:`SSLViews` makes the two views of the self-supervised objectives: random resized crop (output
+size = input size unless ``size`` is given, e.g. 224 px views of 246 px streamed squares; area scale
+0.25-1 for CIFAR-10 and 0.08-1 otherwise, aspect ratio 3/4-4/3), horizontal flip (p 0.5), colour
+jitter (brightness, contrast, saturation 0.8, hue 0.2) with p 0.8, grayscale with p 0.2, Gaussian
+blur (kernel about 10% of the image side, odd, at least 3; sigma uniform in 0.1-2.0) with p 0.5,
+then normalisation. Each image gets its own crop box, flip, jitter factors, grayscale and blur
+draws; only the order in which the four jitter adjustments are applied is drawn once per batch (per
+image in a per-image pipeline).
 
 Seeding. The view pipeline is built from kornia augmentations, which draw their random
 parameters from torch's global CPU generator (also when the images are on an accelerator). So:
@@ -39,7 +40,8 @@ from torch import nn
 
 from locallearn.data.images import dataset_info
 
-__all__ = ["ProbeAugment", "SSLViews", "blur_kernel_size", "normalize", "probe_transform",
+__all__ = ["ProbeAugment", "SSLViews", "blur_kernel_size", "center_crop", "normalize",
+           "probe_transform", "random_crop_flip",
            "to_unit_float"]
 
 
@@ -119,9 +121,10 @@ class SSLViews(nn.Module):
         blur_sigma: range of the blur's standard deviation in pixels.
         blur_fraction: kernel size as a fraction of the image side (made odd, at least 3).
         mean, std: explicit normalisation constants (override the dataset's).
+        size: side of the square output views; ``None``: the input's size (any ``H, W``).
 
     ``forward(x)`` returns one view of each image; :meth:`two_views` returns two independent
-    views. Output size equals input size; any ``H, W`` works (pipelines are built per size).
+    views. Pipelines are built per input size.
     """
 
     def __init__(
@@ -139,9 +142,13 @@ class SSLViews(nn.Module):
         blur_fraction: float = 0.1,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        size: int | None = None,
     ) -> None:
         super().__init__()
         m, s = _stats(dataset, mean, std)
+        if size is not None and size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size = size
         if crop_scale is None:
             if dataset is None:
                 raise ValueError("give a dataset name or an explicit crop_scale")
@@ -171,6 +178,9 @@ class SSLViews(nn.Module):
         key = (h, w)
         if key not in self._pipelines:
             import kornia.augmentation as K
+
+            if self.size is not None:
+                h = w = self.size
 
             stages: list[nn.Module] = [
                 # "resample" crops the whole batch with one affine warp; the default "slice"
@@ -290,3 +300,35 @@ def probe_transform(
 ) -> ProbeAugment:
     """The linear probe's training-time augmentation for ``dataset`` (see :class:`ProbeAugment`)."""
     return ProbeAugment(dataset, padding=padding, flip_p=flip_p, mean=mean, std=std)
+
+
+def center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The centre ``size`` x ``size`` square of every image of ``x`` (a view, no copy)."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if size > min(h, w):
+        raise ValueError(f"cannot crop {size} pixels out of {h}x{w} images")
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top:top + size, left:left + size]
+
+
+def random_crop_flip(
+    x: torch.Tensor, size: int, generator: torch.Generator | None = None, flip_p: float = 0.5
+) -> torch.Tensor:
+    """A random ``size`` x ``size`` crop of every image, flipped horizontally with ``flip_p``.
+
+    Offsets and flips are drawn per image from ``generator`` (a CPU generator; default: the
+    global one), the crop taken with two ``gather`` operations for the whole batch.
+    """
+    _check_batch(x)
+    b, c, h, w = x.shape
+    if size > min(h, w):
+        raise ValueError(f"cannot crop {size} pixels out of {h}x{w} images")
+    dev = x.device
+    oy = torch.randint(0, h - size + 1, (b,), generator=generator).to(dev)
+    ox = torch.randint(0, w - size + 1, (b,), generator=generator).to(dev)
+    flip = (torch.rand((b,), generator=generator) < flip_p).to(dev)
+    ar = torch.arange(size, device=dev)
+    rows = oy[:, None] + ar
+    cols = ox[:, None] + torch.where(flip[:, None], size - 1 - ar, ar)
+    out = x.gather(2, rows[:, None, :, None].expand(b, c, size, w))
+    return out.gather(3, cols[:, None, None, :].expand(b, c, size, size))

@@ -150,6 +150,15 @@ DATASETS: dict[str, DatasetInfo] = {
         std=(0.2770, 0.2691, 0.2821),
         crop_scale=(0.08, 1.0),
     ),
+    "imagenet": DatasetInfo(
+        name="imagenet",
+        image_size=224,
+        num_classes=1000,
+        splits=("train", "val"),
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        crop_scale=(0.08, 1.0),
+    ),
     "folder": DatasetInfo(
         name="folder",
         image_size=None,
@@ -165,7 +174,7 @@ DATASETS: dict[str, DatasetInfo] = {
 def _canonical_name(name: str) -> str:
     key = str(name).strip().lower().replace("_", "-")
     aliases = {"cifar-10": "cifar10", "stl-10": "stl10", "tinyimagenet": "tiny-imagenet",
-               "tiny-imagenet-200": "tiny-imagenet"}
+               "tiny-imagenet-200": "tiny-imagenet", "ilsvrc2012": "imagenet"}
     key = aliases.get(key, key)
     if key not in DATASETS:
         raise ValueError(
@@ -318,6 +327,11 @@ def load_images(
         return _load_stl10(root_path, split)
     if key == "tiny-imagenet":
         return _load_tiny_imagenet(root_path, split, opts)
+    if key == "imagenet":
+        raise ValueError(
+            "imagenet: too large to decode into memory; it is read image by image "
+            "(locallearn.data.streaming.open_stream)"
+        )
     return _load_folder(root_path, split, opts)
 
 
@@ -825,3 +839,12 @@ def _mp_start_methods() -> list[str]:
     import multiprocessing as mp
 
     return mp.get_all_start_methods()
+
+
+def subset_indices(n: int, size: int | None, seed: int, salt: int) -> torch.Tensor | None:
+    """Sorted indices of a random subset of ``size`` out of ``n`` (``None``: everything); the
+    generator is seeded from ``seed`` and ``salt`` so each split draws its own subset."""
+    if size is None or size >= n:
+        return None
+    gen = torch.Generator().manual_seed(seed * 1000 + salt)
+    return torch.randperm(n, generator=gen)[:size].sort().values

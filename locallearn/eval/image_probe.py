@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from locallearn.eval.probe import fit_linear_probe
 from locallearn.nets.base import BlockNet
-from locallearn.nets.vgg import PAPER_GRID, feature_sides, pool_sizes_for_grid
+from locallearn.nets.vgg import feature_sides, pool_sizes_for_grid, probe_grid
 from locallearn.rules.image_grid import pool_flat
 
 __all__ = ["ProbeResult", "ProbeSettings", "encoder_features", "probe_pools", "run_probe"]
@@ -94,7 +94,7 @@ class ProbeResult:
 def probe_pools(net: BlockNet, side: int, grid: tuple[int, ...] | None = None) -> list[int]:
     """Pool size of every block for square inputs of side ``side`` (default grid: the paper's)."""
     sides = feature_sides(net, side)
-    return pool_sizes_for_grid(sides, grid if grid is not None else PAPER_GRID[: len(sides)])
+    return pool_sizes_for_grid(sides, grid if grid is not None else probe_grid(len(sides)))
 
 
 @torch.no_grad()

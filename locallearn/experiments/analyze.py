@@ -56,11 +56,11 @@ def analyze_run(
     Raises:
         ValueError: missing directory, not a run, not an RHM run, bad arguments.
     """
-    from locallearn.experiments.config import load_yaml
+    from locallearn.config import load_yaml
     from locallearn.experiments.runs import load_run
     from locallearn.rules.backprop import BackpropNoMask
     from locallearn.rules.feedback import DirectFeedback
-    from locallearn.train import CONFIG
+    from locallearn.runfiles import CONFIG
 
     path = Path(run_dir)
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:

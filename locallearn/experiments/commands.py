@@ -9,13 +9,16 @@ from pathlib import Path
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from locallearn.experiments.schema import load_config
-    from locallearn.train import run
+    from locallearn.experiments.runs import run
+    from locallearn.schema import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.label is None:  # progress bar and summary name the preset
+        cfg.label = Path(args.config).stem
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     summary = run(cfg, out)
-    keys = ("rule", "test_accuracy", "probe_accuracy", "chance", "epochs", "seconds")
+    keys = ("label", "rule", "test_accuracy", "readout", "probe_accuracy", "chance", "epochs",
+            "seconds")
     shown = {k: summary[k] for k in keys if summary.get(k) is not None}
     print(json.dumps(shown))
     print(f"wrote {out / 'summary.json'}")
@@ -49,7 +52,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="the RHM study in three minutes: backprop, no masking, DFA, layer-wise SSL",
+        help="the RHM study in a minute: backprop, no masking, DFA, layer-wise SSL",
         description="Train the demo RHM with each rule, print a table and plot test accuracy "
         "per epoch. key=value overrides apply to every rule.",
     )
@@ -63,7 +66,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_align(args: argparse.Namespace) -> int:
     from locallearn.experiments.runs import load_run
-    from locallearn.train import Trainer, write_json_atomic
+    from locallearn.runfiles import write_json_atomic
+    from locallearn.train import Trainer
 
     loaded = load_run(args.run_dir)
     trainer = Trainer(loaded.cfg, loaded.task, loaded.path)
@@ -96,7 +100,7 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_theory(args: argparse.Namespace) -> int:
     from locallearn import theory
-    from locallearn.train import write_json_atomic
+    from locallearn.runfiles import write_json_atomic
 
     inputs = None
     if args.data == "cifar":

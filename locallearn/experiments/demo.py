@@ -12,9 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from locallearn.experiments.config import deep_merge, parse_overrides
-from locallearn.experiments.schema import build_config
-from locallearn.train import run, write_json_atomic
+from locallearn.config import deep_merge, parse_overrides
+from locallearn.experiments.runs import run
+from locallearn.runfiles import check_out_dir, read_metrics, write_json_atomic
+from locallearn.schema import build_config
 
 DEMO_CONFIG: dict[str, Any] = {
     "data": {"name": "rhm", "v": 8, "n_classes": 8, "m": 4, "s": 2, "L": 3,
@@ -39,9 +40,10 @@ DEMO_RULES: dict[str, dict[str, Any]] = {
 
 
 def demo_config(rule: str, overrides: list[str] | None = None, progress: bool = True):
-    """The config of one demo rule, with ``key=value`` overrides applied."""
+    """The config of one demo rule (labelled with its preset name), with ``key=value``
+    overrides applied."""
     raw = deep_merge(deep_merge({}, DEMO_CONFIG), DEMO_RULES[rule])
-    raw = deep_merge(raw, {"progress": progress})
+    raw = deep_merge(raw, {"progress": progress, "label": rule})
     return build_config(deep_merge(raw, parse_overrides(overrides or [])))
 
 
@@ -53,9 +55,8 @@ def run_demo(
 ) -> list[dict[str, Any]]:
     """Run every demo rule; write ``summary.json`` (one object per rule) and ``accuracy.png``."""
     from locallearn.experiments.plots import plot_curves
-    from locallearn.experiments.runs import read_metrics
 
-    out = Path(out_dir)
+    out = check_out_dir(out_dir)
     names = list(rules or DEMO_RULES)
     unknown = [r for r in names if r not in DEMO_RULES]
     if unknown:
@@ -67,11 +68,20 @@ def run_demo(
         summary = run(cfg, out / name)
         summary["name"] = name
         rows.append(summary)
-        curves[name] = read_metrics(out / name)
+        curves[legend(summary)] = read_metrics(out / name)
         write_json_atomic(out / "summary.json", rows)
+    title = _title(configs[names[0]]) if names else ""
+    if any(r["readout"] != "end-to-end" for r in rows):
+        title += "\nlabel-free rules: linear read-out of the frozen top block (at epoch 0 too)"
     plot_curves(curves, out / "accuracy.png", chance=rows[0]["chance"] if rows else None,
-                title=_title(configs[names[0]]) if names else "")
+                title=title)
     return rows
+
+
+def legend(summary: dict[str, Any]) -> str:
+    """A run's name in the figure: its preset, and how its accuracy is read out."""
+    how = "" if summary.get("readout") == "end-to-end" else " (linear read-out)"
+    return f"{summary.get('label') or summary['rule']}{how}"
 
 
 def _title(cfg) -> str:
@@ -81,12 +91,20 @@ def _title(cfg) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The demo's table: rule, test accuracy, chance, epochs, seconds."""
-    head = f"{'rule':<18} {'test acc':>8} {'chance':>7} {'epochs':>6} {'seconds':>8}"
+    """The demo's table: preset, test accuracy, how it is read out, chance, epochs, seconds."""
+    head = (f"{'preset':<18} {'test acc':>8}  {'read-out':<10} {'chance':>7} {'epochs':>6} "
+            f"{'seconds':>8}")
     lines = [head, "-" * len(head)]
+    linear = False
     for r in rows:
+        how = "end-to-end" if r.get("readout") == "end-to-end" else "linear"
+        linear = linear or how == "linear"
         lines.append(
-            f"{r.get('name', r['rule']):<18} {r['test_accuracy']:>8.3f} {r['chance']:>7.3f} "
-            f"{r['epochs']:>6d} {r['seconds']:>8.1f}"
+            f"{r.get('label') or r.get('name', r['rule']):<18} {r['test_accuracy']:>8.3f}  "
+            f"{how:<10} {r['chance']:>7.3f} {r['epochs']:>6d} {r['seconds']:>8.1f}"
         )
-    return "\n".join(lines)
+    notes = ["", "end-to-end: the network's own read-out, trained with the labels."]
+    if linear:
+        notes.append("linear: a linear read-out fitted on the frozen top block of a label-free "
+                     "rule (its accuracy before training is that of random features).")
+    return "\n".join(lines + notes)

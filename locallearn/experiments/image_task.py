@@ -1,7 +1,10 @@
 """Self-supervised learning on images: data on the device, VGG encoder, linear probe at the end.
 
-``data.name`` is ``cifar10``, ``stl10``, ``tiny-imagenet`` or ``folder`` (a tree
-``<root>/<split>/<class>/<images>``); the data section is :class:`ImageDataConfig`. The images of
+``data.name`` is ``cifar10``, ``stl10``, ``tiny-imagenet``, ``imagenet`` or ``folder`` (a tree
+``<root>/<split>/<class>/<images>``); the data section is :class:`ImageDataConfig`. ImageNet, and
+folders with ``data.streaming=true``, are not loaded into memory but decoded batch by batch in
+worker processes (:mod:`locallearn.experiments.image_stream`); everything below holds for them too,
+and the probe reads them in batches as well. The images of
 the training split are loaded once, as ``uint8``, onto the run's device; every batch is a random
 draw without replacement (the run's generator) whose two SSL views are computed on the device for
 the whole batch (:class:`locallearn.data.augment.SSLViews`). The view pipeline draws from torch's
@@ -17,93 +20,21 @@ frozen encoder and writes ``probe.json``; its accuracy joins ``summary.json`` as
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from locallearn.data.augment import ProbeAugment, SSLViews, normalize
-from locallearn.data.images import ImageSet, dataset_info, load_images
+from locallearn.data.images import ImageSet, dataset_info, load_images, subset_indices
 from locallearn.eval.image_probe import ProbeResult, ProbeSettings, run_probe
-from locallearn.experiments import schema
-from locallearn.experiments.schema import ProbeConfig, RunConfig
 from locallearn.nets.base import BlockNet
-from locallearn.nets.vgg import vgg6
+from locallearn.nets.vgg import VGG_KINDS
 from locallearn.rules.base import Batch, Rule
+from locallearn.runfiles import PROBE, write_json_atomic
+from locallearn.schema import ImageDataConfig, ProbeConfig, RunConfig
 
-IMAGE_DATASETS = ("cifar10", "stl10", "tiny-imagenet", "folder")
-#: Default (SSL training split, test split, probe training split) of each dataset.
-DEFAULT_SPLITS: dict[str, tuple[str, str, str]] = {
-    "cifar10": ("train", "test", "train"),
-    "stl10": ("train+unlabeled", "test", "train"),
-    "tiny-imagenet": ("train", "val", "train"),
-    "folder": ("train", "test", "train"),
-}
-NET_KINDS = ("vgg6",)
-PROBE_FILE = "probe.json"
-
-
-@dataclass
-class ImageDataConfig:
-    """An image dataset for self-supervised training and its linear probe.
-
-    Attributes:
-        name: ``cifar10``, ``stl10``, ``tiny-imagenet`` or ``folder``.
-        root: the data folder (see :func:`locallearn.data.images.load_images` for layouts).
-        split: split of the self-supervised training (default: ``train``; STL-10:
-            ``train+unlabeled``, the 100k unlabelled images and the 5k labelled ones).
-        test_split: split the probe is tested on (default ``test``; Tiny ImageNet ``val``).
-        probe_split: labelled split the probe is trained on (default ``train``).
-        subset: number of SSL training images (a random subset drawn with ``subset_seed``);
-            ``None``: all.
-        probe_subset: number of probe training images (random subset); ``None``: all.
-        test_subset: number of test images (random subset); ``None``: all.
-        subset_seed: seed of the three subsets (``None``: the run's seed).
-        cache_dir: where decoded image trees are cached (default: inside the data folder).
-        download: download the official release into ``root`` when it is not there.
-
-    How the probe trains (epochs, augmentation, per-block probes, pooling grid) is set in the
-    ``probe`` section (:class:`~locallearn.experiments.schema.ProbeConfig`); the data section
-    says which images it sees.
-    """
-
-    name: Literal["cifar10", "stl10", "tiny-imagenet", "folder"] = "cifar10"
-    root: str = "data/cifar10"
-    split: str | None = None
-    test_split: str | None = None
-    probe_split: str | None = None
-    subset: int | None = None
-    probe_subset: int | None = None
-    test_subset: int | None = None
-    subset_seed: int | None = None
-    cache_dir: str | None = None
-    download: bool = False
-
-    def validate(self) -> None:
-        for key in ("subset", "probe_subset", "test_subset"):
-            value = getattr(self, key)
-            if value is not None and value < 2:
-                raise ValueError(f"data.{key}={value} is invalid: must be >= 2 (or null: all)")
-        if self.download and self.name == "folder":
-            raise ValueError("data.download=true is invalid for data.name=folder (no release)")
-
-    def splits(self) -> tuple[str, str, str]:
-        """``(training split, test split, probe training split)`` with defaults filled in."""
-        train, test, probe = DEFAULT_SPLITS[self.name]
-        return (self.split or train, self.test_split or test, self.probe_split or probe)
-
-
-for _name in IMAGE_DATASETS:
-    schema.DATA_CONFIGS[_name] = ImageDataConfig
-
-
-def _subset(n: int, size: int | None, seed: int, salt: int) -> torch.Tensor | None:
-    """Sorted indices of a random subset of ``size`` out of ``n`` (``None``: everything)."""
-    if size is None or size >= n:
-        return None
-    gen = torch.Generator().manual_seed(seed * 1000 + salt)
-    return torch.randperm(n, generator=gen)[:size].sort().values
+NET_KINDS = tuple(VGG_KINDS)
 
 
 class ImageTask:
@@ -120,8 +51,14 @@ class ImageTask:
         self.subset_seed = cfg.seed if d.subset_seed is None else d.subset_seed
         info = dataset_info(d.name)
         self.mean, self.std = info.mean, info.std
+        self.stream = None
+        if d.streams():  # decoded batch by batch (ImageNet, large folders)
+            from locallearn.experiments.image_stream import init_stream
+
+            init_stream(self)
+            return
         train = self._load(self.split)
-        keep = _subset(len(train), d.subset, self.subset_seed, 1)
+        keep = subset_indices(len(train), d.subset, self.subset_seed, 1)
         images = train.images if keep is None else train.images[keep]
         labels = train.labels if keep is None else train.labels[keep]
         if images.shape[0] < 2:
@@ -178,13 +115,24 @@ class ImageTask:
                 f"valid: {', '.join(NET_KINDS)}"
             )
         seed = c.seed if c.net.seed is None else c.net.seed
-        net = vgg6(c.net.width_mult, bias=c.net.bias, seed=seed).to(self.device)
+        build = VGG_KINDS[c.net.kind]
+        net = build(c.net.width_mult, bias=c.net.bias, seed=seed).to(self.device)
         if c.net.channels_last:
             net = net.to(memory_format=torch.channels_last)
         return net
 
     def sample_input(self) -> torch.Tensor:
+        if self.stream is not None:
+            from locallearn.data.augment import center_crop
+
+            return self.transform(center_crop(self.stream.sample(2), self.side))
         return self.transform(self.train_images[:2])
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        if self.stream is not None:
+            return self.stream.steps(batch_size)
+        n = self.train_images.shape[0]
+        return n // batch_size + (1 if n % batch_size >= 2 else 0)
 
     def check_rule(self, rule: Rule) -> None:
         from locallearn.rules.image_ssl import RULES, VIEW_KIND
@@ -202,6 +150,11 @@ class ImageTask:
 
         if view_kind not in (None, VIEW_KIND):
             raise ValueError(f"image tasks supply views of kind {VIEW_KIND!r}, not {view_kind!r}")
+        if self.stream is not None:
+            from locallearn.experiments.image_stream import stream_batches
+
+            yield from stream_batches(self, generator, batch_size, view_kind)
+            return
         n = self.train_images.shape[0]
         perm = torch.randperm(n, generator=generator).to(self.device)
         labelled = bool((self.train_labels >= 0).all())
@@ -227,10 +180,10 @@ class ImageTask:
         _, test_split, probe_split = d.splits()
         train = self._full_train if probe_split == self.split else self._load(probe_split)
         test = self._load(test_split)
-        keep = _subset(len(train), d.probe_subset, self.subset_seed, 2)
+        keep = subset_indices(len(train), d.probe_subset, self.subset_seed, 2)
         tr_x = train.images if keep is None else train.images[keep]
         tr_y = train.labels if keep is None else train.labels[keep]
-        keep = _subset(len(test), d.test_subset, self.subset_seed, 3)
+        keep = subset_indices(len(test), d.test_subset, self.subset_seed, 3)
         te_x = test.images if keep is None else test.images[keep]
         te_y = test.labels if keep is None else test.labels[keep]
         if tr_x.shape[1:] != te_x.shape[1:]:
@@ -257,6 +210,11 @@ class ImageTask:
             grid=tuple(p.grid) if p.grid is not None else None,
             seed=self.cfg.seed,
         )
+        if self.stream is not None:
+            from locallearn.experiments.image_stream import stream_probe
+
+            return stream_probe(self, net, settings, p.augment,
+                                self.cfg.progress if progress is None else progress, d)
         augment = None
         if p.augment:
             aug = ProbeAugment(None, mean=self.mean, std=self.std).to(self.device)
@@ -283,11 +241,9 @@ def write_probe(out_dir: Path, result: ProbeResult) -> dict[str, Any]:
 
     Under data parallelism every rank probes (the same result); only rank 0 writes.
     """
-    from locallearn.train import write_json_atomic
-
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        write_json_atomic(out_dir / PROBE_FILE, result.as_dict())
+        write_json_atomic(out_dir / PROBE, result.as_dict())
     keys: dict[str, Any] = {
         "probe_accuracy": result.accuracy,
         "probe_train_accuracy": result.train_accuracy,

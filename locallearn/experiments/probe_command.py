@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from locallearn.experiments.config import deep_merge, parse_overrides, to_dict
+from locallearn.config import deep_merge, parse_overrides, to_dict
 
 PROBE_KEYS_DATA = ("probe_split", "probe_subset", "test_split", "test_subset")
 
@@ -53,8 +53,8 @@ def probe_run(
     """
     from locallearn.experiments.image_task import ImageTask, write_probe
     from locallearn.experiments.runs import load_run
-    from locallearn.experiments.schema import build_config
-    from locallearn.train import SUMMARY, write_json_atomic
+    from locallearn.runfiles import SUMMARY, write_json_atomic
+    from locallearn.schema import build_config
 
     parsed = parse_overrides(overrides or [])
     _check_override_keys(parsed)

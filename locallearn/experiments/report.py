@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from locallearn.experiments.results import ResultsStore
-from locallearn.experiments.sweep import SWEEP_FILE, value_label
+from locallearn.experiments.sweep_spec import SWEEP_FILE, value_label
 
 SIZE_AXIS = "data.train_size"
 DATASET_AXES = ("dataset", "data", "data.name")

@@ -36,7 +36,8 @@ METRIC_COLUMNS = (
     "host", "torch",
 )
 BOOKKEEPING = ("id", "run_dir", "seed", "code_version", "recorded_at", "summary_json")
-#: names a grid axis may not take
+#: names a grid axis may not take (a grid axis that is a run config key, such as ``epochs``, takes
+#: the column of the summary entry of that name; the summary's value stays in ``summary_json``)
 RESERVED_COLUMNS = frozenset(BOOKKEEPING + METRIC_COLUMNS)
 #: shown by ``locallearn results`` without ``--csv`` (with the axes and the seed)
 TABLE_METRICS = (
@@ -253,7 +254,7 @@ class ResultsStore:
         """Columns for display: axes, seed, known metrics, other entries, bookkeeping."""
         cols = self.columns()
         axes = [n for n, _ in self.axes() if n in cols]
-        first = axes + ["seed"] + [c for c in METRIC_COLUMNS if c in cols]
+        first = axes + ["seed"] + [c for c in METRIC_COLUMNS if c in cols and c not in axes]
         tail = ["code_version", "recorded_at", "run_dir"]
         rest = [c for c in cols if c not in first and c not in tail
                 and c not in ("id", "summary_json")]
@@ -276,12 +277,9 @@ class ResultsStore:
 
 
 def _parse_scalar(text: str) -> Any:
-    import yaml
+    from locallearn.config import parse_value
 
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+    value = parse_value(text)
     return db_value(value) if not isinstance(value, (list, dict)) else text
 
 
@@ -337,7 +335,8 @@ def table_columns(columns: Sequence[str], rows: Sequence[dict[str, Any]],
                   axes: Sequence[tuple[str, str]]) -> list[str]:
     """The columns ``locallearn results`` shows by default: axes, seed, main metrics, run_dir."""
     names = [n for n, _ in axes if any(r.get(n) is not None for r in rows)]
-    metrics = [m for m in TABLE_METRICS if m in columns and any(r.get(m) is not None for r in rows)]
+    metrics = [m for m in TABLE_METRICS if m in columns and m not in names
+               and any(r.get(m) is not None for r in rows)]
     if not names:
         metrics = ["rule"] + metrics
     return names + ["seed"] + metrics + ["run_dir"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -11,10 +12,10 @@ import torch.nn.functional as F
 from locallearn.data.rhm import RHM
 from locallearn.data.rhm_views import block_view_pairs, two_views
 from locallearn.eval.probe import batched_features, fit_linear_probe
-from locallearn.experiments.schema import RunConfig, resolve_size
 from locallearn.nets.base import BlockNet
 from locallearn.nets.hier_cnn import hier_cnn
 from locallearn.rules.base import Batch, Rule
+from locallearn.schema import RunConfig, resolve_size
 
 
 class RHMTask:
@@ -62,6 +63,9 @@ class RHMTask:
         if view == "siblings" and self.rhm.L < 2:
             raise ValueError("rule.view=siblings needs data.L >= 2 (a block with siblings)")
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-self.n_train // batch_size)
+
     def batches(
         self, generator: torch.Generator, batch_size: int, view_kind: str | None
     ) -> Iterator[Batch]:
@@ -95,6 +99,10 @@ class RHMTask:
         with torch.no_grad():
             ro.weight.copy_(w / ro.scale if hasattr(ro, "scale") else w)
             ro.bias.copy_(b)
+
+    def final_metrics(self, net: BlockNet, rule: Rule, out_dir: Path) -> dict[str, Any]:
+        """Nothing beyond the last evaluation."""
+        return {}
 
     def evaluate(self, net: BlockNet, rule: Rule) -> dict[str, float]:
         if not rule.uses_labels:

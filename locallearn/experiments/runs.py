@@ -1,4 +1,5 @@
-"""Reading finished (or interrupted) runs back from their output directories."""
+"""Training one run (:func:`run`: builds the task and hands it to the loop) and reading finished
+(or interrupted) runs back from their output directories (:func:`load_run`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,41 @@ from typing import Any
 
 import torch
 
-from locallearn.experiments.config import load_yaml
-from locallearn.experiments.schema import RunConfig, build_config
-from locallearn.experiments.task import Task
+from locallearn import distributed as ddp
+from locallearn.config import load_yaml
+from locallearn.experiments.tasks import build_task
 from locallearn.nets.base import BlockNet
+from locallearn.rules import build_rule
 from locallearn.rules.base import Rule
-from locallearn.train import CHECKPOINT, CONFIG, METRICS, SUMMARY, Trainer, build_task
+from locallearn.runfiles import CHECKPOINT, CONFIG, SUMMARY, check_out_dir, read_metrics
+from locallearn.runtime import tune_cpu_allocator
+from locallearn.schema import RunConfig, build_config, migrate_config
+from locallearn.task import Task
+from locallearn.train import Trainer
+
+__all__ = ["LoadedRun", "load_run", "read_metrics", "run"]
+
+
+def run(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Train ``cfg`` into ``out_dir`` (resuming a checkpoint there) and return the summary.
+
+    Under ``torchrun`` every rank calls this; the process group is set up and torn down here.
+    It also tunes the process's memory allocator for speed, for the rest of the process
+    (:func:`locallearn.runtime.tune_cpu_allocator`).
+    """
+    check_out_dir(out_dir)
+    tune_cpu_allocator()
+    started = ddp.world_size_from_env() > 1 and not ddp.is_initialized()
+    ddp.init_from_env(cfg.device)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            build_rule(cfg.rule, cfg.seed)  # bad rule options fail before the data loads
+        torch.manual_seed(cfg.seed)
+        task = build_task(cfg)
+        return Trainer(cfg, task, out_dir).run()
+    finally:
+        if started:
+            ddp.cleanup()
 
 
 @dataclass
@@ -34,36 +64,6 @@ class LoadedRun:
         return read_metrics(self.path)
 
 
-#: Probe settings that image runs kept in the data section before they moved to ``probe``.
-LEGACY_PROBE_KEYS = {"probe_augment": "augment", "probe_per_block": "per_block",
-                     "probe_batch_size": "batch_size", "probe_grid": "grid"}
-
-
-def migrate_legacy_config(raw: dict[str, Any]) -> bool:
-    """Move the probe settings of an image run saved before they moved to the ``probe`` section.
-
-    Returns whether ``raw`` was such a run's config (changed in place). (Such runs' checkpoints
-    are upgraded by :meth:`locallearn.train.Trainer.load_checkpoint`.)
-    """
-    data = raw.get("data")
-    if not isinstance(data, dict) or not any(k in data for k in LEGACY_PROBE_KEYS):
-        return False
-    probe = raw.get("probe") or {}
-    raw["probe"] = probe
-    for old, new in LEGACY_PROBE_KEYS.items():
-        if old in data:
-            probe.setdefault(new, data.pop(old))
-    return True
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``metrics.jsonl`` (empty when it has none yet)."""
-    path = Path(run_dir) / METRICS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
     """Rebuild a run from ``run_dir`` (its config and last checkpoint).
 
@@ -76,7 +76,7 @@ def load_run(run_dir: str | Path, device: str | None = None) -> LoadedRun:
             "made by locallearn run)"
         )
     raw = load_yaml(path / CONFIG)
-    migrate_legacy_config(raw)
+    migrate_config(raw)
     if device is not None:
         raw["device"] = device
     raw["progress"] = False

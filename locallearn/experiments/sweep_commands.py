@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from locallearn.experiments.sweep import expand, load_sweep, run_sweep
+    from locallearn.experiments.sweep import run_sweep
+    from locallearn.experiments.sweep_spec import expand, load_sweep
 
     spec = load_sweep(args.config, args.grid, args.seeds, args.overrides)
     out = Path(args.out) if args.out else Path("sweeps") / Path(args.config).stem
@@ -71,7 +72,7 @@ def add_sweep(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from locallearn.cli import parse_key_values
+    from locallearn.config import parse_key_values
     from locallearn.experiments.results import (
         format_table,
         read_results,

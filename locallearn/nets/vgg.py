@@ -12,6 +12,14 @@ The losses and the probe average-pool each block's output on a spatial grid. The
 8, 4, 4, 4, 2, 2 cells per side for every dataset (pool sizes 4-4-4-2-2-1 on CIFAR-10,
 12-12-12-6-6-3 on STL-10, 8-8-8-4-4-2 on Tiny ImageNet); :func:`pool_sizes_for_grid` turns grids
 into pool sizes for any input side.
+
+VGG-8 (the paper's ImageNet encoder) has eight blocks ``[128], [256, M], [512, M], [512],
+[1024, M], [1024, M], [1024], [1024, M]``: sides ``224, 112, 56, 56, 28, 14, 14, 7`` at 224 px. Its
+loss pools are 28-28-14-14-14-7-7-7 at 224 px, i.e. grids 8, 4, 4, 4, 2, 2, 2, 1
+(:data:`VGG8_GRID`). Its probe concatenates the 8 blocks pooled onto grids 4, 4, 4, 4, 2, 2, 2, 1
+(:data:`VGG8_PROBE_GRID`): 35,840 values at full width, the feature count the paper reports (the
+loss grids would give 41,984). :func:`loss_grid` and :func:`probe_grid` give the grids of a
+network by its number of blocks.
 """
 
 from __future__ import annotations
@@ -27,6 +35,41 @@ VGG6_PLAN: tuple[tuple[int, bool], ...] = (
 )
 #: Cells per side of the loss (and probe) grid of each VGG-6 block in the paper.
 PAPER_GRID: tuple[int, ...] = (8, 4, 4, 4, 2, 2)
+#: ``(channels, max-pool after the ReLU)`` of each VGG-8 block at full width (ImageNet).
+VGG8_PLAN: tuple[tuple[int, bool], ...] = (
+    (128, False), (256, True), (512, True), (512, False),
+    (1024, True), (1024, True), (1024, False), (1024, True),
+)
+#: Loss grid of VGG-8 (pools 28-28-14-14-14-7-7-7 at 224 px) and its probe grid (35,840 values).
+VGG8_GRID: tuple[int, ...] = (8, 4, 4, 4, 2, 2, 2, 1)
+VGG8_PROBE_GRID: tuple[int, ...] = (4, 4, 4, 4, 2, 2, 2, 1)
+_LOSS_GRIDS = {len(PAPER_GRID): PAPER_GRID, len(VGG8_GRID): VGG8_GRID}
+_PROBE_GRIDS = {len(PAPER_GRID): PAPER_GRID, len(VGG8_PROBE_GRID): VGG8_PROBE_GRID}
+
+
+def loss_grid(n_blocks: int) -> tuple[int, ...]:
+    """The paper's loss grid (cells per side) of a VGG encoder with ``n_blocks`` blocks (up to
+    six blocks: the first ``n_blocks`` cells of VGG-6's grid)."""
+    if n_blocks <= len(PAPER_GRID):
+        return PAPER_GRID[:n_blocks]
+    if n_blocks not in _LOSS_GRIDS:
+        raise ValueError(
+            f"no default pooling grid for {n_blocks} blocks (VGG-6 and VGG-8 have one); "
+            "give explicit pool sizes"
+        )
+    return _LOSS_GRIDS[n_blocks]
+
+
+def probe_grid(n_blocks: int) -> tuple[int, ...]:
+    """The paper's probe grid of a VGG encoder with ``n_blocks`` blocks (see :func:`loss_grid`)."""
+    if n_blocks <= len(PAPER_GRID):
+        return PAPER_GRID[:n_blocks]
+    if n_blocks not in _PROBE_GRIDS:
+        raise ValueError(
+            f"no default probe grid for {n_blocks} blocks (VGG-6 and VGG-8 have one); "
+            "set probe.grid"
+        )
+    return _PROBE_GRIDS[n_blocks]
 
 
 def scaled_width(channels: int, width_mult: float) -> int:
@@ -66,6 +109,16 @@ def vgg6(
             blocks.append(Block(conv, post))
             c_in = c_out
     return BlockNet(blocks, readout=None)
+
+
+def vgg8(width_mult: float = 1.0, in_channels: int = 3, bias: bool = True,
+         seed: int = 0) -> BlockNet:
+    """Build the 8-block VGG encoder of the paper's ImageNet runs (see :func:`vgg6`)."""
+    return vgg6(width_mult, in_channels, bias, seed, plan=VGG8_PLAN)
+
+
+#: ``net.kind`` -> builder of the image encoders.
+VGG_KINDS = {"vgg6": vgg6, "vgg8": vgg8}
 
 
 def feature_sides(net: BlockNet, side: int) -> list[int]:

@@ -1,62 +1,100 @@
 """Learning rules. Each fills ``.grad`` of the parameters it trains; an optimiser steps.
 
-``build_rule(cfg)`` makes a rule from its config section; :func:`register` adds a rule class.
+``build_rule(cfg)`` makes a rule from its config section; every rule is listed here, in one place
+(rule modules never import this package); :func:`register` adds one at run time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 from typing import Any
 
+from locallearn.config import from_dict
 from locallearn.rules.backprop import Backprop, BackpropNoMask
-from locallearn.rules.base import Batch, Rule
+from locallearn.rules.base import SETTING_KEYS, Batch, NoOptions, Rule
 from locallearn.rules.feedback import DirectFeedback
+from locallearn.rules.image_bp import BPSSL
+from locallearn.rules.image_local import FFRule, LocalImageRule
 from locallearn.rules.layerwise import Layerwise
 
 __all__ = ["Batch", "Rule", "Backprop", "BackpropNoMask", "DirectFeedback", "Layerwise",
-           "build_rule", "register", "registered"]
+           "build_rule", "check_rule_config", "register", "registered", "rule_class",
+           "rule_options"]
 
-Builder = Callable[..., Rule]
-
-_BUILDERS: dict[str, Builder] = {
-    "backprop": lambda cfg, seed, **task: Backprop(),
-    "backprop-nomask": lambda cfg, seed, **task: BackpropNoMask(),
-    "dfa": lambda cfg, seed, **task: DirectFeedback("dfa", seed),
-    "drtp": lambda cfg, seed, **task: DirectFeedback("drtp", seed),
-    "sign-dfa": lambda cfg, seed, **task: DirectFeedback("sign-dfa", seed),
-    "layerwise": lambda cfg, seed, **task: Layerwise(
-        loss=cfg.loss, view=cfg.view, f=cfg.f, negatives=cfg.negatives,
-        temperature=cfg.temperature, s=task.get("s", 2), **cfg.options,
-    ),
+#: ``rule.name`` -> the rule's class (every rule of the package, in one place)
+_RULES: dict[str, type[Rule]] = {
+    "backprop": Backprop,
+    "backprop-nomask": BackpropNoMask,
+    "dfa": DirectFeedback,
+    "drtp": DirectFeedback,
+    "sign-dfa": DirectFeedback,
+    "layerwise": Layerwise,
+    "clapp-image": LocalImageRule,
+    "ff": FFRule,
+    "bp-ssl": BPSSL,
 }
 
 
-def register(name: str, builder: Builder) -> None:
-    """Make ``rule.name=<name>`` build a rule with ``builder(rule_config, seed, **task_info)``."""
-    _BUILDERS[name] = builder
+def register(name: str, rule: type[Rule]) -> None:
+    """Make ``rule.name=<name>`` build ``rule`` (its ``Options``, ``settings``, ``from_config``)."""
+    _RULES[name] = rule
 
 
 def registered() -> list[str]:
     """Names accepted by ``rule.name``."""
-    _load_optional()
-    return list(_BUILDERS)
+    return list(_RULES)
+
+
+def rule_class(name: str) -> type[Rule]:
+    """The class of ``rule.name=<name>``; an unknown name is a ValueError."""
+    if name not in _RULES:
+        raise ValueError(f"rule.name={name!r} is unknown; valid: {', '.join(_RULES)}")
+    return _RULES[name]
+
+
+def rule_options(cfg: Any) -> Any:
+    """The typed ``rule.options`` of config section ``cfg`` (checked against the rule's
+    ``Options`` dataclass: an unknown key or a bad value is a one-line ValueError)."""
+    cls = rule_class(cfg.name)
+    options = cfg.options or {}
+    if cls.Options is NoOptions and options:
+        key = next(iter(options))
+        raise ValueError(
+            f"rule.options.{key} is not an option of rule.name={cfg.name}: it takes no options"
+        )
+    return from_dict(cls.Options, options, "rule.options.")
+
+
+def check_rule_config(cfg: Any) -> None:
+    """Check the rule section ``cfg`` and fill in its settings, in place.
+
+    A setting (``rule.loss``, ``rule.view``, ``rule.f``, ``rule.negatives``,
+    ``rule.temperature``) that the rule does not read is a ValueError naming it; the settings
+    it reads and that are unset (``None``) get the rule's defaults. The options are checked,
+    and the rule is made once so that its own value checks run (before any data is loaded).
+    """
+    cls = rule_class(cfg.name)
+    section = {key: getattr(cfg, key) for key in SETTING_KEYS}
+    used = cls.settings_for(section)
+    for key in SETTING_KEYS:
+        value = getattr(cfg, key)
+        if key not in used and value is not None:
+            reads = ", ".join(f"rule.{k}" for k in used) or "none of them"
+            raise ValueError(
+                f"rule.{key}={value!r} does not apply to rule.name={cfg.name} (its settings: "
+                f"{reads}); remove it"
+            )
+        if key in used and value is None:
+            setattr(cfg, key, used[key])
+    cls.from_config(cfg, rule_options(cfg), 0)
 
 
 def build_rule(cfg: Any, seed: int = 0, **task_info: Any) -> Rule:
-    """A rule from its config section (``cfg.name`` and the rule's options).
+    """A rule from its config section (``cfg.name``, its settings and ``cfg.options``).
 
     ``task_info`` carries facts of the task a rule may need (``s``: the RHM branching factor).
+    The section is checked (:func:`check_rule_config`) on a copy; bad values are ValueErrors.
     """
-    _load_optional()
-    if cfg.name not in _BUILDERS:
-        raise ValueError(f"rule.name={cfg.name!r} is unknown; valid: {', '.join(_BUILDERS)}")
-    try:
-        return _BUILDERS[cfg.name](cfg, seed, **task_info)
-    except TypeError as err:
-        raise ValueError(f"rule {cfg.name}: bad option: {err}") from None
-
-
-def _load_optional() -> None:
-    """Rules defined next to the image encoders register themselves on import (imported late:
-    they import this package)."""
-    import locallearn.rules.image_ssl  # noqa: F401
+    cfg = dataclasses.replace(cfg, options=dict(cfg.options or {}))
+    check_rule_config(cfg)
+    return rule_class(cfg.name).from_config(cfg, rule_options(cfg), seed, **task_info)

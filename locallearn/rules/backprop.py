@@ -23,10 +23,20 @@ from locallearn.nets.base import BlockNet
 from locallearn.rules.base import Batch, Rule, relu_grad
 
 
-class Backprop(Rule):
+class SupervisedRule(Rule):
+    """A rule driven by the labels through a read-out; its reference is :class:`Backprop`."""
+
+    def reference_rule(self) -> Rule:
+        return Backprop()
+
+
+class Backprop(SupervisedRule):
     """End-to-end backpropagation of the cross-entropy of the read-out."""
 
     name = "backprop"
+
+    def reference_rule(self) -> Rule:
+        return self
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         logits = net(batch.x)
@@ -36,7 +46,7 @@ class Backprop(Rule):
         return {"loss": float(loss.detach()), "accuracy": float(acc)}
 
 
-class BackpropNoMask(Rule):
+class BackpropNoMask(SupervisedRule):
     """Backprop whose error passes the blocks above with batch-averaged ReLU gates."""
 
     name = "backprop-nomask"

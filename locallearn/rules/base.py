@@ -7,8 +7,9 @@ buffers (fixed random feedback matrices); they live in the rule module and are s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -36,6 +37,15 @@ class Batch:
     block_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
+#: Keys of the rule section, besides ``name`` and ``options``, that a rule may read.
+SETTING_KEYS = ("loss", "view", "f", "negatives", "temperature")
+
+
+@dataclass
+class NoOptions:
+    """The ``rule.options`` of a rule that has none."""
+
+
 class Rule(nn.Module):
     """Base class of learning rules.
 
@@ -43,11 +53,32 @@ class Rule(nn.Module):
         name: the rule's config name.
         uses_labels: whether labels reach the encoder (supervised rules).
         view_kind: which two-view augmentation the loop must supply (``None``: none).
+        Options: the typed dataclass of the rule's ``rule.options`` (an unknown key or a bad
+            value is a one-line error).
+        settings: the keys of :data:`SETTING_KEYS` (``rule.loss``, ``rule.f``...) the rule reads,
+            with their defaults; giving any other one is an error.
+
+    A rule is made from its config section by :meth:`from_config` (see
+    :func:`locallearn.rules.build_rule`).
     """
 
     name: ClassVar[str] = "rule"
     uses_labels: ClassVar[bool] = True
     view_kind: str | None = None
+    Options: ClassVar[type] = NoOptions
+    settings: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def settings_for(cls, section: Mapping[str, Any]) -> dict[str, Any]:
+        """The settings this rule reads given its section (some depend on ``rule.loss``), with
+        their defaults."""
+        return dict(cls.settings)
+
+    @classmethod
+    def from_config(cls, cfg: Any, options: Any, seed: int, **task_info: Any) -> Rule:
+        """The rule of config section ``cfg`` (settings filled in), its typed ``options``, the
+        run's ``seed`` and facts of the task (``s``: the RHM branching factor)."""
+        return cls()
 
     def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
         """Create rule-owned parameters and buffers for ``net`` (called once, before training)."""
@@ -67,13 +98,12 @@ class Rule(nn.Module):
     def reference_rule(self) -> Rule:
         """The backprop counterpart this rule is compared with (gradient alignment).
 
-        Label-driven rules: backprop of the cross-entropy. Self-supervised rules override it
-        with their loss on the top block backpropagated through every block (BP-SSL); the
-        reference shares this rule's parameters (prediction matrices).
+        Label-driven rules (:class:`~locallearn.rules.backprop.SupervisedRule`): backprop of the
+        cross-entropy. Self-supervised rules: their loss on the top block backpropagated through
+        every block (BP-SSL), sharing this rule's parameters (prediction matrices). A rule
+        without one raises ValueError.
         """
-        from locallearn.rules.backprop import Backprop
-
-        return Backprop()
+        raise ValueError(f"rule {self.name} has no backprop reference to be compared with")
 
 
 def relu_grad(a: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule, ce_error, relu_grad
+from locallearn.rules.backprop import SupervisedRule
+from locallearn.rules.base import Batch, ce_error, relu_grad
 
 FEEDBACK_KINDS = ("dfa", "drtp", "sign-dfa")
 
 
-class DirectFeedback(Rule):
+class DirectFeedback(SupervisedRule):
     """DFA and its relatives; ``kind`` in :data:`FEEDBACK_KINDS`."""
 
     name = "dfa"
@@ -38,6 +39,10 @@ class DirectFeedback(Rule):
         self.seed = seed
         self.name = kind  # type: ignore[misc]
         self.n_blocks = 0
+
+    @classmethod
+    def from_config(cls, cfg, options, seed: int, **task_info) -> DirectFeedback:
+        return cls(cfg.name, seed)
 
     def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
         if net.readout is None:

@@ -13,8 +13,9 @@ from torch import nn
 from locallearn import losses
 from locallearn.nets.base import BlockNet
 from locallearn.rules.base import Batch
+from locallearn.rules.image_bp import BPSSL
 from locallearn.rules.image_grid import pool_flat, unflatten_grid, unpool
-from locallearn.rules.image_ssl import BPSSL, ImageSSLRule
+from locallearn.rules.image_ssl import ImageSSLRule
 
 __all__ = ["explicit_grads"]
 

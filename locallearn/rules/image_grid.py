@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from locallearn.nets.vgg import PAPER_GRID, pool_sizes_for_grid
+from locallearn.nets.vgg import loss_grid, pool_sizes_for_grid
 
 __all__ = ["channel_major_order", "pool_flat", "resolve_pools", "unflatten_grid", "unpool"]
 
@@ -18,7 +18,7 @@ __all__ = ["channel_major_order", "pool_flat", "resolve_pools", "unflatten_grid"
 def resolve_pools(pool: list[int] | str, sides: list[int]) -> list[int]:
     """Pool sizes per block for maps of side ``sides``, from ``rule.options.pool``."""
     if pool == "auto":
-        return pool_sizes_for_grid(sides, PAPER_GRID[: len(sides)])
+        return pool_sizes_for_grid(sides, loss_grid(len(sides)))
     if pool == "global":
         return list(sides)
     if not isinstance(pool, list):

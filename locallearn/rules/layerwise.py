@@ -17,20 +17,30 @@ positions). The context ``c`` (same shape) and the pairs come from the view:
 
 Losses (per position, summed over positions, averaged over the batch):
 
-- ``clapp``: ``f(u_pos) + f(-u_neg)`` with ``u = z^T B c / C``; ``B`` is a trainable ``C x C``
+- ``clapp``: ``f(u_pos) + f(-u_neg)`` with ``u = s z^T B c``; ``B`` is a trainable ``C x C``
   prediction matrix shared by the positions, ``c`` detached, the negative ``z`` another sample of
-  the batch; ``f`` the hinge by default (CLAPP). Dividing by the width ``C`` keeps the score of
-  order one at any width (it is a fixed rescaling of ``B``).
-- ``infonce``: cross-entropy of the bilinear scores ``z_i^T B c_j / (C tau)`` over the batch, the
+  the batch; ``f`` the hinge by default (CLAPP). The scale ``s`` is the one convention of every
+  CLAPP-style rule, :func:`locallearn.losses.score_scale` (``rule.options.score_norm``): here
+  ``dims`` by default, ``s = 1 / sqrt(C C) = 1 / C``, which keeps the score of order one at any
+  width (it is a fixed rescaling of ``B``; the RHM presets are tuned with it); ``none`` sums
+  (``s = 1``), the default of the image rules, as in their paper's code.
+- ``infonce``: cross-entropy of the bilinear scores ``s z_i^T B c_j / tau`` over the batch, the
   positive on the diagonal.
 - ``vicreg``: invariance + variance + covariance between the two views' outputs (no ``B``).
 
 Three-factor form of ``clapp`` (checked against autograd in the tests): for a block with
 pre-activation ``a`` and input patch ``x``, ``dW = sum gamma * (B c / C) * relu'(a) x^T`` with
-``gamma = f'(u_pos)`` for the positive and ``-f'(-u_neg)`` for the negative sample.
+``gamma = f'(u_pos)`` for the positive and ``-f'(-u_neg)`` for the negative sample (``s = 1/C``).
+
+Settings: ``rule.loss``, ``rule.view``; ``rule.f`` and ``rule.negatives`` for ``clapp``,
+``rule.temperature`` for ``infonce``. Options: :class:`LayerwiseOptions`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +53,18 @@ from locallearn.rules.base import Batch, Rule
 LOSSES = ("clapp", "infonce", "vicreg")
 VIEWS = ("synonyms", "synonyms-per-block", "mask", "siblings")
 NEGATIVES = ("next", "random")
+
+
+@dataclass
+class LayerwiseOptions:
+    """``rule.options`` of ``layerwise``.
+
+    Attributes:
+        score_norm: scale of the bilinear scores (:func:`locallearn.losses.score_scale`):
+            ``dims`` (default here: ``1 / C``) or ``none`` (the sum).
+    """
+
+    score_norm: Literal["none", "dims"] = "dims"
 
 
 def pick_negatives(n: int, how: str, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -68,6 +90,25 @@ class Layerwise(Rule):
 
     name = "layerwise"
     uses_labels = False
+    Options = LayerwiseOptions
+    settings = {"loss": "clapp", "view": "synonyms", "f": "hinge", "negatives": "next",
+                "temperature": 0.1}
+
+    @classmethod
+    def settings_for(cls, section: Mapping[str, Any]) -> dict[str, Any]:
+        loss = section.get("loss") or cls.settings["loss"]
+        keys = {"clapp": ("loss", "view", "f", "negatives"),
+                "infonce": ("loss", "view", "temperature")}.get(loss, ("loss", "view"))
+        return {k: cls.settings[k] for k in keys}
+
+    @classmethod
+    def from_config(cls, cfg, options: LayerwiseOptions, seed: int, **task_info) -> Layerwise:
+        return cls(
+            loss=cfg.loss, view=cfg.view, f=cfg.f or "hinge", negatives=cfg.negatives or "next",
+            temperature=0.1 if cfg.temperature is None else cfg.temperature,
+            s=task_info.get("s", 2),
+            score_norm=options.score_norm,
+        )
 
     def __init__(
         self,
@@ -77,6 +118,7 @@ class Layerwise(Rule):
         negatives: str = "next",
         temperature: float = 0.1,
         s: int = 2,
+        score_norm: str = "dims",
     ):
         super().__init__()
         for key, value, valid in (
@@ -87,6 +129,10 @@ class Layerwise(Rule):
         ):
             if value not in valid:
                 raise ValueError(f"{key}={value!r} is unknown; valid: {', '.join(valid)}")
+        if not temperature > 0:
+            raise ValueError(f"rule.temperature={temperature} is invalid: must be > 0")
+        losses.score_scale(score_norm, 1, 1)  # checks the name
+        self.score_norm = score_norm
         self.loss_kind = loss
         self.view = view
         self.f = f
@@ -109,8 +155,9 @@ class Layerwise(Rule):
 
     # ------------------------------------------------------------------ losses
     def predict(self, level: int, c: torch.Tensor) -> torch.Tensor:
-        """``B c / C``: the dendritic prediction, same shape as ``c``."""
-        return torch.einsum("dc,nc...->nd...", self.B[level], c) / c.shape[1]
+        """``s B c`` (``s = 1/C`` by default): the dendritic prediction, same shape as ``c``."""
+        scale = losses.score_scale(self.score_norm, c.shape[1], c.shape[1])
+        return torch.einsum("dc,nc...->nd...", self.B[level], c) * scale
 
     def pair_loss(
         self, level: int, z: torch.Tensor, c: torch.Tensor, batch: Batch
@@ -200,16 +247,21 @@ class TopLossBackprop(Rule):
     the single-position top). Shares the layer-wise rule's prediction matrices.
     """
 
-    name = "bp-ssl"
+    name = "top-loss-backprop"
     uses_labels = False
 
     def __init__(self, local: Layerwise):
         super().__init__()
         self.local = [local]  # a list, so that the local rule is not registered as a submodule
+        self.name = f"top-loss-backprop({local.name})"  # type: ignore[misc]
         self.view_kind = local.view_kind
 
     def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
         return self.local[0].trained_parameters(net)
+
+    def reference_rule(self) -> Rule:
+        """End-to-end backprop already: its own reference."""
+        return self
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         local = self.local[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -47,19 +48,44 @@ def deep_merge(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
+def split_key_value(
+    item: str, what: str = "override", form: str = "key=value"
+) -> tuple[str, str]:
+    """``"key=value"`` to ``("key", "value")`` (both stripped); a malformed item is a ValueError.
+
+    The one ``key=value`` splitter of every command (overrides, ``rhm info`` parameters,
+    ``results --filter``, ``sweep --grid``).
+    """
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"{what} {item!r} is not of the form {form}")
+    return key, raw.strip()
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value parsed as a YAML scalar or list (``3`` -> 3, ``2P*`` -> ``'2P*'``)."""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_key_values(items: Sequence[str], what: str = "override") -> dict[str, str]:
+    """``["a=1", "b=x"]`` to a flat mapping of the raw (unparsed, stripped) values."""
+    return dict(split_key_value(item, what) for item in items)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` to a nested mapping; values parsed as YAML scalars or lists."""
     out: dict[str, Any] = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
+        key, raw = split_key_value(item, "override")
+        value = parse_value(raw)
         node = out
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
@@ -163,3 +189,17 @@ def _type_name(tp: Any) -> str:
 def to_dict(obj: Any) -> dict[str, Any]:
     """A dataclass config as a plain mapping (for YAML and JSON)."""
     return dataclasses.asdict(obj)
+
+
+def first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
+    """The first dotted key whose values differ in two configs (keys in both), or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in a:
+            if key in b:
+                found = first_difference(a[key], b[key], f"{prefix}{key}.")
+                if found is not None:
+                    return found
+        return None
+    if a == b:
+        return None
+    return f"{prefix.rstrip('.') or 'config'}: {a!r} vs {b!r}"

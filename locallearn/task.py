@@ -1,8 +1,13 @@
-"""What the training loop needs from a task (data + network + evaluation)."""
+"""What the training loop needs from a task (data + network + evaluation).
+
+The loop (:mod:`locallearn.train`) is handed an object with this shape and never asks which task
+it is; :mod:`locallearn.experiments.tasks` builds one from a config by ``data.name``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -31,8 +36,12 @@ class Task(Protocol):
         self, generator: torch.Generator, batch_size: int, view_kind: str | None
     ) -> Iterator[Batch]: ...
 
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Batches per epoch (the length of a per-step learning-rate schedule)."""
+
     def evaluate(self, net: BlockNet, rule: Rule) -> dict[str, float]:
         """Metrics after an epoch (cheap; written to ``metrics.jsonl``)."""
 
-    # Optional: ``final_metrics(net, rule, out_dir) -> dict`` runs once when training ends and
-    # its result joins ``summary.json`` (the linear probe of image encoders).
+    def final_metrics(self, net: BlockNet, rule: Rule, out_dir: Path) -> dict[str, Any]:
+        """Runs once when training ends (the net in eval mode); the result joins
+        ``summary.json`` (the linear probe of image encoders; ``{}`` when there is nothing)."""

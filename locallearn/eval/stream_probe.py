@@ -1,0 +1,175 @@
+"""The linear probe on data too large for memory: features recomputed from streamed batches.
+
+The protocol is that of :mod:`locallearn.eval.image_probe` (frozen encoder, every block pooled
+onto its grid and concatenated, features standardised with the mean and standard deviation of the
+clean training features, one zero-initialised linear layer trained with Adam on the
+cross-entropy, the final layer tested), with the images read batch by batch:
+
+1. one pass over the training images, centre-cropped, accumulates the feature mean and standard
+   deviation (float64);
+2. ``epochs`` passes in an order drawn from the probe's generator; every minibatch is cropped
+   (random crop of the network's side out of the decoded square and a horizontal flip when
+   ``augment``, else the centre crop), encoded and standardised;
+3. one pass over the test images, centre-cropped (the decoded square is ``load_size`` =
+   1.1 x the side for ImageNet: resized x1.1 and centre-cropped).
+
+Nothing of size ``N x D`` is ever held. The training accuracy reported is that of the last
+epoch's minibatches (augmented inputs, the layer as it was at each step). Full-batch L-BFGS
+(``epochs = 0``) needs all features at once and is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from locallearn.data.augment import center_crop, random_crop_flip
+from locallearn.eval.image_probe import ProbeResult, ProbeSettings, probe_pools
+from locallearn.nets.base import BlockNet
+from locallearn.nets.vgg import feature_sides
+from locallearn.rules.image_grid import pool_flat
+
+__all__ = ["run_stream_probe"]
+
+#: ``batches(order, batch_size)``: ``(uint8 images (B, 3, L, L), labels)`` on the encoder's
+#: device, in ``order`` (a permutation tensor; ``None``: file order).
+Batches = Callable[[torch.Tensor | None, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+
+
+@torch.no_grad()
+def _features(net: BlockNet, x: torch.Tensor, pools: list[int]) -> torch.Tensor:
+    return torch.cat([pool_flat(h, p) for h, p in zip(net.features(x), pools)], 1)
+
+
+def run_stream_probe(
+    net: BlockNet,
+    train_batches: Batches,
+    n_train: int,
+    test_batches: Batches,
+    n_classes: int,
+    side: int,
+    transform: Callable[[torch.Tensor], torch.Tensor],
+    settings: ProbeSettings,
+    augment: bool = True,
+    progress: bool = False,
+    description: str = "",
+) -> ProbeResult:
+    """Fit the linear probe on the frozen ``net`` from streamed batches (module docstring).
+
+    Args:
+        net: the encoder (left in eval mode, unchanged).
+        train_batches, test_batches: the labelled training images and the test images.
+        n_train: number of training images (the length of an order).
+        n_classes: number of classes.
+        side: side of the network's input; the batches' squares are cropped to it.
+        transform: clean preprocessing (normalisation) of a ``uint8`` batch.
+        settings: the probe's hyper-parameters (``epochs`` >= 1).
+        augment: random crop + flip for training (else centre crops).
+    """
+    if settings.epochs < 1:
+        raise ValueError(
+            "probe.epochs=0 (full-batch L-BFGS) needs every feature in memory; streamed data "
+            "needs probe.epochs >= 1"
+        )
+    t0 = time.perf_counter()
+    net.eval()
+    device = next(net.parameters()).device
+    pools = probe_pools(net, side, settings.grid)
+    bs = settings.batch_size  # one batch size for every pass: one bound on decoded pixels
+    # 1. statistics of the clean training features
+    total = total_sq = None
+    count = 0
+    for images, _ in train_batches(None, bs):
+        f = _features(net, transform(center_crop(images, side)), pools).double()
+        total = f.sum(0) if total is None else total + f.sum(0)
+        total_sq = f.square().sum(0) if total_sq is None else total_sq + f.square().sum(0)
+        count += f.shape[0]
+    if count == 0:
+        raise ValueError("probe: the probe training split has no images")
+    mean = (total / count).float()
+    std = (total_sq / count - (total / count).square()).clamp_min(0).sqrt().float()
+    std = std.clamp_min(1e-6)
+    with torch.no_grad():
+        dims = [pool_flat(h, p).shape[1] for h, p in
+                zip(net.features(torch.zeros(1, 3, side, side, device=device)), pools)]
+    slices, start = [], 0
+    for d in dims:
+        slices.append(slice(start, start + d))
+        start += d
+    groups = [slice(0, start)] + (slices if settings.per_block else [])
+    params = []
+    for sl in groups:
+        params.append(torch.zeros(n_classes, sl.stop - sl.start, device=device,
+                                  requires_grad=True))
+        params.append(torch.zeros(n_classes, device=device, requires_grad=True))
+    opt = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+    def logits_of(z: torch.Tensor, k: int) -> torch.Tensor:
+        return z[:, groups[k]] @ params[2 * k].t() + params[2 * k + 1]
+
+    def check(y: torch.Tensor, what: str) -> None:
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+            raise ValueError(f"probe: the {what} split has images without a label in "
+                             f"0..{n_classes - 1}")
+
+    # 2. training epochs
+    gen = torch.Generator().manual_seed(settings.seed)
+    correct = seen = 0
+    bar = tqdm(range(settings.epochs), desc="probe", unit="epoch", disable=not progress,
+               leave=False)
+    for epoch in bar:
+        order = torch.randperm(n_train, generator=gen)
+        last = epoch == settings.epochs - 1
+        for images, y in train_batches(order, settings.batch_size):
+            check(y, "probe training")
+            crops = (random_crop_flip(images, side, gen) if augment
+                     else center_crop(images, side))
+            feats = (_features(net, transform(crops), pools) - mean) / std
+            opt.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                outs = [logits_of(feats, k) for k in range(len(groups))]
+                loss = sum(F.cross_entropy(o, y) for o in outs)
+                loss.backward()
+            opt.step()
+            if last:
+                correct += int((outs[0].detach().argmax(1) == y).sum())
+                seen += int(y.numel())
+    bar.close()
+    # 3. test
+    hits = [0] * len(groups)
+    n_test = 0
+    with torch.no_grad():
+        for images, y in test_batches(None, bs):
+            check(y, "test")
+            feats = (_features(net, transform(center_crop(images, side)), pools) - mean) / std
+            for k in range(len(groups)):
+                hits[k] += int((logits_of(feats, k).argmax(1) == y).sum())
+            n_test += int(y.numel())
+    if n_test == 0:
+        raise ValueError("probe: the test split has no images")
+    accs = [h / n_test for h in hits]
+    grid = [s // p for s, p in zip(feature_sides(net, side), pools)]
+    aug = "train-time random crop + flip" if augment else "centre crops"
+    protocol = (
+        f"linear probe on the concatenated average-pooled features of blocks 1-{len(dims)} "
+        f"(grids {'-'.join(map(str, grid))}, pool sizes {'-'.join(map(str, pools))}, "
+        f"{sum(dims)} values, standardised), Adam lr {settings.lr:g}, weight decay "
+        f"{settings.weight_decay:g}, {settings.epochs} epochs, batch {settings.batch_size}, {aug}; "
+        f"streamed: {count} training and {n_test} test images (test: centre crops); training "
+        f"accuracy of the last epoch's minibatches{'; ' + description if description else ''}"
+    )
+    return ProbeResult(
+        accuracy=accs[0],
+        train_accuracy=correct / max(seen, 1),
+        protocol=protocol,
+        block_accuracies=accs[1:] if settings.per_block else None,
+        feature_dims=dims,
+        pools=pools,
+        n_train=count,
+        n_test=n_test,
+        seconds=round(time.perf_counter() - t0, 3),
+    )

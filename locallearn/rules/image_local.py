@@ -1,0 +1,226 @@
+"""The layer-wise image rules: ``clapp-image`` (CLAPP, CLAPP++ with grid pooling and context from
+the top), ``ff`` (``B`` fixed to the identity) and their BP-SSL reference (the top block's loss
+backpropagated through every block). The loss and its three-factor form are described in
+:mod:`locallearn.rules.image_ssl`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from locallearn.nets.base import BlockNet
+from locallearn.rules.base import Batch, Rule
+from locallearn.rules.image_grid import pool_flat
+from locallearn.rules.image_options import FFOptions, LocalOptions, check_choice
+from locallearn.rules.image_ssl import VIEW_KIND, ImageSSLRule
+from locallearn.rules.ssl_pairs import PairTerms, PredictionGrads, image_parts, pair_terms
+
+__all__ = ["FFRule", "LocalImageRule", "TopLossBackprop"]
+
+
+class LocalImageRule(ImageSSLRule):
+    """Layer-wise rule: each block learns from its own unified loss (see the module docstring).
+
+    Args:
+        context: ``same``, ``top`` or ``both``.
+        pool: ``auto``, ``global`` or pool sizes per block.
+        f: the function of the unified loss (``hinge`` for CLAPP).
+        negatives: ``next`` or ``random``.
+        step: ``block`` or ``summed``.
+        score_norm: ``dims`` or ``none``.
+        identity_b: ``B`` fixed to the identity (Forward-Forward); needs ``context=same``.
+        micro_batches: parts of the batch taken through the encoder one after the other, each
+            block's graph freed after its backward (exact: the context is detached, so the loss
+            is a sum of terms on one row's graph each; see :mod:`locallearn.rules.ssl_pairs`).
+    """
+
+    name = "clapp-image"
+    Options = LocalOptions
+    settings = {"f": "hinge", "negatives": "next"}
+
+    @classmethod
+    def from_config(cls, cfg, options: LocalOptions, seed: int, **task_info) -> LocalImageRule:
+        o = options
+        return cls(o.context, o.pool, cfg.f, cfg.negatives, o.step, o.score_norm,
+                   micro_batches=o.micro_batches)
+
+    def __init__(
+        self,
+        context: str = "same",
+        pool: list[int] | str = "auto",
+        f: str = "hinge",
+        negatives: str = "next",
+        step: str = "block",
+        score_norm: str = "none",
+        identity_b: bool = False,
+        micro_batches: int = 1,
+    ) -> None:
+        super().__init__(pool, f, negatives, score_norm, micro_batches)
+        check_choice("rule.options.context", context, ("same", "top", "both"))
+        check_choice("rule.options.step", step, ("block", "summed"))
+        if identity_b and context != "same":
+            raise ValueError("B fixed to the identity needs rule.options.context=same")
+        self.context = context
+        self.step = step
+        self.identity_b = identity_b
+        self.B_same = nn.ParameterList()
+        self.B_top = nn.ParameterList()
+
+    @property
+    def uses_same(self) -> bool:
+        return self.context in ("same", "both")
+
+    @property
+    def uses_top(self) -> bool:
+        return self.context in ("top", "both")
+
+    def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
+        self.resolve(net, sample_input)
+        if self.identity_b:
+            return
+        device = sample_input.device
+        for d in self.dims:
+            if self.uses_same:
+                self.B_same.append(nn.Parameter(torch.zeros(d, d, device=device)))
+            if self.uses_top:
+                self.B_top.append(nn.Parameter(torch.zeros(d, self.dims[-1], device=device)))
+
+    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
+        return net.encoder_parameters() + list(self.parameters())
+
+    def prediction_matrices(self) -> list[tuple[nn.Parameter, int, int]]:
+        top = len(self.dims) - 1
+        return [(B, level, level) for level, B in enumerate(self.B_same)] + [
+            (B, level, top) for level, B in enumerate(self.B_top)
+        ]
+
+    def block_loss(
+        self,
+        level: int,
+        p: torch.Tensor,
+        same: torch.Tensor | None,
+        top: torch.Tensor | None,
+        terms: PairTerms,
+        n: int,
+        b_grads: PredictionGrads | None = None,
+    ) -> torch.Tensor:
+        """Loss of block ``level`` owned by a part of the batch (``terms``; ``p``: its pooled
+        outputs). ``same`` and ``top`` hold the contexts of all ``2N`` rows; ``b_grads``: see
+        :meth:`pair_loss`."""
+        loss = p.new_zeros(())
+        if self.uses_same:
+            B = None if self.identity_b else self.B_same[level]
+            loss = loss + self.pair_loss(p, same, B, terms, n, b_grads)
+        if self.uses_top:
+            loss = loss + self.pair_loss(p, top, self.B_top[level], terms, n, b_grads)
+        return loss
+
+    def top_context(self, net: BlockNet, x: torch.Tensor) -> torch.Tensor | None:
+        """Pooled top block of both views, without gradients (``None`` without DFB), computed
+        in ``micro_batches`` parts (so that it never holds a whole batch's maps)."""
+        if not self.uses_top:
+            return None
+        with torch.no_grad():
+            parts = x.tensor_split(min(self.micro_batches, x.shape[0]))
+            return torch.cat([pool_flat(net.encode(part), self.pools[-1]) for part in parts])
+
+    def reference_rule(self) -> Rule:
+        """BP-SSL counterpart: this rule's top-block loss backpropagated through every block."""
+        return TopLossBackprop(self)
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        x, n = self.views(batch)
+        neg = self.negative_index(n, batch, x.device)
+        top = self.top_context(net, x)
+        ranges = image_parts(n, self.micro_batches)
+        same = self.pooled_stores(net, x, neg, ranges) if self.uses_same else None
+        b_grads = PredictionGrads()  # B's three-factor updates, one product per B per batch
+        values: list[torch.Tensor] = []  # per part and block, read once at the end
+        for start, stop in ranges:
+            terms = pair_terms(n, neg, start, stop)
+            h = self.part_views(x, n, start, stop)
+            pending: list[torch.Tensor] = []
+            for level, block in enumerate(net.blocks):
+                z = block(h)
+                p = pool_flat(z, self.pools[level])
+                ctx = None
+                if same is not None:
+                    ctx = same[level]
+                    ctx[terms.rows] = p.detach()
+                loss = self.block_loss(level, p, ctx, top, terms, n, b_grads)
+                if self.step == "block":
+                    loss.backward()  # frees this block's graph before the next block runs
+                else:
+                    pending.append(loss)
+                values.append(loss.detach())
+                h = z.detach()
+            if pending:
+                torch.stack(pending).sum().backward()
+        b_grads.apply()
+        per_block = torch.stack(values).cpu().double().reshape(len(ranges), -1).sum(0).tolist()
+        metrics = {f"loss_block{level + 1}": v for level, v in enumerate(per_block)}
+        metrics["loss"] = sum(per_block)
+        return metrics
+
+
+class TopLossBackprop(Rule):
+    """A layer-wise image rule's top-block loss, backpropagated through every block (BP-SSL).
+
+    The reference of :class:`LocalImageRule` for gradient alignment: the same views, negatives,
+    context and prediction matrices (shared with the local rule), but the loss of the top block
+    only and gradients through all blocks. Its top-block update equals the local rule's.
+    """
+
+    name = "top-loss-backprop"
+    uses_labels = False
+    view_kind = VIEW_KIND
+
+    def __init__(self, local: LocalImageRule) -> None:
+        super().__init__()
+        self.local = [local]  # a list: the local rule's parameters are not registered twice
+        self.name = f"top-loss-backprop({local.name})"  # type: ignore[misc]
+
+    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
+        return self.local[0].trained_parameters(net)
+
+    def reference_rule(self) -> Rule:
+        """End-to-end backprop already: its own reference."""
+        return self
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        local = self.local[0]
+        top = len(net.blocks) - 1
+
+        def loss(p: torch.Tensor, ctx: torch.Tensor, terms: PairTerms, n: int) -> torch.Tensor:
+            return local.block_loss(top, p, ctx, ctx, terms, n)  # B through autograd
+
+        return {"loss": local.top_loss_backprop(net, batch, loss)}
+
+
+class FFRule(LocalImageRule):
+    """``ff``: :class:`LocalImageRule` with ``B`` fixed to the identity and context ``same``."""
+
+    name = "ff"
+    Options = FFOptions
+    settings = {"f": "softplus", "negatives": "next"}
+
+    @classmethod
+    def from_config(cls, cfg, options: FFOptions, seed: int, **task_info) -> FFRule:
+        o = options
+        return cls(o.pool, cfg.f, cfg.negatives, o.step, o.score_norm, o.micro_batches)
+
+    def __init__(
+        self,
+        pool: list[int] | str = "auto",
+        f: str = "softplus",
+        negatives: str = "next",
+        step: str = "block",
+        score_norm: str = "none",
+        micro_batches: int = 1,
+    ) -> None:
+        super().__init__(
+            "same", pool, f, negatives, step, score_norm, identity_b=True,
+            micro_batches=micro_batches,
+        )
+

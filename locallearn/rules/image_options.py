@@ -1,0 +1,95 @@
+"""``rule.options`` of the image rules (:mod:`locallearn.rules.image_ssl`), as typed dataclasses,
+and the checks of their values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["BPOptions", "FFOptions", "LocalOptions", "SSLOptions"]
+
+
+@dataclass
+class SSLOptions:
+    """``rule.options`` shared by the image rules.
+
+    Attributes:
+        pool: ``auto`` (the paper's grids 8-4-4-4-2-2), ``global``, or pool sizes per block.
+        score_norm: ``none`` sums scores over channels and grid positions (the paper);
+            ``dims`` scales them by ``1/sqrt(D_z D_c)``.
+        micro_batches: parts of the batch taken through the encoder one after the other (the
+            same gradients; activation memory of one part).
+    """
+
+    pool: list[int] | str = "auto"
+    score_norm: Literal["none", "dims"] = "none"
+    micro_batches: int = 1
+
+    def validate(self) -> None:
+        check_pool(self.pool)
+        check_micro_batches(self.micro_batches)
+
+
+@dataclass
+class FFOptions(SSLOptions):
+    """``rule.options`` of ``ff`` (``B`` is the identity, the context is the same block).
+
+    Attributes:
+        step: ``block`` (backward per block, graph freed) or ``summed`` (one backward).
+    """
+
+    step: Literal["block", "summed"] = "block"
+
+
+@dataclass
+class LocalOptions(FFOptions):
+    """``rule.options`` of ``clapp-image``.
+
+    Attributes:
+        context: ``same`` (CLAPP), ``top`` (direct feedback from the top block) or ``both``.
+    """
+
+    context: Literal["same", "top", "both"] = "same"
+
+
+@dataclass
+class BPOptions(SSLOptions):
+    """``rule.options`` of ``bp-ssl`` (``pool`` and ``micro_batches``: ``rule.loss=clapp``
+    only; of the pool sizes per block, the last is used).
+
+    Attributes:
+        projection_dim: output size of the InfoNCE projection (default: the top block's
+            channels, 1024 at full width).
+    """
+
+    projection_dim: int | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ValueError(
+                f"rule.options.projection_dim={self.projection_dim} is invalid: must be >= 1"
+            )
+
+
+def check_pool(pool: list[int] | str) -> None:
+    if isinstance(pool, str):
+        if pool not in ("auto", "global"):
+            raise ValueError(
+                f"rule.options.pool={pool!r} is invalid; valid: auto, global, or a list of "
+                "pool sizes (one per block)"
+            )
+    elif not pool or any(p < 1 for p in pool):
+        raise ValueError(f"rule.options.pool={pool!r} is invalid: pool sizes must be >= 1")
+
+
+def check_micro_batches(parts: int) -> None:
+    if parts < 1:
+        raise ValueError(f"rule.options.micro_batches={parts} is invalid: must be >= 1")
+
+
+def check_choice(key: str, value: str, valid: Iterable[str]) -> None:
+    valid = tuple(valid)
+    if value not in valid:
+        raise ValueError(f"{key}={value!r} is invalid for image rules; valid: {', '.join(valid)}")

@@ -1,0 +1,424 @@
+"""The typed config of one run (``locallearn run``).
+
+Sections: ``data`` (chosen by ``data.name``), ``net``, ``rule``, ``optim``, ``probe``, and
+top-level training keys. Every preset in ``configs/`` is an instance of :class:`RunConfig`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from locallearn.config import deep_merge, from_dict, load_yaml, parse_overrides
+
+_P_STAR = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*?\s*P\*\s*$")
+
+
+def resolve_size(value: int | str, p_star: int, key: str) -> int:
+    """An integer size, or a multiple of ``P*`` written like ``4P*`` or ``0.5P*``."""
+    if isinstance(value, int):
+        return value
+    match = _P_STAR.match(str(value))
+    if not match:
+        raise ValueError(
+            f"{key}={value!r} is invalid: expected an integer or a multiple of P* such as 4P*"
+        )
+    return int(round(float(match.group(1)) * p_star))
+
+
+@dataclass
+class RHMDataConfig:
+    """An RHM task: the grammar, the sample sizes and the views."""
+
+    #: keys of other sections that only this kind of data reads, with their defaults (an RHM
+    #: run given a key that another kind of data owns, e.g. ``net.channels_last``, is an error)
+    run_keys: ClassVar[dict[str, dict[str, Any]]] = {"net": {"width": 256}}
+
+    name: Literal["rhm"] = "rhm"
+    v: int = 8
+    n_classes: int = 8
+    m: int = 4
+    s: int = 2
+    L: int = 3
+    seed_rules: int = 0
+    seed_sample: int | None = None  # None: the run's seed
+    train_size: int | str = "4P*"
+    test_size: int = 2000
+    whiten: bool = False
+    mask_fraction: float = 0.25  # share of positions hidden in each view of the "mask" view
+
+    def validate(self) -> None:
+        if not 0.0 < self.mask_fraction <= 0.5:
+            raise ValueError(
+                f"data.mask_fraction={self.mask_fraction} is invalid: must be in (0, 0.5]"
+            )
+        if self.test_size < 0:
+            raise ValueError(f"data.test_size={self.test_size} is invalid: must be >= 0")
+
+
+IMAGE_DATASETS = ("cifar10", "stl10", "tiny-imagenet", "imagenet", "folder")
+#: Default (SSL training split, test split, probe training split) of each dataset.
+DEFAULT_SPLITS: dict[str, tuple[str, str, str]] = {
+    "cifar10": ("train", "test", "train"),
+    "stl10": ("train+unlabeled", "test", "train"),
+    "tiny-imagenet": ("train", "val", "train"),
+    "imagenet": ("train", "val", "train"),
+    "folder": ("train", "test", "train"),
+}
+
+
+@dataclass
+class ImageDataConfig:
+    """An image dataset for self-supervised training and its linear probe.
+
+    Attributes:
+        name: ``cifar10``, ``stl10``, ``tiny-imagenet``, ``imagenet`` or ``folder``.
+        root: the data folder (see :func:`locallearn.data.images.load_images` for layouts).
+        split: split of the self-supervised training (default: ``train``; STL-10:
+            ``train+unlabeled``, the 100k unlabelled images and the 5k labelled ones).
+        test_split: split the probe is tested on (default ``test``; Tiny ImageNet ``val``).
+        probe_split: labelled split the probe is trained on (default ``train``).
+        subset: number of SSL training images (a random subset drawn with ``subset_seed``);
+            ``None``: all.
+        probe_subset: number of probe training images (random subset); ``None``: all.
+        test_subset: number of test images (random subset); ``None``: all.
+        subset_seed: seed of the three subsets (``None``: the run's seed).
+        cache_dir: where decoded image trees are cached (default: inside the data folder).
+        download: download the official release into ``root`` when it is not there.
+        streaming: decode the images batch by batch in worker processes instead of holding the
+            split in memory (``None``: on for ``imagenet``, off otherwise; ``folder`` may use it).
+        image_size: streamed data: side of the network's input (default 224).
+        load_size: streamed data: side of the decoded centre square the views and probe crops
+            are cut from (default ``round(1.1 * image_size)``: the probe's test images are
+            resized x1.1 and centre-cropped).
+        workers: streamed data: decoding worker processes (0: the training process decodes;
+            default 4).
+        prefetch: streamed data: batches each worker decodes ahead (default 2).
+
+    How the probe trains (epochs, augmentation, per-block probes, pooling grid) is set in the
+    ``probe`` section (:class:`ProbeConfig`); the data section says which images it sees.
+    """
+
+    #: keys of other sections that only image runs read, with their defaults
+    run_keys: ClassVar[dict[str, dict[str, Any]]] = {
+        "net": {"width_mult": 1.0, "channels_last": True},
+        "probe": {"lr": 1e-3, "epochs": 0, "augment": False, "per_block": False,
+                  "batch_size": 256, "grid": None},
+    }
+
+    name: Literal["cifar10", "stl10", "tiny-imagenet", "imagenet", "folder"] = "cifar10"
+    root: str = "data/cifar10"
+    split: str | None = None
+    test_split: str | None = None
+    probe_split: str | None = None
+    subset: int | None = None
+    probe_subset: int | None = None
+    test_subset: int | None = None
+    subset_seed: int | None = None
+    cache_dir: str | None = None
+    download: bool = False
+    streaming: bool | None = None
+    image_size: int | None = None
+    load_size: int | None = None
+    workers: int | None = None
+    prefetch: int | None = None
+
+    def streams(self) -> bool:
+        """Whether the images are decoded batch by batch (``streaming``, default per dataset)."""
+        return self.name == "imagenet" if self.streaming is None else bool(self.streaming)
+
+    def validate(self) -> None:
+        for key in ("subset", "probe_subset", "test_subset"):
+            value = getattr(self, key)
+            if value is not None and value < 2:
+                raise ValueError(f"data.{key}={value} is invalid: must be >= 2 (or null: all)")
+        if self.download and self.name in ("folder", "imagenet"):
+            raise ValueError(
+                f"data.download=true is invalid for data.name={self.name} (no public download)"
+            )
+        if self.streams() and self.name not in ("imagenet", "folder"):
+            raise ValueError(
+                f"data.streaming=true is invalid for data.name={self.name}; valid: imagenet, folder"
+            )
+        if self.name == "imagenet" and not self.streams():
+            raise ValueError("data.streaming=false is invalid for data.name=imagenet (too large "
+                             "for memory)")
+        for key in ("image_size", "load_size", "workers", "prefetch"):
+            if getattr(self, key) is not None and not self.streams():
+                raise ValueError(f"data.{key} applies to streamed data only (data.streaming=true)")
+        for key in ("image_size", "load_size"):
+            value = getattr(self, key)
+            if value is not None and value < 8:
+                raise ValueError(f"data.{key}={value} is invalid: must be >= 8")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"data.workers={self.workers} is invalid: must be >= 0")
+        if self.prefetch is not None and self.prefetch < 1:
+            raise ValueError(f"data.prefetch={self.prefetch} is invalid: must be >= 1")
+
+    def decoding(self) -> tuple[int, int]:
+        """``(workers, prefetch)`` of streamed data, defaults filled in."""
+        return (4 if self.workers is None else self.workers,
+                2 if self.prefetch is None else self.prefetch)
+
+    def splits(self) -> tuple[str, str, str]:
+        """``(training split, test split, probe training split)`` with defaults filled in."""
+        train, test, probe = DEFAULT_SPLITS[self.name]
+        return (self.split or train, self.test_split or test, self.probe_split or probe)
+
+
+#: ``data.name`` -> the class of its data section (the one list of data configs; the task of
+#: each name is in :mod:`locallearn.experiments.tasks`).
+DATA_CONFIGS: dict[str, type] = {
+    "rhm": RHMDataConfig, **{name: ImageDataConfig for name in IMAGE_DATASETS}
+}
+
+
+@dataclass
+class NetConfig:
+    """The network. Keys that only one kind of data reads are ``None`` until the config is built
+    (then they hold that data's default); given for another kind of data, they are an error.
+
+    Attributes:
+        width: RHM: channels of every block (one number or one per block; default 256).
+        width_mult: images: multiplier of the paper's widths (default 1).
+        channels_last: images: channels-last layout, faster convolutions (default true).
+    """
+
+    width: int | list[int] | None = None
+    bias: bool = False
+    seed: int | None = None  # initial weights; None: the run's seed
+    kind: str = "hier-cnn"
+    width_mult: float | None = None
+    channels_last: bool | None = None
+
+
+@dataclass
+class RuleConfig:
+    """The learning rule, its settings and its options.
+
+    ``loss``, ``view``, ``f``, ``negatives``, ``temperature``: settings that some rules read
+    (each rule says which, :attr:`locallearn.rules.base.Rule.settings`); ``None`` until the config
+    is built, then the rule's default for the ones it reads. A setting the rule does not read is
+    an error. ``options``: the rule's typed options (:attr:`locallearn.rules.base.Rule.Options`).
+    """
+
+    name: str = "backprop"
+    loss: str | None = None
+    view: str | None = None
+    f: str | None = None
+    negatives: str | None = None
+    temperature: float | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from locallearn.rules import check_rule_config
+
+        check_rule_config(self)
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule (see :mod:`locallearn.optim`).
+
+    ``schedule=cosine``: per optimiser step, a linear warm-up over ``warmup_epochs`` epochs, then
+    a cosine decay to zero at the last step. ``lars``: SGD momentum wrapped in LARS with
+    ``trust_coefficient``; biases and norm parameters are left out of the trust ratio and decay.
+    """
+
+    name: Literal["adam", "adamw", "sgd", "lars"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: Literal["none", "cosine"] = "none"
+    warmup_epochs: float = 0.0
+    trust_coefficient: float | None = None  # LARS only; None: 0.001
+    fused: bool = False  # one fused kernel for all parameters (same update, faster)
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr={self.lr} is invalid: must be > 0")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"optim.warmup_epochs={self.warmup_epochs} is invalid: must be >= 0")
+        if self.warmup_epochs and self.schedule != "cosine":
+            raise ValueError(
+                f"optim.warmup_epochs={self.warmup_epochs} needs optim.schedule=cosine"
+            )
+        if self.trust_coefficient is not None and self.name != "lars":
+            raise ValueError(
+                f"optim.trust_coefficient applies to optim.name=lars only (got {self.name!r})"
+            )
+        if self.trust_coefficient is not None and not self.trust_coefficient > 0:
+            raise ValueError(
+                f"optim.trust_coefficient={self.trust_coefficient} is invalid: must be > 0"
+            )
+
+
+@dataclass
+class ProbeConfig:
+    """Linear read-out fitted on frozen features (rules whose encoder never sees labels).
+
+    Attributes:
+        steps: L-BFGS iterations of a full-batch probe.
+        weight_decay: of the probe's optimiser.
+        lr: image probes: learning rate of minibatch Adam (default 1e-3).
+        epochs: image probes: epochs of minibatch Adam; 0 (default): full-batch L-BFGS.
+        augment: image probes: train on padded random crops and flips (the paper's protocol;
+            features are recomputed every epoch) instead of fixed clean features.
+        per_block: image probes: also probe every block on its own.
+        batch_size: image probes: minibatch size (default 256).
+        grid: image probes: cells per side of each block's pooling grid (default: the paper's
+            8-4-4-4-2-2, as the losses).
+
+    The image-only keys are ``None`` until the config is built (see :class:`NetConfig`); RHM
+    runs read ``steps`` and ``weight_decay`` (the read-out of label-free rules).
+    """
+
+    steps: int = 100
+    weight_decay: float = 1e-4
+    lr: float | None = None
+    epochs: int | None = None
+    augment: bool | None = None
+    per_block: bool | None = None
+    batch_size: int | None = None
+    grid: list[int] | None = None
+
+    def validate(self) -> None:
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"probe.batch_size={self.batch_size} is invalid: must be >= 1")
+        if self.grid is not None and any(g < 1 for g in self.grid):
+            raise ValueError(f"probe.grid={self.grid} is invalid: cells must be >= 1")
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; the output directory holds a copy."""
+
+    data: Any = field(default_factory=RHMDataConfig)
+    net: NetConfig = field(default_factory=NetConfig)
+    rule: RuleConfig = field(default_factory=RuleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    seed: int = 0
+    epochs: int = 60
+    batch_size: int = 128
+    stop_train_loss: float | None = None
+    #: stop with an error when a batch's loss exceeds this multiple of the run's first batch
+    #: loss (a diverging run); ``None`` trains on whatever the loss does
+    stop_loss_factor: float | None = 100.0
+    eval_every: int = 1
+    align_every: int = 0  # log per-block gradient alignment every N epochs (0: never)
+    align_batches: int = 4
+    checkpoint_every: int = 5
+    device: str = "cpu"
+    threads: int = 0  # CPU threads of torch (0: torch's default); 1 is fastest on a busy machine
+    progress: bool = True
+    label: str | None = None  # shown in progress bars, summaries and plots (default: rule.name)
+
+    def validate(self) -> None:
+        for key in ("epochs", "seed", "align_every", "threads"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)} is invalid: must be >= 0")
+        for key in ("batch_size", "eval_every", "checkpoint_every", "align_batches"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)} is invalid: must be >= 1")
+        if self.device != "cpu" and not self.device.startswith(("cuda", "mps", "auto")):
+            raise ValueError(f"device={self.device!r} is invalid; valid: cpu, cuda[:N], auto")
+        if self.stop_loss_factor is not None and not self.stop_loss_factor > 1:
+            raise ValueError(
+                f"stop_loss_factor={self.stop_loss_factor} is invalid: must be > 1 (or null: off)"
+            )
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """A checked :class:`RunConfig` from a mapping (the data section by its ``name``).
+
+    Keys that only another kind of data reads (``net.channels_last`` on an RHM run) are errors;
+    those this data reads get its defaults when unset.
+    """
+    raw = dict(raw)
+    data = raw.pop("data", None) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"data must be a mapping, got {data!r}")
+    name = data.get("name", "rhm")
+    if name not in DATA_CONFIGS:
+        raise ValueError(f"data.name={name!r} is unknown; valid: {', '.join(DATA_CONFIGS)}")
+    cfg = from_dict(RunConfig, raw)
+    cfg.data = from_dict(DATA_CONFIGS[name], data, "data.")
+    _apply_run_keys(cfg)
+    return cfg
+
+
+def _foreign_keys(data_cls: type) -> dict[str, dict[str, list[str]]]:
+    """``section -> key -> data names that read it``, for keys that ``data_cls`` does not read."""
+    own = data_cls.run_keys
+    out: dict[str, dict[str, list[str]]] = {}
+    for data_name, cls in DATA_CONFIGS.items():
+        for section, keys in cls.run_keys.items():
+            for key in keys:
+                if key not in own.get(section, {}):
+                    out.setdefault(section, {}).setdefault(key, []).append(data_name)
+    return out
+
+
+def _apply_run_keys(cfg: RunConfig) -> None:
+    data_cls = type(cfg.data)
+    for section, keys in _foreign_keys(data_cls).items():
+        for key, owners in keys.items():
+            value = getattr(getattr(cfg, section), key)
+            if value is not None:
+                raise ValueError(
+                    f"{section}.{key}={value!r} does not apply to data.name={cfg.data.name} "
+                    f"(only {', '.join(owners)} read it); remove it"
+                )
+    for section, keys in data_cls.run_keys.items():
+        sec = getattr(cfg, section)
+        for key, default in keys.items():
+            if getattr(sec, key) is None:
+                setattr(sec, key, default)
+
+
+#: Probe settings that image runs kept in the data section before they moved to ``probe``.
+LEGACY_PROBE_KEYS = {"probe_augment": "augment", "probe_per_block": "per_block",
+                     "probe_batch_size": "batch_size", "probe_grid": "grid"}
+
+
+def migrate_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """Bring the config a run saved (``config.yaml``) to today's layout, in place; returns it.
+
+    Runs saved by earlier versions wrote every key: the keys that do not apply to their data or
+    rule (read by nothing then) are dropped, and image runs' probe settings move from the data
+    section to ``probe``. A config saved by this version is unchanged.
+    """
+    data = raw.get("data")
+    if isinstance(data, dict) and any(k in data for k in LEGACY_PROBE_KEYS):
+        probe = raw.get("probe") or {}
+        raw["probe"] = probe
+        for old, new in LEGACY_PROBE_KEYS.items():
+            if old in data:
+                probe.setdefault(new, data.pop(old))
+    name = data.get("name", "rhm") if isinstance(data, dict) else "rhm"
+    if name in DATA_CONFIGS:
+        for section, keys in _foreign_keys(DATA_CONFIGS[name]).items():
+            if isinstance(raw.get(section), dict):
+                for key in keys:
+                    raw[section].pop(key, None)
+    rule = raw.get("rule")
+    if isinstance(rule, dict):
+        from locallearn.rules import registered, rule_class
+        from locallearn.rules.base import SETTING_KEYS
+
+        if rule.get("name", "backprop") in registered():
+            used = rule_class(rule.get("name", "backprop")).settings_for(rule)
+            for key in SETTING_KEYS:
+                if key not in used:
+                    rule.pop(key, None)
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    raw = load_yaml(path) if path is not None else {}
+    deep_merge(raw, parse_overrides(overrides or []))
+    return build_config(raw)
