@@ -205,7 +205,8 @@ def test_missing_config_file(capsys, tmp_path):
 @pytest.mark.parametrize(
     "preset",
     ["backprop", "backprop-nomask", "dfa", "drtp", "sign-dfa", "clapp", "infonce", "vicreg",
-     "clapp-mask", "clapp-siblings", "clapp-per-block", "vicreg-per-block"],
+     "clapp-mask", "clapp-siblings", "clapp-per-block", "vicreg-per-block", "latent-prediction",
+     "token-last", "token-mask"],
 )
 def test_presets_load_and_run_one_epoch(tmp_path, preset):
     path = ROOT / "configs" / "rhm" / f"{preset}.yaml"

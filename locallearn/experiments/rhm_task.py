@@ -18,6 +18,12 @@ from locallearn.rules.base import Batch, Rule
 from locallearn.schema import RunConfig, resolve_size
 
 
+def uniform_inputs(rhm: RHM) -> bool:
+    """Whether every token string is equally likely: each level's rules use every s-tuple
+    (``m = v**(s-1)``, ``n_classes * m = v**s``), so the inputs carry no trace of the tree."""
+    return rhm.m == rhm.v ** (rhm.s - 1) and rhm.n_classes * rhm.m == rhm.v**rhm.s
+
+
 class RHMTask:
     """Class prediction on an RHM dataset drawn without replacement."""
 
@@ -62,6 +68,14 @@ class RHMTask:
         view = getattr(rule, "view", None)
         if view == "siblings" and self.rhm.L < 2:
             raise ValueError("rule.view=siblings needs data.L >= 2 (a block with siblings)")
+        if not rule.uses_labels and uniform_inputs(self.rhm):
+            d = self.cfg.data
+            raise ValueError(
+                f"rule.name={self.cfg.rule.name} learns without labels, but data.m={d.m} = "
+                f"v**(s-1) and n_classes*m = {d.n_classes * d.m} = v**s make every input string "
+                "equally likely (nothing to learn from the inputs); use m < v**(s-1) or "
+                "n_classes*m < v**s, or a supervised rule"
+            )
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-self.n_train // batch_size)

@@ -1,0 +1,267 @@
+"""Layer-wise latent prediction: every block predicts its *own* latent code of a sibling.
+
+After *Learn from your own latents and not from tokens: a sample-complexity theory* (arXiv
+2605.27734): on data built by a hierarchy of production rules, a learner that predicts its own
+latent representation of a neighbouring part of the input (rather than the tokens themselves)
+needs a number of samples that does not grow with the depth. Here each block of a hierarchical
+CNN is one level of such a learner, trained only from its own activity:
+
+- **clusterer**: a prototype matrix ``Q`` (``k x C``) gives every position ``j`` of the block's
+  output ``z`` (``(N, C, P)``) a soft code over ``k`` clusters. The *target* code ``t_j`` is
+  the balanced assignment of the detached scores ``Q z_j / sqrt(C)``: a few Sinkhorn iterations
+  at temperature ``sinkhorn_eps`` make every cluster take the same share of the batch's
+  positions (the collapse guard, see below).
+- **predictor**: for positions ``j`` and ``j'`` that share a parent in the tree (``j // s``),
+  a matrix ``R[r, r']`` (``k x C``; ``r = j mod s``, ``r' = j' mod s``) predicts the sibling's
+  code from ``z_j``: ``p = softmax(R[r, r'] z_j / (sqrt(C) tau))``, loss ``CE(t_j', p)``.
+- the clusterer is itself trained to agree with the balanced codes: ``CE(t_j,
+  softmax(Q z_j / (sqrt(C) tau)))``, weighted by ``cluster_weight`` (self-labelling).
+
+A block's loss is the mean over samples and sibling pairs of the prediction term plus the
+clustering term; it reaches the block's weights and the rule's ``Q``, ``R`` of that block only
+(the block's input is detached, as in :mod:`locallearn.rules.layerwise`). The top block has a
+single position and no sibling, so it keeps its random initial weights. No label and no view
+from the generator is used: the batch's one-hot input is all the rule sees.
+
+Why a balanced clustering code as the collapse guard: in the RHM every symbol of a level is
+equally likely, so a code that uses its ``k`` clusters equally is the right prior, and a
+constant representation gives uniform targets (the prediction loss at its maximum ``log k``),
+so collapse is not a minimum. A variance term would only keep units alive without making the
+code discrete; a slowly-updated teacher needs a second copy of every block. The targets are
+detached within the step, so no teacher is needed.
+
+Three-factor form (checked against autograd in the tests). With pre-activation ``a`` and input
+patch ``x`` of a position, ``dW = sum [d_z * relu'(a)] x^T`` where the dendritic signal is
+
+    d_z(j) = sum_{r'} R[r, r']^T (p_{j->j'} - t_j') / (sqrt(C) tau n_pairs)
+             + cluster_weight * Q^T (softmax(Q z_j / (sqrt(C) tau)) - t_j) / (sqrt(C) tau n_pos)
+
+i.e. a prediction error (the third factor, a vector per position) sent back through the block's
+own prediction matrices.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from locallearn.experiments.config import from_dict
+from locallearn.nets.base import BlockNet
+from locallearn.rules import register
+from locallearn.rules.base import Batch, Rule
+
+
+@dataclass
+class LatentOptions:
+    """Options of ``rule.name=latent-prediction`` (``rule.options.*``).
+
+    Attributes:
+        clusters: ``k``, the number of clusters of every block's code; 0 takes the number of
+            input channels (the size of the token alphabet, visible in the data).
+        tau: temperature of the predicted and clustered distributions.
+        sinkhorn_eps: temperature of the balanced target codes (lower: harder codes).
+        sinkhorn_iters: Sinkhorn iterations (each balances clusters, then samples).
+        cluster_weight: weight of the clusterer's self-labelling term.
+    """
+
+    objective: Literal["balanced-code", "mutual-information"] = "balanced-code"
+    clusters: int = 0
+    tau: float = 0.5
+    sinkhorn_eps: float = 0.05
+    sinkhorn_iters: int = 3
+    cluster_weight: float = 1.0
+
+    def validate(self) -> None:
+        if self.clusters < 0 or self.clusters == 1:
+            raise ValueError(
+                f"rule.options.clusters={self.clusters} is invalid: 0 (the input alphabet) or >= 2"
+            )
+        for key in ("tau", "sinkhorn_eps"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"rule.options.{key}={getattr(self, key)} is invalid: must be > 0")
+        if self.sinkhorn_iters < 1:
+            raise ValueError(
+                f"rule.options.sinkhorn_iters={self.sinkhorn_iters} is invalid: must be >= 1"
+            )
+        if self.cluster_weight < 0:
+            raise ValueError(
+                f"rule.options.cluster_weight={self.cluster_weight} is invalid: must be >= 0"
+            )
+
+
+def balanced_codes(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
+    """Sinkhorn-balanced soft assignment of ``(n, k)`` scores: rows sum to one, and every
+    cluster receives about ``n / k`` of the mass (exactly after the column step)."""
+    logq = scores / eps
+    for _ in range(iters):
+        logq = logq - torch.logsumexp(logq, 0, keepdim=True)  # every cluster: equal mass
+        logq = logq - torch.logsumexp(logq, 1, keepdim=True)  # every sample: a distribution
+    return logq.exp()
+
+
+class LatentPrediction(Rule):
+    """Block-by-block prediction of the block's own balanced code of a sibling (module doc)."""
+
+    name = "latent-prediction"
+    uses_labels = False
+    view_kind = None
+
+    def __init__(self, options: LatentOptions | None = None, s: int = 2, seed: int = 0):
+        super().__init__()
+        self.options = options or LatentOptions()
+        self.options.validate()
+        self.s = s
+        self.seed = seed
+        self.Q = nn.ParameterList()  # per block: (k, C) prototypes
+        self.R = nn.ParameterList()  # per block: (s, s, k, C) sibling predictors
+
+    def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
+        with torch.no_grad():
+            feats = net.features(sample_input[:1])
+        k = self.options.clusters or sample_input.shape[1]
+        gen = torch.Generator().manual_seed(self.seed)
+        dev = sample_input.device
+        for h in feats:
+            c = h.shape[1]
+            self.Q.append(nn.Parameter(torch.randn(k, c, generator=gen).to(dev)))
+            self.R.append(nn.Parameter(torch.zeros(self.s, self.s, k, c, device=dev)))
+
+    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
+        return net.encoder_parameters() + list(self.parameters())
+
+    def reference_rule(self) -> Rule:
+        return _TopLatentBackprop(self)
+
+    def has_loss(self, z: torch.Tensor) -> bool:
+        """Blocks with siblings (at least ``s`` positions) learn; the single-position top not."""
+        return z.shape[-1] >= self.s and z.shape[-1] % self.s == 0
+
+    def targets(self, level: int, z: torch.Tensor) -> torch.Tensor:
+        """Balanced target codes ``(N, P, k)`` of block ``level``'s (detached) output."""
+        o = self.options
+        zf = z.detach().transpose(1, 2)
+        scores = zf @ self.Q[level].detach().t() / math.sqrt(z.shape[1])
+        k = scores.shape[-1]
+        t = balanced_codes(scores.reshape(-1, k), o.sinkhorn_eps, o.sinkhorn_iters)
+        return t.reshape(scores.shape)
+
+    def block_loss(self, level: int, z: torch.Tensor) -> torch.Tensor:
+        """The loss of one block's output ``z`` (``(N, C, P)``)."""
+        if self.options.objective == "mutual-information":
+            return self.mi_loss(level, z)
+        return self.code_loss(level, z)
+
+    def codes(self, level: int, z: torch.Tensor) -> torch.Tensor:
+        """Soft codes ``softmax(Q z_j / (sqrt(C) tau))`` of every position, ``(N, P, k)``."""
+        norm = math.sqrt(z.shape[1]) * self.options.tau
+        return torch.softmax(z.transpose(1, 2) @ self.Q[level].t() / norm, -1)
+
+    def mi_loss(self, level: int, z: torch.Tensor) -> torch.Tensor:
+        """Minus the mutual information of the codes of siblings, averaged over sibling pairs."""
+        s = self.s
+        c = self.codes(level, z)
+        loss = z.new_zeros(())
+        pairs = 0
+        for r in range(s):
+            for r2 in range(r + 1, s):
+                loss = loss - code_mutual_information(c[:, r::s], c[:, r2::s])
+                pairs += 1
+        return loss / pairs
+
+    def code_loss(self, level: int, z: torch.Tensor) -> torch.Tensor:
+        """Prediction of the sibling's balanced code + clustering loss (``balanced-code``)."""
+        o = self.options
+        s = self.s
+        c = z.shape[1]
+        t = self.targets(level, z)
+        zf = z.transpose(1, 2)  # (N, P, C)
+        norm = math.sqrt(c) * o.tau
+        pred = z.new_zeros(())
+        pairs = 0
+        for r in range(s):
+            for r2 in range(s):
+                if r2 == r:
+                    continue
+                logits = zf[:, r::s] @ self.R[level][r, r2].t() / norm
+                pred = pred + _soft_ce(logits, t[:, r2::s])
+                pairs += 1
+        loss = pred / pairs
+        if o.cluster_weight > 0:
+            own = zf @ self.Q[level].t() / norm
+            loss = loss + o.cluster_weight * _soft_ce(own, t)
+        return loss
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        h = batch.x
+        total = 0.0
+        metrics: dict[str, float] = {}
+        for level, block in enumerate(net.blocks):
+            z = block(h.detach())
+            if self.has_loss(z):
+                loss = self.block_loss(level, z)
+                loss.backward()  # this block's weights and its Q, R only
+                metrics[f"loss_block{level + 1}"] = float(loss.detach())
+                total += float(loss.detach())
+            h = z.detach()
+        metrics["loss"] = total
+        return metrics
+
+
+class _TopLatentBackprop(Rule):
+    """The latent rule's highest block loss backpropagated through every block (BP-SSL)."""
+
+    name = "bp-latent"
+    uses_labels = False
+
+    def __init__(self, local: LatentPrediction):
+        super().__init__()
+        self.local = [local]  # a list, so that the local rule is not a submodule
+
+    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
+        return self.local[0].trained_parameters(net)
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        local = self.local[0]
+        top = None
+        h = batch.x
+        for level, block in enumerate(net.blocks):
+            h = block(h)
+            if local.has_loss(h):
+                top = (level, h)
+        if top is None:
+            raise ValueError("no block of this network has siblings to predict")
+        loss = local.block_loss(*top)
+        loss.backward()
+        return {"loss": float(loss.detach())}
+
+
+def code_mutual_information(c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+    """Mutual information of two soft codes ``(..., k)`` paired row by row: the joint is
+    ``mean_i c1_i c2_i^T``; the marginals are its row and column sums."""
+    k = c1.shape[-1]
+    joint = c1.reshape(-1, k).t() @ c2.reshape(-1, k) / (c1.numel() // k)
+    joint = joint.clamp_min(1e-12)
+    p1 = joint.sum(1, keepdim=True)
+    p2 = joint.sum(0, keepdim=True)
+    return (joint * (joint.log() - p1.log() - p2.log())).sum()
+
+
+def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against soft targets, mean over every leading index."""
+    return -(target * F.log_softmax(logits, -1)).sum(-1).mean()
+
+
+def _build(cfg: Any, seed: int, **task: Any) -> LatentPrediction:
+    options = from_dict(LatentOptions, cfg.options, "rule.options.")
+    return LatentPrediction(options, s=task.get("s", 2), seed=seed)
+
+
+register("latent-prediction", _build)
+
+#: Rule names this module registers.
+RULES = ("latent-prediction",)
