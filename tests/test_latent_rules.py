@@ -25,8 +25,8 @@ def teardown_module():
 def latent_rule(net, x, **kw):
     rule = LatentPrediction(LatentOptions(**kw), s=2, seed=0)
     rule.setup(net, x)
-    with torch.no_grad():  # R is zero at initialisation: the first step would only train R
-        for r in rule.R:
+    with torch.no_grad():  # R, T are zero at initialisation: the first step only trains them
+        for r in list(rule.R) + list(rule.T):
             r.normal_(0, 1.0)
     return rule
 
@@ -41,12 +41,14 @@ def test_balanced_codes_are_distributions_with_equal_cluster_mass():
     assert (raw - 8).abs().max() > (mass - 8).abs().max()
 
 
-def test_latent_prediction_matches_three_factor_formula():
-    _, net, x, _, _ = make(width=10)
-    rule = latent_rule(net, x)
+@pytest.mark.parametrize("objective", ["stacked", "balanced-code"])
+def test_latent_prediction_matches_three_factor_formula(objective):
+    _, net, x, _, tokens = make(width=10)
+    rule = latent_rule(net, x, objective=objective)
     got = grads_of(rule, net, Batch(x, None, None, torch.Generator()))
     parts, _ = forward_parts(net, x)
     o = rule.options
+    below = torch.nn.functional.one_hot(tokens.long(), 6).double()  # codes under block 0
     for level, part in enumerate(parts[:-1]):
         z = torch.relu(part["a"])  # (N, C, P)
         n, c, p = z.shape
@@ -55,30 +57,40 @@ def test_latent_prediction_matches_three_factor_formula():
         t = balanced_codes((zf @ rule.Q[level].detach().t() / math.sqrt(c)).reshape(-1, 6),
                            o.sinkhorn_eps, o.sinkhorn_iters).reshape(n, p, 6)
         dz = torch.zeros_like(zf)
-        for r, r2 in ((0, 1), (1, 0)):  # one ordered sibling pair each way: n_pairs = 2
-            R = rule.R[level][r, r2].detach()
-            err = torch.softmax(zf[:, r::2] @ R.t() / norm, -1) - t[:, r2::2]
-            dz[:, r::2] += err @ R / norm / (n * p // 2) / 2
+        for r, r2 in ((0, 1), (1, 0)):  # the ordered sibling pairs
+            if objective == "stacked":  # predict the codes of the sibling's two children
+                for q in (0, 1):
+                    T = rule.T[level][r, r2, q].detach()
+                    err = torch.softmax(zf[:, r::2] @ T.t() / norm, -1) - below[:, 2 * r2 + q::4]
+                    dz[:, r::2] += err @ T / norm / (n * p // 2) / 4
+            else:  # predict the sibling's own code
+                R = rule.R[level][r, r2].detach()
+                err = torch.softmax(zf[:, r::2] @ R.t() / norm, -1) - t[:, r2::2]
+                dz[:, r::2] += err @ R / norm / (n * p // 2) / 2
         Q = rule.Q[level].detach()
         err = torch.softmax(zf @ Q.t() / norm, -1) - t
         dz += o.cluster_weight * err @ Q / norm / (n * p)
         expect = weight_update(part, dz.transpose(1, 2) * part["gate"])
         assert torch.allclose(got[level], expect, atol=1e-10, rtol=1e-8)
-        assert rule.R[level].grad.abs().sum() > 0 and rule.Q[level].grad.abs().sum() > 0
+        pred = rule.T[level] if objective == "stacked" else rule.R[level]
+        assert pred.grad.abs().sum() > 0 and rule.Q[level].grad.abs().sum() > 0
+        below = t  # this level's balanced codes are the next level's targets
     # the single-position top block has no sibling: no update
     assert net.blocks[-1].pre.weight.grad is None
 
 
-@pytest.mark.parametrize("objective", ["balanced-code", "mutual-information"])
+@pytest.mark.parametrize("objective", ["stacked", "balanced-code", "mutual-information"])
 def test_latent_prediction_is_local_and_label_free(objective):
     """Each block's update is the gradient of its own loss on its detached input; no label."""
     _, net, x, y, _ = make(width=10)
     rule = latent_rule(net, x, objective=objective)
     got = grads_of(rule, net, Batch(x, None, None, torch.Generator()))
     h = x
+    below = rule.input_codes(x)
     for level, block in enumerate(net.blocks[:-1]):
         z = block(h.detach())
-        (expect,) = torch.autograd.grad(rule.block_loss(level, z), block.pre.weight)
+        (expect,) = torch.autograd.grad(rule.block_loss(level, z, below), block.pre.weight)
+        below = rule.targets(level, z)
         assert torch.allclose(got[level], expect, atol=1e-10)
         assert got[level].abs().sum() > 0
         h = z.detach()

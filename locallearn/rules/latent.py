@@ -1,43 +1,51 @@
-"""Layer-wise latent prediction: every block predicts its *own* latent code of a sibling.
+"""Layer-wise latent prediction: every block predicts its *own* latent codes of its sibling.
 
 After *Learn from your own latents and not from tokens: a sample-complexity theory* (arXiv
 2605.27734): on data built by a hierarchy of production rules, a learner that predicts its own
 latent representation of a neighbouring part of the input (rather than the tokens themselves)
-needs a number of samples that does not grow with the depth. Here each block of a hierarchical
-CNN is one level of such a learner, trained only from its own activity:
+needs a number of samples that does not grow with the depth; the paper shows it with stacked
+predictor-clusterer modules. Here each block of the hierarchical CNN is one such module,
+trained only from its own activity (positions ``j``, ``j'`` are siblings when they share a
+parent in the tree, ``j // s``; ``r = j mod s``):
 
-- **clusterer**: a prototype matrix ``Q`` (``k x C``) gives every position ``j`` of the block's
-  output ``z`` (``(N, C, P)``) a soft code over ``k`` clusters. The *target* code ``t_j`` is
-  the balanced assignment of the detached scores ``Q z_j / sqrt(C)``: a few Sinkhorn iterations
-  at temperature ``sinkhorn_eps`` make every cluster take the same share of the batch's
-  positions (the collapse guard, see below).
-- **predictor**: for positions ``j`` and ``j'`` that share a parent in the tree (``j // s``),
-  a matrix ``R[r, r']`` (``k x C``; ``r = j mod s``, ``r' = j' mod s``) predicts the sibling's
-  code from ``z_j``: ``p = softmax(R[r, r'] z_j / (sqrt(C) tau))``, loss ``CE(t_j', p)``.
-- the clusterer is itself trained to agree with the balanced codes: ``CE(t_j,
-  softmax(Q z_j / (sqrt(C) tau)))``, weighted by ``cluster_weight`` (self-labelling).
+- **clusterer** (every objective): a prototype matrix ``Q`` (``k x C``) gives each position of
+  the block's output ``z`` (``(N, C, P)``) a code over ``k`` clusters. The *target* code
+  ``t_j`` is the balanced assignment of the detached scores ``Q z_j / sqrt(C)``: Sinkhorn
+  iterations at temperature ``sinkhorn_eps`` give every cluster the same share of the batch's
+  positions (the collapse guard, below). ``Q`` learns to agree with them (self-labelling):
+  ``cluster_weight * CE(t_j, softmax(Q z_j / (sqrt(C) tau)))``.
+- **predictor**, ``objective``:
 
-A block's loss is the mean over samples and sibling pairs of the prediction term plus the
-clustering term; it reaches the block's weights and the rule's ``Q``, ``R`` of that block only
-(the block's input is detached, as in :mod:`locallearn.rules.layerwise`). The top block has a
-single position and no sibling, so it keeps its random initial weights. No label and no view
-from the generator is used: the batch's one-hot input is all the rule sees.
+  - ``stacked`` (default; the paper's stacking): block ``l`` predicts the codes of the *level
+    below* at its sibling's children, ``softmax(T[r, r', q] z_j / (sqrt(C) tau))`` against
+    the code of child ``q`` of sibling ``j'`` (block ``l - 1``'s balanced code; under block 0,
+    the one-hot token). Level ``l``'s own codes become the targets of level ``l + 1``.
+  - ``balanced-code``: block ``l`` predicts its sibling's own code ``t_j'`` with ``R[r, r']``.
+  - ``mutual-information``: maximise the mutual information of the soft codes of siblings
+    (no predictor matrix; the batch's joint code distribution).
 
-Why a balanced clustering code as the collapse guard: in the RHM every symbol of a level is
-equally likely, so a code that uses its ``k`` clusters equally is the right prior, and a
-constant representation gives uniform targets (the prediction loss at its maximum ``log k``),
-so collapse is not a minimum. A variance term would only keep units alive without making the
-code discrete; a slowly-updated teacher needs a second copy of every block. The targets are
-detached within the step, so no teacher is needed.
+A block's loss reaches only that block's weights and its own ``Q``, ``R``, ``T`` (its input is
+detached, as in :mod:`locallearn.rules.layerwise`). The top block has a single position and no
+sibling, so it keeps its random initial weights. No label and no view from the generator is
+used: the batch's one-hot input is all the rule sees.
+
+Collapse guard: a balanced clustering code. In the RHM every symbol of a level is equally
+likely, so a code that uses its ``k`` clusters equally is the right prior, and a constant
+representation gives uniform targets (the prediction loss at its maximum ``log k``), so
+collapse is not a minimum. A variance term would keep units alive without making the code
+discrete (the next level predicts discrete codes); a slowly-updated teacher needs a second copy
+of every block, and the targets are already detached within the step.
 
 Three-factor form (checked against autograd in the tests). With pre-activation ``a`` and input
-patch ``x`` of a position, ``dW = sum [d_z * relu'(a)] x^T`` where the dendritic signal is
+patch ``x`` of a position, ``dW = sum [d_z * relu'(a)] x^T`` with the dendritic signal (for
+``stacked``; ``balanced-code`` has ``R[r, r']`` and the sibling's own code instead)
 
-    d_z(j) = sum_{r'} R[r, r']^T (p_{j->j'} - t_j') / (sqrt(C) tau n_pairs)
+    d_z(j) = sum_{r', q} T[r, r', q]^T (p_{j -> j'q} - code_{j'q}) / (sqrt(C) tau n_terms)
              + cluster_weight * Q^T (softmax(Q z_j / (sqrt(C) tau)) - t_j) / (sqrt(C) tau n_pos)
 
-i.e. a prediction error (the third factor, a vector per position) sent back through the block's
-own prediction matrices.
+a prediction error (the third factor, one vector per position) sent back through the block's
+own prediction matrices; ``n_terms`` counts the (sibling, child) terms times the positions that
+predict, ``n_pos`` the positions.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ class LatentOptions:
     """Options of ``rule.name=latent-prediction`` (``rule.options.*``).
 
     Attributes:
+        objective: what the block predicts (module docstring).
         clusters: ``k``, the number of clusters of every block's code; 0 takes the number of
             input channels (the size of the token alphabet, visible in the data).
         tau: temperature of the predicted and clustered distributions.
@@ -69,11 +78,11 @@ class LatentOptions:
         cluster_weight: weight of the clusterer's self-labelling term.
     """
 
-    objective: Literal["balanced-code", "mutual-information"] = "balanced-code"
+    objective: Literal["stacked", "balanced-code", "mutual-information"] = "stacked"
     clusters: int = 0
     tau: float = 0.5
     sinkhorn_eps: float = 0.05
-    sinkhorn_iters: int = 3
+    sinkhorn_iters: int = 10
     cluster_weight: float = 1.0
 
     def validate(self) -> None:
@@ -130,6 +139,12 @@ class LatentPrediction(Rule):
             c = h.shape[1]
             self.Q.append(nn.Parameter(torch.randn(k, c, generator=gen).to(dev)))
             self.R.append(nn.Parameter(torch.zeros(self.s, self.s, k, c, device=dev)))
+        s = self.s
+        self.T = nn.ParameterList()  # per block: (s, s, s, k_below, C) predictors of children
+        if self.options.objective == "stacked":
+            for level, h in enumerate(feats):
+                kb = sample_input.shape[1] if level == 0 else k
+                self.T.append(nn.Parameter(torch.zeros(s, s, s, kb, h.shape[1], device=dev)))
 
     def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
         return net.encoder_parameters() + list(self.parameters())
@@ -150,11 +165,44 @@ class LatentPrediction(Rule):
         t = balanced_codes(scores.reshape(-1, k), o.sinkhorn_eps, o.sinkhorn_iters)
         return t.reshape(scores.shape)
 
-    def block_loss(self, level: int, z: torch.Tensor) -> torch.Tensor:
-        """The loss of one block's output ``z`` (``(N, C, P)``)."""
+    def block_loss(
+        self, level: int, z: torch.Tensor, below: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The loss of one block's output ``z`` (``(N, C, P)``); ``below``: the codes of the
+        level below (``(N, s P, k')``, the one-hot tokens under block 0), for ``stacked``."""
         if self.options.objective == "mutual-information":
             return self.mi_loss(level, z)
+        if self.options.objective == "stacked":
+            if below is None:
+                raise ValueError("objective 'stacked' needs the codes of the level below")
+            return self.stacked_loss(level, z, below)
         return self.code_loss(level, z)
+
+    def stacked_loss(self, level: int, z: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
+        """Prediction of the sibling's children's codes (one level down) + clustering loss."""
+        o = self.options
+        s = self.s
+        zf = z.transpose(1, 2)
+        norm = math.sqrt(z.shape[1]) * o.tau
+        pred = z.new_zeros(())
+        terms = 0
+        for r in range(s):
+            for r2 in range(s):
+                if r2 == r:
+                    continue
+                for q in range(s):
+                    logits = zf[:, r::s] @ self.T[level][r, r2, q].t() / norm
+                    pred = pred + _soft_ce(logits, below[:, r2 * s + q :: s * s])
+                    terms += 1
+        loss = pred / terms
+        if o.cluster_weight > 0:
+            t = self.targets(level, z)
+            loss = loss + o.cluster_weight * _soft_ce(zf @ self.Q[level].t() / norm, t)
+        return loss
+
+    def input_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens as codes of the level below block 0: one-hot ``(N, T, v)``."""
+        return F.one_hot(x.argmax(1), x.shape[1]).to(x.dtype)
 
     def codes(self, level: int, z: torch.Tensor) -> torch.Tensor:
         """Soft codes ``softmax(Q z_j / (sqrt(C) tau))`` of every position, ``(N, P, k)``."""
@@ -198,15 +246,17 @@ class LatentPrediction(Rule):
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         h = batch.x
+        below = self.input_codes(h)
         total = 0.0
         metrics: dict[str, float] = {}
         for level, block in enumerate(net.blocks):
             z = block(h.detach())
             if self.has_loss(z):
-                loss = self.block_loss(level, z)
-                loss.backward()  # this block's weights and its Q, R only
+                loss = self.block_loss(level, z, below)
+                loss.backward()  # this block's weights and its Q, R (T) only
                 metrics[f"loss_block{level + 1}"] = float(loss.detach())
                 total += float(loss.detach())
+                below = self.targets(level, z)
             h = z.detach()
         metrics["loss"] = total
         return metrics
@@ -229,10 +279,12 @@ class _TopLatentBackprop(Rule):
         local = self.local[0]
         top = None
         h = batch.x
+        below = local.input_codes(h)
         for level, block in enumerate(net.blocks):
             h = block(h)
             if local.has_loss(h):
-                top = (level, h)
+                top = (level, h, below)
+                below = local.targets(level, h)
         if top is None:
             raise ValueError("no block of this network has siblings to predict")
         loss = local.block_loss(*top)
