@@ -153,3 +153,33 @@ def test_axes_of_settings_make_sections(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "### rhm=L2" in text and "### rhm=L3" in text
     assert text.count("| bp | ≤ 1 |") == 2 and text.count("| dfa | not reached |") == 2
+
+
+def test_sample_complexity_against_depth(tmp_path):
+    """Runs at two depths: P at the target per rule and L, with v m^3 and n_c m^L drawn."""
+    with ResultsStore(tmp_path) as store:
+        store.set_axes([("variant", "variants"), ("rhm", "variants"),
+                        ("data.train_size", "values")])
+        for depth, p_star in ((3, 512), (4, 2048)):
+            config = {"data": {"name": "rhm", "v": 8, "n_classes": 8, "m": 4, "L": depth}}
+            for seed in (0, 1):
+                for ratio, err_bp in ((1, 0.3), (2, 0.05)):
+                    for rule, err in (("bp", err_bp), ("dfa", 0.8)):
+                        _run(tmp_path, store, f"{rule}-L{depth}-{ratio}-{seed}",
+                             {"variant": rule, "rhm": f"L{depth}",
+                              "data.train_size": f"{ratio}P*", "seed": seed},
+                             {"test_accuracy": 1 - err, "train_size": p_star * ratio,
+                              "P_star": p_star, "train_size_over_P_star": ratio,
+                              "chance": 0.125}, config, [0.1, 1 - err])
+    text = write_report(tmp_path).read_text()
+    assert "## Sample complexity against depth" in text
+    # bp: error 0.3 at P*, 0.05 at 2P*: 0.1 is reached at P* 2^(0.2/0.25)
+    p3, p4 = (p * 2 ** (0.2 / 0.25) for p in (512, 2048))
+    assert f"| bp | {p3:.0f} | {p4:.0f} |" in text
+    assert "| dfa | > 1024 | > 4096 |" in text
+    assert (tmp_path / "figures" / "complexity_vs_depth.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_one_depth_has_no_depth_section(tmp_path):
+    make_rhm_sweep(tmp_path)
+    assert "against depth" not in write_report(tmp_path).read_text()

@@ -8,6 +8,8 @@ Written to ``DIR/report.md`` with figures in ``DIR/figures/``:
   rule's sample complexity, the smallest ``P`` whose test error reaches ``--target-error``,
   interpolated linearly in the error against ``log P`` between grid points, per seed, with its
   spread over seeds ("not reached" when the largest ``P`` does not reach it);
+- RHM sweeps over several depths ``data.L``: the sample complexity against ``L`` per rule, with
+  the scalings ``v m^3`` and ``n_c m^L`` drawn (:mod:`locallearn.experiments.depth_figure`);
 - image sweeps (runs with ``probe_accuracy``): the rule x dataset table of linear-probe accuracy;
 - learning curves from each run's ``metrics.jsonl`` (mean over seeds), per-layer alignment where a
   run folder holds ``alignment.json`` (rows ``{block, cosine_mean, cosine_std}``), and the PNGs of
@@ -33,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from locallearn.experiments.depth_figure import depth_section, label_without_depth
 from locallearn.experiments.results import ResultsStore
 from locallearn.experiments.sweep_spec import SWEEP_FILE, value_label
 
@@ -511,6 +514,9 @@ def write_report(
     rhm = [r for r in runs if r.get("P_star") is not None and r.get("test_accuracy") is not None]
     if rhm and lay.size is not None:
         md += _rhm_sections(lay, by_section, rule_labels, figs, rel, target_error)
+        by_depth = label_without_depth(lay.rule, rhm)
+        md += depth_section(rhm, by_depth, _ordered({by_depth(r) for r in rhm}, rule_labels),
+                            figs, rel, target_error, crossing, md_table)
 
     # ---- images: rule x dataset
     probed = [r for r in runs if r.get("probe_accuracy") is not None]
