@@ -99,6 +99,14 @@ def test_latent_prediction_is_local_and_label_free(objective):
 
 
 def test_latent_options_are_checked():
+    from locallearn.experiments.schema import RuleConfig
+    from locallearn.rules import build_rule
+
+    for name in ("latent-prediction", "token-prediction"):
+        with pytest.raises(ValueError, match="rule.options.bogus"):
+            build_rule(RuleConfig(name=name, options={"bogus": 1}))
+    rule = build_rule(RuleConfig(name="latent-prediction", options={"objective": "stacked"}), s=3)
+    assert isinstance(rule, LatentPrediction) and rule.s == 3
     for kw, key in [({"clusters": 1}, "clusters"), ({"tau": 0}, "tau"),
                     ({"sinkhorn_iters": 0}, "sinkhorn_iters"), ({"cluster_weight": -1},
                                                                 "cluster_weight")]:

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +119,13 @@ class LatentPrediction(Rule):
     name = "latent-prediction"
     uses_labels = False
     view_kind = None
+    Options: ClassVar[type] = LatentOptions
+    settings: ClassVar[dict[str, Any]] = {}  # reads none of rule.loss, view, f, ...
+
+    @classmethod
+    def from_config(cls, cfg: Any, options: Any, seed: int, **task_info: Any) -> LatentPrediction:
+        """The rule of config section ``cfg`` with its typed ``options``."""
+        return cls(options, s=task_info.get("s", 2), seed=seed)
 
     def __init__(self, options: LatentOptions | None = None, s: int = 2, seed: int = 0):
         super().__init__()
@@ -310,7 +317,7 @@ def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _build(cfg: Any, seed: int, **task: Any) -> LatentPrediction:
     options = from_dict(LatentOptions, cfg.options, "rule.options.")
-    return LatentPrediction(options, s=task.get("s", 2), seed=seed)
+    return LatentPrediction.from_config(cfg, options, seed, **task)
 
 
 register("latent-prediction", _build)

@@ -17,7 +17,7 @@ the generator. The head belongs to the rule; the class read-out is not trained.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,13 @@ class TokenPrediction(Rule):
     name = "token-prediction"
     uses_labels = False
     view_kind = None
+    Options: ClassVar[type] = TokenOptions
+    settings: ClassVar[dict[str, Any]] = {}  # reads none of rule.loss, view, f, ...
+
+    @classmethod
+    def from_config(cls, cfg: Any, options: Any, seed: int, **task_info: Any) -> TokenPrediction:
+        """The rule of config section ``cfg`` with its typed ``options``."""
+        return cls(options, seed=seed)
 
     def __init__(self, options: TokenOptions | None = None, seed: int = 0):
         super().__init__()
@@ -115,7 +122,8 @@ class TokenPrediction(Rule):
 
 
 def _build(cfg: Any, seed: int, **task: Any) -> TokenPrediction:
-    return TokenPrediction(from_dict(TokenOptions, cfg.options, "rule.options."), seed=seed)
+    options = from_dict(TokenOptions, cfg.options, "rule.options.")
+    return TokenPrediction.from_config(cfg, options, seed, **task)
 
 
 register("token-prediction", _build)
