@@ -28,27 +28,32 @@ def run_depth(run: Any) -> int | None:
 def complexity_by_depth(
     runs: Sequence[Any], rule_label: Callable[[Any], str], target: float,
     crossing: Callable[[Sequence[tuple[float, float]], float], tuple[float | None, bool]],
-) -> dict[str, dict[int, tuple[float | None, float, int, int]]]:
-    """``{rule: {L: (P at target or None, largest P, seeds reaching, seeds)}}``."""
+) -> dict[str, dict[int, tuple[float | None, float, int, int, bool]]]:
+    """``{rule: {L: (P at target or None, largest P, seeds reaching, seeds, censored)}}``;
+    ``censored``: every seed that reaches the target does so at the smallest ``P`` of the grid
+    (the value is an upper bound)."""
     groups: dict[tuple[str, int], list[Any]] = {}
     for run in runs:
         depth = run_depth(run)
         if depth is None or run.get("test_accuracy") is None or run.get("train_size") is None:
             continue
         groups.setdefault((rule_label(run), depth), []).append(run)
-    out: dict[str, dict[int, tuple[float | None, float, int, int]]] = {}
+    out: dict[str, dict[int, tuple[float | None, float, int, int, bool]]] = {}
     for (rule, depth), truns in groups.items():
         seeds = sorted({r.seed for r in truns})
         reached = []
+        censored = []
         for seed in seeds:
             pts = [(float(r.get("train_size")), 1.0 - float(r.get("test_accuracy")))
                    for r in truns if r.seed == seed]
-            p, _ = crossing(pts, target)
+            p, upper = crossing(pts, target)
             if p is not None:
                 reached.append(p)
+                censored.append(upper)
         largest = max(float(r.get("train_size")) for r in truns)
         geo = math.exp(sum(map(math.log, reached)) / len(reached)) if reached else None
-        out.setdefault(rule, {})[depth] = (geo, largest, len(reached), len(seeds))
+        out.setdefault(rule, {})[depth] = (geo, largest, len(reached), len(seeds),
+                                           bool(censored) and all(censored))
     return out
 
 
@@ -68,7 +73,7 @@ def theory_lines(runs: Sequence[Any]) -> dict[str, dict[int, float]]:
 
 
 def plot_complexity_vs_depth(
-    table: dict[str, dict[int, tuple[float | None, float, int, int]]],
+    table: dict[str, dict[int, tuple[float | None, float, int, int, bool]]],
     lines: dict[str, dict[int, float]], rule_order: Sequence[str], path: Path, target: float,
 ) -> Path:
     """The figure (see the module docstring)."""
@@ -77,7 +82,7 @@ def plot_complexity_vs_depth(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig, ax = plt.subplots(figsize=(8.4, 4.8))
     depths = sorted({d for per in table.values() for d in per})
     for rule in [r for r in rule_order if r in table] + sorted(set(table) - set(rule_order)):
         per = table[rule]
@@ -87,6 +92,10 @@ def plot_complexity_vs_depth(
         if above:
             ax.plot(above, [per[d][1] for d in above], linestyle="none", marker="^",
                     markerfacecolor="none", color=line.get_color())
+        upper = [d for d in xs if per[d][4]]
+        if upper:
+            ax.plot(upper, [per[d][0] for d in upper], linestyle="none", marker="v",
+                    markersize=9, markerfacecolor="none", color=line.get_color())
     for (name, per), style in zip(sorted(lines.items()), ("--", ":", "-.")):
         xs = sorted(per)
         ax.plot(xs, [per[d] for d in xs], color="black", linestyle=style, linewidth=1,
@@ -97,9 +106,10 @@ def plot_complexity_vs_depth(
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("depth L")
     ax.set_ylabel(f"P at test error {target:g} (samples)")
-    ax.set_title("open triangle: target not reached up to this P", fontsize=8)
+    ax.set_title("open triangle up: not reached up to this P; down: reached at the smallest P",
+                 fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -148,13 +158,15 @@ def depth_section(
             if d not in table[rule]:
                 cells.append("-")
                 continue
-            p, largest, k, n = table[rule][d]
+            p, largest, k, n, upper = table[rule][d]
             cells.append(f"> {largest:.0f}" if p is None else
-                         f"{p:.0f}" + ("" if k == n else f" ({k}/{n} seeds)"))
+                         ("≤ " if upper else "") + f"{p:.0f}"
+                         + ("" if k == n else f" ({k}/{n} seeds)"))
         rows.append([rule] + cells)
     return [f"## Sample complexity against depth (test error ≤ {target:g})", "",
             "P (samples) at the target per rule and depth L, geometric mean over the seeds that "
-            "reach it; '> P' when no size of the grid reaches it. The lines are the scalings "
+            "reach it; '> P' when no size of the grid reaches it, '≤ P' when the smallest size "
+            "already does. The lines are the scalings "
             "v m^3 (latent prediction, arXiv 2605.27734) and n_c m^L = P*.", "",
             f"![sample complexity against depth]({rel(path)})", "",
             md_table(["rule"] + [f"L = {d}" for d in depths], rows), ""]
