@@ -99,8 +99,8 @@ def test_latent_prediction_is_local_and_label_free(objective):
 
 
 def test_latent_options_are_checked():
-    from locallearn.experiments.schema import RuleConfig
     from locallearn.rules import build_rule
+    from locallearn.schema import RuleConfig
 
     for name in ("latent-prediction", "token-prediction"):
         with pytest.raises(ValueError, match="rule.options.bogus"):

@@ -15,7 +15,9 @@ from locallearn.rules.base import SETTING_KEYS, Batch, NoOptions, Rule
 from locallearn.rules.feedback import DirectFeedback
 from locallearn.rules.image_bp import BPSSL
 from locallearn.rules.image_local import FFRule, LocalImageRule
+from locallearn.rules.latent import LatentPrediction
 from locallearn.rules.layerwise import Layerwise
+from locallearn.rules.token import TokenPrediction
 
 __all__ = ["Batch", "Rule", "Backprop", "BackpropNoMask", "DirectFeedback", "Layerwise",
            "build_rule", "check_rule_config", "register", "registered", "rule_class",
@@ -32,6 +34,8 @@ _RULES: dict[str, type[Rule]] = {
     "clapp-image": LocalImageRule,
     "ff": FFRule,
     "bp-ssl": BPSSL,
+    "latent-prediction": LatentPrediction,
+    "token-prediction": TokenPrediction,
 }
 
 

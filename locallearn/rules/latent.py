@@ -58,9 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locallearn.experiments.config import from_dict
 from locallearn.nets.base import BlockNet
-from locallearn.rules import register
 from locallearn.rules.base import Batch, Rule
 
 
@@ -313,14 +311,3 @@ def code_mutual_information(c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
 def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against soft targets, mean over every leading index."""
     return -(target * F.log_softmax(logits, -1)).sum(-1).mean()
-
-
-def _build(cfg: Any, seed: int, **task: Any) -> LatentPrediction:
-    options = from_dict(LatentOptions, cfg.options, "rule.options.")
-    return LatentPrediction.from_config(cfg, options, seed, **task)
-
-
-register("latent-prediction", _build)
-
-#: Rule names this module registers.
-RULES = ("latent-prediction",)

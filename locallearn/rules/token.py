@@ -23,9 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locallearn.experiments.config import from_dict
 from locallearn.nets.base import BlockNet
-from locallearn.rules import register
 from locallearn.rules.base import Batch, Rule
 
 
@@ -119,14 +117,3 @@ class TokenPrediction(Rule):
         loss = self.loss(net, batch)
         loss.backward()
         return {"loss": float(loss.detach())}
-
-
-def _build(cfg: Any, seed: int, **task: Any) -> TokenPrediction:
-    options = from_dict(TokenOptions, cfg.options, "rule.options.")
-    return TokenPrediction.from_config(cfg, options, seed, **task)
-
-
-register("token-prediction", _build)
-
-#: Rule names this module registers.
-RULES = ("token-prediction",)
