@@ -174,6 +174,10 @@ def test_top_block_context_is_refused():
         rule = LocalImageRule(context=context)
         with pytest.raises(ValueError, match=f"context={context} learns from the top block"):
             check_pipeline(cfg, rule, 6, 2)
+    from locallearn.rules.image_ssl import BPSSL
+
+    with pytest.raises(ValueError, match="rule bp-ssl backpropagates its top-block loss"):
+        check_pipeline(cfg, BPSSL(), 6, 2)
     check_pipeline(cfg, LocalImageRule(context="same"), 6, 2)
     check_pipeline(cfg, build_rule(cfg.rule, 0), 3, 2)
 
