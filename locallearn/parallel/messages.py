@@ -79,8 +79,9 @@ def send(obj: Any, dst: int) -> None:
     tensors: list[torch.Tensor] = []
     meta = _pack(obj, tensors)
     dist.send_object_list([meta], dst)
+    wire = _wire_device()
     for t in tensors:
-        dist.send(t, dst)
+        dist.send(t.to(wire), dst)
 
 
 def recv(src: int, device: torch.device | str) -> Any:
@@ -91,10 +92,17 @@ def recv(src: int, device: torch.device | str) -> Any:
     _collect(box[0], slots)
     tensors: list[torch.Tensor] = [torch.empty(0)] * len(slots)
     for slot in sorted(slots, key=lambda s: s.index):
-        buf = torch.empty(slot.shape, dtype=slot.dtype, device=device)
+        buf = torch.empty(slot.shape, dtype=slot.dtype, device=_wire_device())
         dist.recv(buf, src)
-        tensors[slot.index] = buf
+        tensors[slot.index] = buf.to(device)
     return _unpack(box[0], tensors)
+
+
+def _wire_device() -> torch.device:
+    """Where tensors travel: the current GPU with NCCL, the CPU with gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _collect(obj: Any, slots: list[_Slot]) -> None:

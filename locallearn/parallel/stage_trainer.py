@@ -207,7 +207,7 @@ class PipelineTrainer(Trainer):
         dist.broadcast_object_list(box, self.stages - 1)
         self.first_loss = box[0]
         mine = (self.opt.index, self.opt.local_state_dict())
-        parts = messages.gather_to_main(mine, self.rank, self.world, "cpu")
+        parts = messages.gather_to_main(mine, self.rank, self.world, self.device)
         if self.main:
             self.opt.set_gathered(parts)
         super().save_checkpoint()
