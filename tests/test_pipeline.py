@@ -173,6 +173,16 @@ def test_bad_pipelines_are_one_line_errors_with_exit_2(tmp_path, capsys, monkeyp
     assert __import__("re").search(match, err), err
 
 
+def test_a_refused_rule_fails_before_the_data_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    missing = tmp_path / "no-such-folder"
+    args = ["run", str(ROOT / "configs" / "images" / "clapp++dfb-cpu.yaml"), "--out",
+            str(tmp_path / "x"), f"data.root={missing}", "parallel.stages=2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "context=top learns from the top block's output" in err and str(missing) not in err
+
+
 def test_top_block_context_is_refused():
     cfg = load_config(RHM_CONFIG, [*RHM_ARGS, "parallel.stages=2"])
     for context in ("top", "both"):

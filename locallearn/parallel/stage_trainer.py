@@ -42,13 +42,18 @@ from locallearn.train import Trainer, build_optimizer, write_json_atomic
 PIPELINE_FILE = "pipeline.json"
 
 
+def check_rule(cfg: RunConfig, rule) -> None:
+    """A one-line ValueError when ``rule`` cannot be pipelined (it needs a signal from above)."""
+    reason = rule.pipeline_refusal()
+    if reason is not None:
+        raise ValueError(f"parallel.stages={cfg.parallel.stages} cannot pipeline this run: "
+                         f"{reason}; valid: parallel.stages=1")
+
+
 def check_pipeline(cfg: RunConfig, rule, n_blocks: int, world: int) -> None:
     """One-line ValueErrors for a pipeline that cannot run (in the order a user meets them)."""
     k = cfg.parallel.stages
-    reason = rule.pipeline_refusal()
-    if reason is not None:
-        raise ValueError(f"parallel.stages={k} cannot pipeline this run: {reason}; "
-                         "valid: parallel.stages=1")
+    check_rule(cfg, rule)
     if k > n_blocks:
         raise ValueError(f"parallel.stages={k} is more than the network's {n_blocks} blocks; "
                          f"valid: 1 to {n_blocks}")
