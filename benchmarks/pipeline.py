@@ -39,14 +39,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from locallearn.experiments.schema import load_config  # noqa: E402
+from locallearn.experiments.tasks import build_task  # noqa: E402
 from locallearn.parallel.split import (  # noqa: E402
     balanced_split,
     measure_on_fresh_batch,
     predicted_speedup,
     stage_times,
 )
-from locallearn.train import Trainer, build_task  # noqa: E402
+from locallearn.schema import load_config  # noqa: E402
+from locallearn.train import Trainer  # noqa: E402
 
 
 def cases(data_root: str) -> dict[str, dict]:

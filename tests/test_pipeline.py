@@ -23,7 +23,7 @@ from PIL import Image
 from locallearn.cli import main
 from locallearn.data.rhm import RHM
 from locallearn.data.rhm_views import block_view_pairs, two_views
-from locallearn.experiments.schema import load_config
+from locallearn.experiments.runs import run
 from locallearn.nets.hier_cnn import hier_cnn
 from locallearn.nets.vgg import vgg6
 from locallearn.parallel import messages
@@ -31,9 +31,9 @@ from locallearn.parallel.split import balanced_split, check_split, predicted_spe
 from locallearn.parallel.stage_trainer import check_pipeline
 from locallearn.rules import build_rule
 from locallearn.rules.base import Batch
-from locallearn.rules.image_ssl import FFRule, LocalImageRule
+from locallearn.rules.image_local import FFRule, LocalImageRule
 from locallearn.rules.layerwise import Layerwise
-from locallearn.train import run
+from locallearn.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RHM_CONFIG = str(ROOT / "configs" / "rhm" / "clapp-per-block.yaml")
@@ -153,8 +153,8 @@ def test_balanced_split_minimises_the_slowest_stage():
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (["rule.name=backprop"], "rule backprop sends the error backward through every block"),
-        (["rule.name=dfa"], "rule dfa sends the output error of the top block to every block"),
+        (["backprop"], "rule backprop sends the error backward through every block"),
+        (["dfa"], "rule dfa sends the output error of the top block to every block"),
         (["parallel.stages=4"], "parallel.stages=4 is more than the network's 3 blocks"),
         (["parallel.split=[1,1]"], r"parallel.split=\[1, 1\] adds up to 2 blocks"),
         (["parallel.split=[3]"], r"lists 1 stages but parallel.stages=2"),
@@ -165,8 +165,11 @@ def test_balanced_split_minimises_the_slowest_stage():
 def test_bad_pipelines_are_one_line_errors_with_exit_2(tmp_path, capsys, monkeypatch,
                                                        overrides, match):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    args = ["run", RHM_CONFIG, "--out", str(tmp_path / "x"), *RHM_ARGS, "parallel.stages=2",
-            *overrides]
+    config, data = RHM_CONFIG, RHM_ARGS
+    if overrides and overrides[0] in ("backprop", "dfa"):  # the presets of refused rules
+        config = str(ROOT / "configs" / "rhm" / f"{overrides[0]}.yaml")
+        data, overrides = [a for a in RHM_ARGS if not a.startswith("rule.")], []
+    args = ["run", config, "--out", str(tmp_path / "x"), *data, "parallel.stages=2", *overrides]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("locallearn: error: ")
@@ -189,7 +192,7 @@ def test_top_block_context_is_refused():
         rule = LocalImageRule(context=context)
         with pytest.raises(ValueError, match=f"context={context} learns from the top block"):
             check_pipeline(cfg, rule, 6, 2)
-    from locallearn.rules.image_ssl import BPSSL
+    from locallearn.rules.image_bp import BPSSL
 
     with pytest.raises(ValueError, match="rule bp-ssl backpropagates its top-block loss"):
         check_pipeline(cfg, BPSSL(), 6, 2)
