@@ -292,6 +292,35 @@ class ProbeConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Blocks on separate processes, pipelined (:mod:`locallearn.parallel`).
+
+    Attributes:
+        stages: processes that each train a contiguous group of blocks (1: one process); launch
+            with ``torchrun --nproc_per_node=<stages>``.
+        split: blocks per stage, in order (must add up to the network's blocks); ``None``:
+            balanced from measured per-block step times.
+    """
+
+    stages: int = 1
+    split: list[int] | None = None
+
+    def validate(self) -> None:
+        if self.stages < 1:
+            raise ValueError(f"parallel.stages={self.stages} is invalid: must be >= 1")
+        if self.split is not None:
+            if len(self.split) != self.stages:
+                raise ValueError(
+                    f"parallel.split={self.split} lists {len(self.split)} stages but "
+                    f"parallel.stages={self.stages}; give one block count per stage"
+                )
+            if any(k < 1 for k in self.split):
+                raise ValueError(
+                    f"parallel.split={self.split} is invalid: every stage needs >= 1 block"
+                )
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs; the output directory holds a copy."""
 
@@ -300,6 +329,7 @@ class RunConfig:
     rule: RuleConfig = field(default_factory=RuleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 0
     epochs: int = 60
     batch_size: int = 128

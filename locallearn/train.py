@@ -53,7 +53,10 @@ from locallearn.task import Task
 #: flattened position-major (earlier checkpoints are upgraded when loaded).
 CHECKPOINT_FORMAT = 2
 #: config keys that change how a run is shown or scheduled, never its result
-RUNTIME_KEYS = ("progress", "threads", "device", "label")
+#: (``parallel`` too: a pipelined run ends bit-identical to a one-process run, and its
+#: checkpoint has the one-process layout, so it may resume with another split or in one
+#: process)
+RUNTIME_KEYS = ("progress", "threads", "device", "label", "parallel")
 #: what a run may change when started again in the same directory: the runtime keys and
 #: ``epochs`` (a larger value extends a run; it continues from its last checkpoint)
 RESUMABLE_KEYS = (*RUNTIME_KEYS, "epochs")
@@ -312,14 +315,19 @@ class Trainer:
         if stopped_early or self.epoch == cfg.epochs:
             self.save_checkpoint()
         summary = self.summary(stopped_early)
-        self.net.eval()  # e.g. the linear probe of image encoders, once at the end
-        t0 = time.perf_counter()
-        summary.update(self.task.final_metrics(self.net, self.rule, self.out))
-        self.eval_seconds += time.perf_counter() - t0
-        summary["eval_seconds"] = round(self.eval_seconds, 3)
+        summary.update(self.final_metrics())
         if self.main:
             write_json_atomic(self.out / SUMMARY, summary)
         return summary
+
+    def final_metrics(self) -> dict[str, Any]:
+        """The task's metrics of the final network (e.g. the linear probe of image encoders),
+        once at the end; they join the summary (with the updated ``eval_seconds``)."""
+        self.net.eval()
+        t0 = time.perf_counter()
+        out = self.task.final_metrics(self.net, self.rule, self.out)
+        self.eval_seconds += time.perf_counter() - t0
+        return {**out, "eval_seconds": round(self.eval_seconds, 3)}
 
     def _reached_stop(self) -> bool:
         thr = self.cfg.stop_train_loss

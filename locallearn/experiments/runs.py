@@ -14,6 +14,7 @@ from locallearn import distributed as ddp
 from locallearn.config import load_yaml
 from locallearn.experiments.tasks import build_task
 from locallearn.nets.base import BlockNet
+from locallearn.parallel.stage_trainer import PipelineTrainer, check_rule
 from locallearn.rules import build_rule
 from locallearn.rules.base import Rule
 from locallearn.runfiles import CHECKPOINT, CONFIG, SUMMARY, check_out_dir, read_metrics
@@ -38,10 +39,14 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     ddp.init_from_env(cfg.device)
     try:
         with torch.random.fork_rng(devices=[]):
-            build_rule(cfg.rule, cfg.seed)  # bad rule options fail before the data loads
+            rule = build_rule(cfg.rule, cfg.seed)  # bad rule options fail before the data loads
+        trainer_class = Trainer
+        if cfg.parallel.stages > 1:  # blocks on separate processes, pipelined
+            trainer_class = PipelineTrainer
+            check_rule(cfg, rule)  # before the data loads too
         torch.manual_seed(cfg.seed)
         task = build_task(cfg)
-        return Trainer(cfg, task, out_dir).run()
+        return trainer_class(cfg, task, out_dir).run()
     finally:
         if started:
             ddp.cleanup()

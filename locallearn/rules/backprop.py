@@ -38,6 +38,10 @@ class Backprop(SupervisedRule):
     def reference_rule(self) -> Rule:
         return self
 
+    def pipeline_refusal(self) -> str | None:
+        return (f"rule {self.name} sends the error backward through every block (a signal from "
+                "above)")
+
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         logits = net(batch.x)
         loss = F.cross_entropy(logits, batch.y)
@@ -50,6 +54,10 @@ class BackpropNoMask(SupervisedRule):
     """Backprop whose error passes the blocks above with batch-averaged ReLU gates."""
 
     name = "backprop-nomask"
+
+    def pipeline_refusal(self) -> str | None:
+        return (f"rule {self.name} sends the error backward through every block (a signal from "
+                "above)")
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         inputs, pres = [], []

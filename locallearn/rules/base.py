@@ -91,6 +91,34 @@ class Rule(nn.Module):
         """Fill ``.grad`` (accumulating into zeroed grads) and return metrics with ``loss``."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ block by block
+    # A rule whose every block learns from its own activity (and its own block's context) can
+    # run a contiguous range of blocks on its own process: ``locallearn.parallel`` pipelines
+    # them. Such a rule implements the three methods below (and :meth:`pipeline_refusal` returns
+    # ``None``); its ``compute_grads`` is ``blocks_grads`` over every block, so a pipelined run
+    # does exactly the arithmetic of a one-process run.
+
+    def pipeline_refusal(self) -> str | None:
+        """Why this rule cannot train its blocks on separate processes (``None``: it can)."""
+        return f"rule {self.name} does not learn block by block"
+
+    def start_carry(self, net: BlockNet, batch: Batch) -> dict[str, Any]:
+        """What block 0 receives for ``batch``: its input(s) and whatever the blocks draw at
+        random for it (negatives), drawn here in the order of a one-process step."""
+        raise NotImplementedError
+
+    def blocks_grads(
+        self, net: BlockNet, carry: dict[str, Any], start: int, stop: int
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """Fill ``.grad`` of blocks ``start..stop-1`` and of their rule-owned parameters from
+        ``carry`` (what block ``start`` receives: detached tensors, numbers); return their metrics
+        (``loss``: the running total of every block so far) and what block ``stop`` receives."""
+        raise NotImplementedError
+
+    def block_parameters(self, level: int) -> list[nn.Parameter]:
+        """The rule-owned parameters that belong to block ``level`` (its prediction matrices)."""
+        return []
+
     def upgrade_state(self, net: BlockNet, checkpoint_format: int) -> None:
         """Bring state loaded from a checkpoint of an earlier ``checkpoint_format`` (see
         :data:`locallearn.train.CHECKPOINT_FORMAT`) up to date; the default changes nothing."""

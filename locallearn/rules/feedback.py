@@ -57,6 +57,10 @@ class DirectFeedback(SupervisedRule):
             b = torch.randn(*shape, n_out, generator=gen) / math.sqrt(n_out)
             self.register_buffer(f"B{level}", b.to(sample_input.device))
 
+    def pipeline_refusal(self) -> str | None:
+        return (f"rule {self.kind} sends the output error of the top block to every block (a "
+                "signal from above)")
+
     def feedback(self, level: int) -> torch.Tensor:
         """The fixed matrix ``B_l``, shaped ``(*block_output_shape, n_out)``."""
         return getattr(self, f"B{level}")

@@ -101,6 +101,10 @@ class BPSSL(ImageSSLRule):
         top = len(self.dims) - 1
         return [(B, top, top) for B in self.B]
 
+    def pipeline_refusal(self) -> str | None:
+        return (f"rule {self.name} backpropagates its top-block loss through every block (a "
+                "signal from above)")
+
     def reference_rule(self) -> Rule:
         """End-to-end backprop already: its own reference."""
         return self

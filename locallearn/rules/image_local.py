@@ -6,6 +6,8 @@ backpropagated through every block). The loss and its three-factor form are desc
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -14,7 +16,13 @@ from locallearn.rules.base import Batch, Rule
 from locallearn.rules.image_grid import pool_flat
 from locallearn.rules.image_options import FFOptions, LocalOptions, check_choice
 from locallearn.rules.image_ssl import VIEW_KIND, ImageSSLRule
-from locallearn.rules.ssl_pairs import PairTerms, PredictionGrads, image_parts, pair_terms
+from locallearn.rules.ssl_pairs import (
+    PairTerms,
+    PredictionGrads,
+    early_images,
+    image_parts,
+    pair_terms,
+)
 
 __all__ = ["FFRule", "LocalImageRule", "TopLossBackprop"]
 
@@ -129,24 +137,64 @@ class LocalImageRule(ImageSSLRule):
         """BP-SSL counterpart: this rule's top-block loss backpropagated through every block."""
         return TopLossBackprop(self)
 
-    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+    def block_parameters(self, level: int) -> list[nn.Parameter]:
+        own = [self.B_same[level]] if len(self.B_same) else []
+        return own + ([self.B_top[level]] if len(self.B_top) else [])
+
+    def pipeline_refusal(self) -> str | None:
+        if self.uses_top:
+            return (f"rule {self.name} with rule.options.context={self.context} learns from the "
+                    "top block's output on the same batch (a signal from above); valid: "
+                    "context=same")
+        return None
+
+    def start_carry(self, net: BlockNet, batch: Batch) -> dict[str, Any]:
+        """Both views of every part of the batch (block 0's inputs), the rows whose contexts a
+        part needs before its own part runs (:func:`early_images`), the negatives, and (with
+        context from the top) the top block's pooled outputs."""
         x, n = self.views(batch)
         neg = self.negative_index(n, batch, x.device)
         top = self.top_context(net, x)
         ranges = image_parts(n, self.micro_batches)
-        same = self.pooled_stores(net, x, neg, ranges) if self.uses_same else None
+        early = early_images(neg, ranges)
+        rows = torch.cat([early, early + n])
+        return {
+            "n": n,
+            "neg": neg,
+            "top": top,
+            "parts": [self.part_views(x, n, a, b) for a, b in ranges],
+            "early_rows": rows,
+            "early": x[rows] if self.uses_same and early.numel() else None,
+            "loss": 0.0,
+        }
+
+    def blocks_grads(
+        self, net: BlockNet, carry: dict[str, Any], start: int, stop: int
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        n, neg, top = carry["n"], carry["neg"], carry["top"]
+        ranges = image_parts(n, self.micro_batches)
+        parts = list(carry["parts"])
+        early = carry["early"]
+        stores: dict[int, torch.Tensor] = {}
+        if self.uses_same:  # room for the pooled outputs of all 2N rows, early rows filled in
+            for level in range(start, stop):
+                stores[level] = parts[0].new_empty(2 * n, self.dims[level])
+            if early is not None:
+                with torch.no_grad():
+                    for level in range(start, stop):
+                        early = net.blocks[level](early)
+                        stores[level][carry["early_rows"]] = pool_flat(early, self.pools[level])
         b_grads = PredictionGrads()  # B's three-factor updates, one product per B per batch
         values: list[torch.Tensor] = []  # per part and block, read once at the end
-        for start, stop in ranges:
-            terms = pair_terms(n, neg, start, stop)
-            h = self.part_views(x, n, start, stop)
+        for k, (a, b) in enumerate(ranges):
+            terms = pair_terms(n, neg, a, b)
+            h = parts[k]
             pending: list[torch.Tensor] = []
-            for level, block in enumerate(net.blocks):
-                z = block(h)
+            for level in range(start, stop):
+                z = net.blocks[level](h)
                 p = pool_flat(z, self.pools[level])
-                ctx = None
-                if same is not None:
-                    ctx = same[level]
+                ctx = stores.get(level)
+                if ctx is not None:
                     ctx[terms.rows] = p.detach()
                 loss = self.block_loss(level, p, ctx, top, terms, n, b_grads)
                 if self.step == "block":
@@ -157,10 +205,16 @@ class LocalImageRule(ImageSSLRule):
                 h = z.detach()
             if pending:
                 torch.stack(pending).sum().backward()
+            parts[k] = h
         b_grads.apply()
         per_block = torch.stack(values).cpu().double().reshape(len(ranges), -1).sum(0).tolist()
-        metrics = {f"loss_block{level + 1}": v for level, v in enumerate(per_block)}
-        metrics["loss"] = sum(per_block)
+        metrics = {f"loss_block{start + i + 1}": v for i, v in enumerate(per_block)}
+        metrics["loss"] = sum(per_block, carry["loss"])
+        out = {**carry, "parts": parts, "early": early, "loss": metrics["loss"]}
+        return metrics, out
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        metrics, _ = self.blocks_grads(net, self.start_carry(net, batch), 0, len(net.blocks))
         return metrics
 
 

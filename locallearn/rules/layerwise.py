@@ -145,6 +145,7 @@ class Layerwise(Rule):
     def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
         with torch.no_grad():
             feats = net.features(sample_input[:1])
+        self.positions = [h.shape[-1] for h in feats]
         if self.loss_kind != "vicreg":
             for h in feats:
                 c = h.shape[1]
@@ -153,6 +154,12 @@ class Layerwise(Rule):
     def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
         return net.encoder_parameters() + list(self.B.parameters())
 
+    def block_parameters(self, level: int) -> list[nn.Parameter]:
+        return [self.B[level]] if len(self.B) else []
+
+    def pipeline_refusal(self) -> str | None:
+        return None  # every block learns from its own outputs (same-block context)
+
     # ------------------------------------------------------------------ losses
     def predict(self, level: int, c: torch.Tensor) -> torch.Tensor:
         """``s B c`` (``s = 1/C`` by default): the dendritic prediction, same shape as ``c``."""
@@ -160,15 +167,15 @@ class Layerwise(Rule):
         return torch.einsum("dc,nc...->nd...", self.B[level], c) * scale
 
     def pair_loss(
-        self, level: int, z: torch.Tensor, c: torch.Tensor, batch: Batch
+        self, level: int, z: torch.Tensor, c: torch.Tensor, neg: torch.Tensor | None
     ) -> torch.Tensor:
-        """Loss of block ``level`` for outputs ``z`` predicted from context ``c`` (detached)."""
+        """Loss of block ``level`` for outputs ``z`` predicted from context ``c`` (detached);
+        ``neg``: the negative of every sample (``clapp`` only)."""
         n = z.shape[0]
         if self.loss_kind == "vicreg":
             return losses.vicreg(_positions_as_batch(z), _positions_as_batch(c))
         pred = self.predict(level, c.detach())
         if self.loss_kind == "clapp":
-            neg = pick_negatives(n, self.negatives, batch.generator, z.device)
             u_pos = (z * pred).sum(1)
             u_neg = (z[neg] * pred).sum(1)
             return losses.score_loss(u_pos, u_neg, self.f) / n
@@ -179,17 +186,40 @@ class Layerwise(Rule):
         target = torch.arange(n, device=z.device).expand(logits.shape[0], n)
         return F.cross_entropy(logits.reshape(-1, n), target.reshape(-1)) * logits.shape[0]
 
+    def _draws(self, positions: int) -> int:
+        """How many negative index vectors a block with ``positions`` output positions uses."""
+        if self.loss_kind != "clapp":
+            return 0
+        if self.view == "siblings":
+            return 0 if positions < self.s else 1
+        return 2
+
+    def draw_negatives(
+        self, n: int, positions: list[int], generator: torch.Generator | None, device
+    ) -> list[list[torch.Tensor]]:
+        """Per block, the negatives of each of its pair losses, drawn block after block."""
+        return [[pick_negatives(n, self.negatives, generator, device)
+                 for _ in range(self._draws(p))] for p in positions]
+
     def block_loss(
         self, level: int, z1: torch.Tensor, z2: torch.Tensor | None, batch: Batch
     ) -> torch.Tensor | None:
-        """Loss of one block from its output on one or two views (``None``: nothing to learn)."""
+        """Loss of one block from its output on one or two views (``None``: nothing to learn);
+        its negatives are drawn from ``batch.generator``."""
+        (negs,) = self.draw_negatives(z1.shape[0], [z1.shape[-1]], batch.generator, z1.device)
+        return self._block_loss(level, z1, z2, negs)
+
+    def _block_loss(
+        self, level: int, z1: torch.Tensor, z2: torch.Tensor | None, negs: list[torch.Tensor]
+    ) -> torch.Tensor | None:
         if z2 is None:  # siblings
             if z1.shape[-1] < self.s:
                 return None
-            return self.pair_loss(level, z1, sibling_context(z1, self.s), batch)
+            return self.pair_loss(level, z1, sibling_context(z1, self.s), _first(negs))
         if self.loss_kind == "vicreg":
-            return self.pair_loss(level, z1, z2, batch)
-        return self.pair_loss(level, z1, z2, batch) + self.pair_loss(level, z2, z1, batch)
+            return self.pair_loss(level, z1, z2, None)
+        return (self.pair_loss(level, z1, z2, _first(negs))
+                + self.pair_loss(level, z2, z1, negs[1] if negs else None))
 
     # ------------------------------------------------------------------ the step
     def _input(self, batch: Batch, level: int = 0) -> torch.Tensor:
@@ -211,32 +241,75 @@ class Layerwise(Rule):
             h = below(h)
         return h
 
-    def _loss_of(self, level: int, z: torch.Tensor, batch: Batch) -> torch.Tensor | None:
+    def _loss_of(self, level: int, z: torch.Tensor, negs: list[torch.Tensor]):
         if self.view == "siblings":
-            return self.block_loss(level, z, None, batch)
+            return self._block_loss(level, z, None, negs)
         z1, z2 = z.chunk(2, 0)
-        return self.block_loss(level, z1, z2, batch)
+        return self._block_loss(level, z1, z2, negs)
+
+    def _batch_negatives(self, net: BlockNet, batch: Batch, h: torch.Tensor):
+        """Every block's negatives for a batch whose block-0 input is ``h``."""
+        positions = getattr(self, "positions", None)
+        if positions is None:  # not set up: find the blocks' output positions
+            with torch.no_grad():
+                positions = [f.shape[-1] for f in net.features(h[:1])]
+        n = h.shape[0] if self.view == "siblings" else h.shape[0] // 2
+        return self.draw_negatives(n, positions, batch.generator, h.device)
 
     def reference_rule(self) -> Rule:
         return TopLossBackprop(self)
 
-    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
-        per_block = self.view == "synonyms-per-block"
+    def start_carry(self, net: BlockNet, batch: Batch) -> dict:
+        """Block 0's input (for ``synonyms-per-block``: every block's own pair, passed through no
+        block yet) and every block's negatives."""
         h = self._input(batch)
-        total = 0.0
+        carry: dict = {"negatives": self._batch_negatives(net, batch, h), "loss": 0.0}
+        if self.view == "synonyms-per-block":
+            carry["pairs"] = [h] + [self._input(batch, level)
+                                    for level in range(1, len(net.blocks))]
+        else:
+            carry["h"] = h
+        return carry
+
+    def blocks_grads(
+        self, net: BlockNet, carry: dict, start: int, stop: int
+    ) -> tuple[dict[str, float], dict]:
+        per_block = self.view == "synonyms-per-block"
+        total = carry["loss"]
         metrics: dict[str, float] = {}
-        for level, block in enumerate(net.blocks):
-            if per_block and level > 0:
-                with torch.no_grad():
-                    h = self._pair_below(net, batch, level)
-            z = block(h.detach())
-            loss = self._loss_of(level, z, batch)
+        h = None if per_block else carry["h"]
+        pairs = carry.get("pairs")
+        for level in range(start, stop):
+            if per_block:  # block level's own pair, through the blocks below it on this stage
+                h = pairs[level]
+                if level > start:
+                    with torch.no_grad():
+                        for below in net.blocks[start:level]:
+                            h = below(h)
+            z = net.blocks[level](h.detach())
+            loss = self._loss_of(level, z, carry["negatives"][level])
             if loss is not None:
                 loss.backward()  # frees this block's graph before the next block runs
                 metrics[f"loss_block{level + 1}"] = float(loss.detach())
                 total += float(loss.detach())
             h = z.detach()
         metrics["loss"] = total
+        out = {"negatives": carry["negatives"], "loss": total}
+        if per_block:  # the pairs of the blocks above, through this stage's blocks
+            with torch.no_grad():
+                above = []
+                for level in range(stop, len(pairs)):
+                    h = pairs[level]
+                    for block in net.blocks[start:stop]:
+                        h = block(h)
+                    above.append(h)
+            out["pairs"] = [None] * stop + above
+        else:
+            out["h"] = h
+        return metrics, out
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        metrics, _ = self.blocks_grads(net, self.start_carry(net, batch), 0, len(net.blocks))
         return metrics
 
 
@@ -270,17 +343,22 @@ class TopLossBackprop(Rule):
         # exactly as the local rule draws them; the highest loss is backpropagated
         top_loss = None
         h = local._input(batch)
+        negatives = local._batch_negatives(net, batch, h)
         for level, block in enumerate(net.blocks):
             if per_block and level > 0:
                 h = local._pair_below(net, batch, level)
             h = block(h)
-            loss = local._loss_of(level, h, batch)
+            loss = local._loss_of(level, h, negatives[level])
             if loss is not None:
                 top_loss = loss
         if top_loss is None:
             raise ValueError("no block of this network has a loss under this rule")
         top_loss.backward()
         return {"loss": float(top_loss.detach())}
+
+
+def _first(negs: list[torch.Tensor]) -> torch.Tensor | None:
+    return negs[0] if negs else None
 
 
 def _positions_as_batch(z: torch.Tensor, keep_positions: bool = False) -> torch.Tensor:

@@ -1,0 +1,188 @@
+"""Throughput of layer-parallel training (``parallel.stages``) and the speed-up model.
+
+For each case (VGG-6 CLAPP++ at 1/8 and at full width on CIFAR-10, and a deep RHM network with
+layer-wise CLAPP and per-block views) it
+
+1. measures the step time of every block in this process (one thread, one batch, the fastest of
+   ``--repeats``) and from it the balanced split and the model's speed-up for ``K`` stages:
+   ``sum(t) / slowest stage`` in steady state, and ``N sum(t) / ((N + K - 1) slowest stage)``
+   for an epoch of ``N`` batches (the pipeline fills at the start of every epoch);
+2. runs one epoch of ``N`` batches with the real command for each ``K`` in ``--stages``:
+   ``torchrun --nproc_per_node=K -m locallearn run ... parallel.stages=K parallel.split=<balanced>
+   threads=1`` (``K = 1``: one process, one thread), and one process with ``threads=K``;
+3. prints the training throughput (pairs/s for images, samples/s for the RHM; the run's own
+   training seconds, without start-up, evaluation and probe), its ratio to one process with one
+   thread, and the model's prediction for the same ``K`` and for 6 devices.
+
+Every process uses one thread; on a machine with fewer free cores than processes the stages
+share cores and the measured speed-up falls below the model (the load average is printed).
+Asserts nothing.
+
+    python benchmarks/pipeline.py [--cases vgg-1/8 vgg-full rhm-deep] [--stages 1 2 3]
+        [--data /work/data] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from locallearn.experiments.tasks import build_task  # noqa: E402
+from locallearn.parallel.split import (  # noqa: E402
+    balanced_split,
+    measure_on_fresh_batch,
+    predicted_speedup,
+    stage_times,
+)
+from locallearn.schema import load_config  # noqa: E402
+from locallearn.train import Trainer  # noqa: E402
+
+
+def cases(data_root: str) -> dict[str, dict]:
+    """Config, overrides, items per epoch and the unit of each case."""
+    image = ["epochs=1", f"data.root={data_root}", "probe.epochs=0", "probe.steps=1",
+             "data.probe_subset=2", "data.test_subset=2", "checkpoint_every=1"]
+    return {
+        "vgg-1/8": dict(config="configs/images/clapp++-cpu.yaml", batch=32, batches=24,
+                        overrides=[*image, "net.width_mult=0.125"], unit="pairs/s", repeats=3),
+        "vgg-full": dict(config="configs/images/clapp++-cpu.yaml", batch=16, batches=4,
+                         overrides=[*image, "net.width_mult=1.0"], unit="pairs/s", repeats=1),
+        "rhm-deep": dict(config="configs/rhm/clapp-per-block.yaml", batch=64, batches=24,
+                         overrides=["epochs=1", "data.L=6", "data.test_size=64",
+                                    "probe.steps=1", "net.width=256"],
+                         unit="samples/s", repeats=3),
+    }
+
+
+def size_key(case: dict) -> str:
+    n = case["batch"] * case["batches"]
+    image = case["config"].startswith("configs/images")
+    return f"data.subset={n}" if image else f"data.train_size={n}"
+
+
+def block_times(case: dict) -> list[float]:
+    """Per-block step seconds, measured here with one thread."""
+    torch.set_num_threads(1)
+    cfg = load_config(ROOT / case["config"],
+                      [*case["overrides"], size_key(case), f"batch_size={case['batch']}",
+                       "threads=1", "progress=false"])
+    task = build_task(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, task, tmp)
+        times = measure_on_fresh_batch(trainer.net, trainer.rule, task, cfg.batch_size,
+                                       cfg.seed, trainer.device, repeats=case["repeats"])
+    return times
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_epoch(case: dict, stages: int, threads: int, split: list[int] | None,
+              timeout: float | None = None) -> float | None:
+    """Training seconds of one epoch with the real command (``None``: stopped at timeout)."""
+    out = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
+    try:
+        args = [case["config"], "--out", str(out / "run"), *case["overrides"], size_key(case),
+                f"batch_size={case['batch']}", f"threads={threads}", "progress=false"]
+        if stages > 1:
+            torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+            cmd = [torchrun, f"--nproc_per_node={stages}", "--master_addr=127.0.0.1",
+                   f"--master_port={free_port()}", "-m", "locallearn", "run", *args,
+                   f"parallel.stages={stages}",
+                   f"parallel.split=[{','.join(map(str, split))}]"]
+        else:
+            cmd = [sys.executable, "-m", "locallearn", "run", *args]
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+        return json.loads((out / "run" / "summary.json").read_text())["seconds"]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="+", default=["vgg-1/8", "rhm-deep", "vgg-full"])
+    parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--data", default="/work/data", help="CIFAR-10 folder (train/, test/)")
+    parser.add_argument("--thread-modes", nargs="*", type=int, default=None,
+                        help="K for which one process with K threads runs too (default: all)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds after which a run is stopped and reported as such")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    all_cases = cases(args.data)
+    rows = []
+    print("| case | K | mode | split | seconds | throughput | ratio | model (N batches) "
+          "| model (steady) | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.cases:
+        case = all_cases[name]
+        times = block_times(case)
+        items = case["batch"] * case["batches"]
+        n = case["batches"]
+        ms = ", ".join(f"{1000 * t:.0f}" for t in times)
+        six = min(6, len(times))
+        split6 = balanced_split(times, six)
+        print(f"\n{name}: block step ms [{ms}]; model for {six} devices: split {split6}, "
+              f"speed-up {predicted_speedup(times, split6):.2f}x (steady state)\n",
+              file=sys.stderr, flush=True)
+        base = None
+        for k in args.stages:
+            split = balanced_split(times, k)
+            slowest = max(stage_times(times, split))
+            steady = sum(times) / slowest
+            filled = n * sum(times) / ((n + k - 1) * slowest)
+            with_threads = k > 1 and (args.thread_modes is None or k in args.thread_modes)
+            modes = [("stages", 1), ("threads", k)] if with_threads else [("stages", 1)]
+            for mode, threads in modes:
+                stages = k if mode == "stages" else 1
+                seconds = run_epoch(case, stages, threads, split if stages > 1 else None,
+                                    args.timeout)
+                if seconds is None:
+                    print(f"| {name} | {k} | {mode} x{threads} | stopped after {args.timeout} s "
+                          "|", flush=True)
+                    continue
+                if base is None:
+                    base = seconds
+                row = {
+                    "case": name, "K": k, "mode": f"{k} stage(s), 1 thread each" if mode ==
+                    "stages" else f"1 process, {k} threads", "split": split if mode == "stages"
+                    else None, "seconds": seconds, "throughput": items / seconds,
+                    "unit": case["unit"], "ratio": base / seconds,
+                    "model_epoch": filled if mode == "stages" else None,
+                    "model_steady": steady if mode == "stages" else None,
+                    "load": os.getloadavg()[0], "block_seconds": times,
+                    "model_6": predicted_speedup(times, split6),
+                }
+                rows.append(row)
+                model = (f"{filled:.2f}x | {steady:.2f}x" if mode == "stages" else "- | -")
+                print(f"| {name} | {k} | {row['mode']} | {row['split'] or '-'} | "
+                      f"{seconds:.2f} | {row['throughput']:.1f} {case['unit']} | "
+                      f"{row['ratio']:.2f}x | {model} | {row['load']:.1f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""The training loop of one stage of a pipeline (see :mod:`locallearn.parallel`).
+
+:class:`PipelineTrainer` is the one training loop (:class:`locallearn.train.Trainer`) with four
+parts replaced: the epoch (stage 0 draws the batches and views; every stage trains its blocks on
+what it receives and passes their output on), the optimiser (one per stage, over its blocks'
+parameters and prediction matrices), the evaluation (the blocks are gathered on rank 0, which
+evaluates; the row goes to every rank) and the checkpoint (gathered on rank 0 in the layout of a
+one-process run, so a pipelined run resumes with any split, or in one process, and the other
+commands read its output directory as any other).
+
+Exactness: each stage does the arithmetic a one-process step does for its blocks, in the same
+order, on the same values (a rule's ``compute_grads`` is its ``blocks_grads`` over every block),
+and every random number (the permutation, the views, the negatives) is drawn on stage 0 in the
+order of a one-process run. On CPU a pipelined run therefore ends bit-identical to a one-process
+run. Between epochs the pipeline drains (the evaluation needs every block after the same step),
+so each epoch pays ``stages - 1`` batches of filling.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from locallearn.errors import RunError
+from locallearn.parallel import messages
+from locallearn.parallel.split import (
+    balanced_split,
+    check_split,
+    measure_on_fresh_batch,
+    predicted_speedup,
+    stage_ranges,
+)
+from locallearn.schema import RunConfig
+from locallearn.task import Task
+from locallearn.train import Trainer, build_optimizer, write_json_atomic
+
+PIPELINE_FILE = "pipeline.json"
+
+
+def check_rule(cfg: RunConfig, rule) -> None:
+    """A one-line ValueError when ``rule`` cannot be pipelined (it needs a signal from above)."""
+    reason = rule.pipeline_refusal()
+    if reason is not None:
+        raise ValueError(f"parallel.stages={cfg.parallel.stages} cannot pipeline this run: "
+                         f"{reason}; valid: parallel.stages=1")
+
+
+def check_pipeline(cfg: RunConfig, rule, n_blocks: int, world: int) -> None:
+    """One-line ValueErrors for a pipeline that cannot run (in the order a user meets them)."""
+    k = cfg.parallel.stages
+    check_rule(cfg, rule)
+    if k > n_blocks:
+        raise ValueError(f"parallel.stages={k} is more than the network's {n_blocks} blocks; "
+                         f"valid: 1 to {n_blocks}")
+    if cfg.parallel.split is not None:
+        check_split(cfg.parallel.split, n_blocks)
+    if cfg.align_every:
+        raise ValueError(f"align_every={cfg.align_every} needs every block in one process; "
+                         "valid with parallel.stages > 1: align_every=0")
+    if world != k:
+        raise ValueError(
+            f"parallel.stages={k} needs {k} processes, one per stage (torchrun "
+            f"--nproc_per_node={k} -m locallearn run ...); this run has {world}"
+        )
+
+
+class StageOptimizer:
+    """The optimiser of one stage, whose state dict is that of the whole run.
+
+    ``load_state_dict`` takes a one-process optimiser state (every trained parameter, in the
+    rule's order) and keeps this stage's part; ``state_dict`` returns the whole run's state once
+    :meth:`set_gathered` has been given every stage's part (rank 0, at checkpoints).
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, index: list[int], total: int):
+        self.opt = opt
+        self.index = index  # global position of each of this stage's parameters
+        self.total = total
+        self._gathered: list[tuple[list[int], dict]] | None = None
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.opt.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.opt.step()
+
+    def local_state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def set_gathered(self, parts: list[tuple[list[int], dict]]) -> None:
+        """Every stage's ``(index, local state dict)``, in stage order."""
+        self._gathered = parts
+
+    def state_dict(self) -> dict:
+        if self._gathered is None:
+            raise RuntimeError("the stages' optimiser states have not been gathered")
+        state: dict[int, Any] = {}
+        for index, part in self._gathered:
+            for i, value in part["state"].items():
+                state[index[i]] = value
+        groups = [{**g, "params": list(range(self.total))}
+                  for g in self._gathered[0][1]["param_groups"]]
+        return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+    def load_state_dict(self, full: dict) -> None:
+        where = {g: i for i, g in enumerate(self.index)}
+        state = {where[g]: v for g, v in full["state"].items() if g in where}
+        groups = [{**g, "params": list(range(len(self.index)))} for g in full["param_groups"]]
+        self.opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+class PipelineTrainer(Trainer):
+    """One stage (this process's rank) of a pipelined run; see the module docstring."""
+
+    def __init__(self, cfg: RunConfig, task: Task, out_dir: str | Path):
+        super().__init__(cfg, task, out_dir)
+        n_blocks = len(self.net.blocks)
+        check_pipeline(cfg, self.rule, n_blocks, self.world)
+        self.stages = cfg.parallel.stages
+        self.block_times: list[float] | None = None
+        self.split = self._choose_split(n_blocks)
+        self.start, self.stop = stage_ranges(self.split)[self.rank]
+        everything = self.rule.trained_parameters(self.net)
+        where = {id(p): i for i, p in enumerate(everything)}
+        owned = [self.stage_parameters(k) for k in range(self.stages)]
+        flat = [id(p) for part in owned for p in part]
+        if sorted(flat) != sorted(where) or len(set(flat)) != len(flat):
+            raise ValueError(f"parallel.stages={self.stages} cannot pipeline rule "
+                             f"{self.rule.name}: some of its parameters belong to no one block")
+        self.params = owned[self.rank]
+        opt, self.sched = build_optimizer(cfg, self.params)
+        self.opt = StageOptimizer(opt, [where[id(p)] for p in self.params], len(everything))
+        self.first = self.rank == 0
+        self.last = self.rank == self.stages - 1
+        if self.main:
+            self._announce()
+
+    # ------------------------------------------------------------------ the split
+    def _choose_split(self, n_blocks: int) -> list[int]:
+        """The explicit ``parallel.split``, or one balanced from block times measured on rank 0."""
+        if self.cfg.parallel.split is not None:
+            return list(self.cfg.parallel.split)
+        box: list[Any] = [None]
+        if self.main:
+            self.block_times = measure_on_fresh_batch(
+                self.net, self.rule, self.task, self.cfg.batch_size, self.cfg.seed, self.device
+            )
+            box[0] = self.block_times
+        dist.broadcast_object_list(box, 0)
+        self.block_times = box[0]
+        return balanced_split(self.block_times, self.stages)
+
+    def _announce(self) -> None:
+        ranges = stage_ranges(self.split)
+        groups = " | ".join(f"{a + 1}" if b - a == 1 else f"{a + 1}-{b}" for a, b in ranges)
+        line = f"pipeline: {self.stages} stages, split {self.split} (blocks {groups})"
+        info: dict[str, Any] = {"stages": self.stages, "split": self.split}
+        if self.block_times is not None:
+            ms = ", ".join(f"{1000 * t:.1f}" for t in self.block_times)
+            speedup = predicted_speedup(self.block_times, self.split)
+            line += f"; measured block step ms: {ms}; predicted speed-up {speedup:.2f}x"
+            info.update(block_seconds=self.block_times, predicted_speedup=speedup)
+        else:
+            line += " (from parallel.split)"
+        print(f"locallearn: {line}", file=sys.stderr, flush=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.out / PIPELINE_FILE, info)
+
+    def stage_parameters(self, k: int) -> list[torch.nn.Parameter]:
+        """The parameters stage ``k`` trains: its blocks' and their rule-owned ones."""
+        a, b = stage_ranges(self.split)[k]
+        out: list[torch.nn.Parameter] = []
+        for level in range(a, b):
+            out += list(self.net.blocks[level].parameters()) + self.rule.block_parameters(level)
+        return out
+
+    def _stage_tensors(self, k: int) -> list[torch.Tensor]:
+        a, b = stage_ranges(self.split)[k]
+        out = list(self.stage_parameters(k))
+        for level in range(a, b):
+            out += list(self.net.blocks[level].buffers())
+        return out
+
+    # ------------------------------------------------------------------ gathering on rank 0
+    @torch.no_grad()
+    def gather_blocks(self) -> None:
+        """Copy every stage's blocks (and prediction matrices) into rank 0's network."""
+        mine = [t.detach() for t in self._stage_tensors(self.rank)]
+        parts = messages.gather_to_main(mine, self.rank, self.world, self.device)
+        for k, tensors in enumerate(parts[1:], start=1):
+            for dst, src in zip(self._stage_tensors(k), tensors):
+                dst.copy_(src)
+
+    def evaluate(self, epoch: int, train_metrics: dict[str, float]) -> dict[str, Any]:
+        self.gather_blocks()
+        box: list[Any] = [super().evaluate(epoch, train_metrics) if self.main else None]
+        dist.broadcast_object_list(box, 0)
+        return box[0]
+
+    def save_checkpoint(self) -> None:
+        self.gather_blocks()
+        box: list[Any] = [self.first_loss]  # of the whole loss: the last stage's
+        dist.broadcast_object_list(box, self.stages - 1)
+        self.first_loss = box[0]
+        mine = (self.opt.index, self.opt.local_state_dict())
+        parts = messages.gather_to_main(mine, self.rank, self.world, self.device)
+        if self.main:
+            self.opt.set_gathered(parts)
+        super().save_checkpoint()
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "pipeline": {"stages": self.stages, "split": self.split}}
+
+    def final_metrics(self) -> dict[str, Any]:
+        """Rank 0 (which holds every block) runs the final metrics (the probe); the other
+        stages end without waiting for it, so a long probe meets no collective's time-out."""
+        return super().final_metrics() if self.main else {}
+
+    def summary(self, stopped_early: bool) -> dict[str, Any]:
+        return {**super().summary(stopped_early),
+                "parallel": {"stages": self.stages, "split": self.split}}
+
+    # ------------------------------------------------------------------ the epoch
+    def train_epoch(self) -> dict[str, float]:
+        self.net.train()
+        sums: dict[str, float] = {}
+        count = 0
+        prev, nxt = self.rank - 1, self.rank + 1
+        if self.first:
+            for batch in self.task.batches(self.generator, self.cfg.batch_size,
+                                           self.rule.view_kind):
+                n = batch.x.shape[0]
+                carry = self._step(self.rule.start_carry(self.net, batch), n, sums)
+                count += n
+                if not self.last:
+                    messages.send((n, carry), nxt)
+            if not self.last:
+                messages.send(messages.END, nxt)
+        else:
+            while True:
+                msg = messages.recv(prev, self.device)
+                if msg == messages.END:
+                    if not self.last:
+                        messages.send(messages.END, nxt)
+                    break
+                n, carry = msg
+                carry = self._step(carry, n, sums)
+                count += n
+                if not self.last:
+                    messages.send((n, carry), nxt)
+        if self.sched is not None:
+            self.sched.step()
+        mine = {key: value / max(count, 1) for key, value in sums.items()
+                if key != "loss" or self.last}
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, mine)
+        merged: dict[str, float] = {}
+        for part in parts:  # blocks in order, then the total loss from the last stage
+            merged.update(part)
+        return merged
+
+    def _step(self, carry: dict[str, Any], n: int, sums: dict[str, float]) -> dict[str, Any]:
+        """Train this stage's blocks on one batch; return what the next stage receives."""
+        self.opt.zero_grad(set_to_none=True)
+        metrics, carry = self.rule.blocks_grads(self.net, carry, self.start, self.stop)
+        loss = metrics["loss"]  # the total of every block up to this stage's last
+        if self.last:  # the whole loss, as in one process
+            self._check_loss(loss)
+        elif not math.isfinite(loss):
+            raise RunError(
+                f"{self.label} diverged at epoch {self.epoch + 1} (stage {self.rank}, blocks "
+                f"{self.start + 1}-{self.stop}): the loss is {loss}; lower optim.lr; "
+                f"{self._kept()}"
+            )
+        self.opt.step()
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value * n
+        return carry
+
