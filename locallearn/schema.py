@@ -105,7 +105,8 @@ class ImageDataConfig:
     run_keys: ClassVar[dict[str, dict[str, Any]]] = {
         "net": {"width_mult": 1.0, "channels_last": True},
         "probe": {"lr": 1e-3, "epochs": 0, "augment": False, "per_block": False,
-                  "batch_size": 256, "grid": None},
+                  "batch_size": 256, "grid": None, "curve_train": 5000, "curve_test": 1000,
+                  "curve_k": 20},
     }
 
     name: Literal["cifar10", "stl10", "tiny-imagenet", "imagenet", "folder"] = "cifar10"
@@ -270,6 +271,11 @@ class ProbeConfig:
         batch_size: image probes: minibatch size (default 256).
         grid: image probes: cells per side of each block's pooling grid (default: the paper's
             8-4-4-4-2-2, as the losses).
+        curve_train, curve_test: image runs with ``probe_every``: sizes of the fixed labelled
+            subsets (of the probe's training and test splits) that the probe during training
+            reads (default 5000 and 1000).
+        curve_k: neighbours of that probe (a weighted k-NN read-out, :mod:`locallearn.eval.knn`;
+            default 20).
 
     The image-only keys are ``None`` until the config is built (see :class:`NetConfig`); RHM
     runs read ``steps`` and ``weight_decay`` (the read-out of label-free rules).
@@ -283,8 +289,15 @@ class ProbeConfig:
     per_block: bool | None = None
     batch_size: int | None = None
     grid: list[int] | None = None
+    curve_train: int | None = None
+    curve_test: int | None = None
+    curve_k: int | None = None
 
     def validate(self) -> None:
+        for key in ("curve_train", "curve_test", "curve_k"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"probe.{key}={value} is invalid: must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"probe.batch_size={self.batch_size} is invalid: must be >= 1")
         if self.grid is not None and any(g < 1 for g in self.grid):
@@ -338,10 +351,13 @@ class RunConfig:
     #: loss (a diverging run); ``None`` trains on whatever the loss does
     stop_loss_factor: float | None = 100.0
     eval_every: int = 1
+    probe_every: float = 0.0  # epochs between probes during training (fractions too; 0: never)
     align_every: int = 0  # log per-block gradient alignment every N epochs (0: never)
     align_batches: int = 4
     checkpoint_every: int = 5
     device: str = "cpu"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast of the rule's step and probes
+    compile: bool = False  # torch.compile every block of the network (same results, faster)
     threads: int = 0  # CPU threads of torch (0: torch's default); 1 is fastest on a busy machine
     progress: bool = True
     label: str | None = None  # shown in progress bars, summaries and plots (default: rule.name)
@@ -353,6 +369,11 @@ class RunConfig:
         for key in ("batch_size", "eval_every", "checkpoint_every", "align_batches"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}={getattr(self, key)} is invalid: must be >= 1")
+        if not (self.probe_every >= 0 and self.probe_every < float("inf")):
+            raise ValueError(
+                f"probe_every={self.probe_every} is invalid: must be a number of epochs >= 0 "
+                "(fractions allowed; 0: never)"
+            )
         if self.device != "cpu" and not self.device.startswith(("cuda", "mps", "auto")):
             raise ValueError(f"device={self.device!r} is invalid; valid: cpu, cuda[:N], auto")
         if self.stop_loss_factor is not None and not self.stop_loss_factor > 1:

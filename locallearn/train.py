@@ -5,6 +5,15 @@ step the optimiser and the (per-step) schedule, evaluate, append one JSON line t
 ``metrics.jsonl``, and checkpoint every ``checkpoint_every`` epochs and at the end. A run started
 again in the same output directory resumes from its last checkpoint; on CPU it ends bit-identical
 to an uninterrupted run (the generator, the global RNG, optimiser and schedule are restored).
+Started again on a finished run (its checkpoint at the last epoch and its ``summary.json``), the
+loop does nothing: it returns the summary as it is, with ``already_finished`` set in the
+returned mapping only.
+
+With ``probe_every`` (in epochs, fractions allowed) the loop also calls the task's optional
+``curve_probe(net)`` hook on that schedule, between steps, and logs its metrics in a row with
+``epoch``, ``step`` and ``seconds`` (the training time so far; probes excluded).
+``precision=bf16`` runs the rule's step under autocast; ``compile=true`` compiles every block of
+the network.
 
 Files in the output directory: ``config.yaml`` (the resolved config), ``metrics.jsonl``,
 ``checkpoint.pt``, ``summary.json`` (written when the run ends); see :mod:`locallearn.runfiles`.
@@ -56,7 +65,8 @@ CHECKPOINT_FORMAT = 2
 #: (``parallel`` too: a pipelined run ends bit-identical to a one-process run, and its
 #: checkpoint has the one-process layout, so it may resume with another split or in one
 #: process)
-RUNTIME_KEYS = ("progress", "threads", "device", "label", "parallel")
+#: (``compile`` too: compiled blocks give the same results)
+RUNTIME_KEYS = ("progress", "threads", "device", "label", "parallel", "compile")
 #: what a run may change when started again in the same directory: the runtime keys and
 #: ``epochs`` (a larger value extends a run; it continues from its last checkpoint)
 RESUMABLE_KEYS = (*RUNTIME_KEYS, "epochs")
@@ -110,6 +120,19 @@ class Trainer:
         task.check_rule(self.rule)
         self.rule.setup(self.net, task.sample_input())
         self.rule.to(self.device)
+        if cfg.compile:
+            for block in self.net.blocks:
+                block.compile()
+        if cfg.probe_every > 0:
+            if not hasattr(task, "curve_probe"):
+                raise ValueError(
+                    f"probe_every={cfg.probe_every:g} needs a task with a probe during training "
+                    "(image datasets); valid here: 0"
+                )
+            if not hasattr(task, "steps_per_epoch") and not float(cfg.probe_every).is_integer():
+                raise ValueError(
+                    f"probe_every={cfg.probe_every:g} is invalid for this task: whole epochs only"
+                )
         self.params = self.rule.trained_parameters(self.net)
         ddp.broadcast_params(list(self.params) + list(self.rule.buffers()))
         steps = getattr(task, "steps_per_epoch", None)
@@ -118,16 +141,20 @@ class Trainer:
         )
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
+        self.step = 0  # optimiser steps so far
         self.seconds = 0.0  # training steps
         self.eval_seconds = 0.0  # evaluations, alignment and final metrics (the probe)
         self.history: list[dict[str, Any]] = []
         self.first_loss: float | None = None  # of the run's first batch (the blow-up guard)
         self.saved_epoch: int | None = None  # epoch of the checkpoint on disk
+        self._epoch_t0 = time.perf_counter()
+        self._epoch_probe = 0.0  # probe seconds inside the current epoch
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
+            "step": self.step,
             "format": CHECKPOINT_FORMAT,
             "seconds": self.seconds,
             "eval_seconds": self.eval_seconds,
@@ -169,6 +196,7 @@ class Trainer:
             if state.get("cuda_rng") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
             self.epoch = int(state["epoch"])
+            self.step = int(state.get("step", 0))
             self.seconds = state["seconds"]
             self.eval_seconds = state.get("eval_seconds", 0.0)
             self.history = list(state["history"])
@@ -256,7 +284,10 @@ class Trainer:
         (an error inside a step, a diverging loss, running out of memory) is a
         :class:`~locallearn.errors.RunError` that says what is kept.
         """
-        self.prepare_output()
+        resumed = self.prepare_output()
+        done = self.finished_summary() if resumed else None
+        if done is not None:
+            return {**done, "already_finished": True}
         try:
             return self._train_and_summarise()
         except RunError:
@@ -271,6 +302,21 @@ class Trainer:
                 ) from None
             raise RunError(f"{where}: {type(err).__name__}: {what}; {self._kept()}") from None
 
+    def finished_summary(self) -> dict[str, Any] | None:
+        """The summary of this run when it has already finished (after :meth:`prepare_output`)."""
+        path = self.out / SUMMARY
+        if not path.is_file():
+            return None
+        try:
+            summary = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(summary, dict) or summary.get("epochs") != self.epoch:
+            return None
+        if self.epoch < self.cfg.epochs and not summary.get("stopped_early"):
+            return None  # epochs= larger: the run is extended
+        return summary
+
     def _kept(self) -> str:
         """What a failed run leaves behind, truthfully."""
         if self.saved_epoch is None:
@@ -282,7 +328,10 @@ class Trainer:
     def _train_and_summarise(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.epoch == 0 and not self.history:
-            self.history.append(self.evaluate(0, {}))
+            row = self.evaluate(0, {})
+            if cfg.probe_every > 0:
+                row.update(self.curve_probe())
+            self.history.append(row)
             self._write_metrics()
         bar = tqdm(
             total=cfg.epochs, initial=self.epoch, disable=not (cfg.progress and self.main),
@@ -294,15 +343,19 @@ class Trainer:
                 if self._reached_stop():
                     stopped_early = True
                     break
-                t0 = time.perf_counter()
+                self._epoch_t0 = time.perf_counter()
+                self._epoch_probe = 0.0
                 train_metrics = self.train_epoch()
-                self.seconds += time.perf_counter() - t0
+                self.seconds += time.perf_counter() - self._epoch_t0 - self._epoch_probe
                 self.epoch += 1
                 last = self.epoch == cfg.epochs
                 if self.epoch % cfg.eval_every == 0 or last:
                     row = self.evaluate(self.epoch, train_metrics)
                 else:
                     row = {"epoch": self.epoch, **train_metrics}
+                row["step"] = self.step
+                if self._probe_due(self.epoch - 1 / self._batches_per_epoch(), self.epoch):
+                    row.update(self.curve_probe())
                 self.history.append(row)
                 self._write_metrics()
                 if self.epoch % cfg.checkpoint_every == 0 or last:
@@ -338,11 +391,42 @@ class Trainer:
         loss = row.get("train_loss", row.get("loss"))
         return loss is not None and loss < thr
 
+    # ------------------------------------------------------------------ probes during training
+    def _batches_per_epoch(self) -> int:
+        count = getattr(self.task, "steps_per_epoch", None)
+        return max(int(count(self.cfg.batch_size)), 1) if count is not None else 1
+
+    def _probe_due(self, before: float, after: float) -> bool:
+        """Whether a multiple of ``probe_every`` lies in the epochs ``(before, after]``."""
+        every = self.cfg.probe_every
+        if every <= 0:
+            return False
+        return math.floor(after / every + 1e-9) > math.floor(before / every + 1e-9)
+
+    def curve_probe(self) -> dict[str, Any]:
+        """The task's probe of the current encoder, with its cost in ``curve_seconds``."""
+        t0 = time.perf_counter()
+        was_training = self.net.training
+        self.net.eval()
+        metrics = dict(self.task.curve_probe(self.net))  # type: ignore[attr-defined]
+        self.net.train(was_training)
+        spent = time.perf_counter() - t0
+        self.eval_seconds += spent
+        self._epoch_probe += spent
+        return {**metrics, "curve_seconds": round(spent, 3)}
+
+    def autocast(self):
+        """bf16 autocast on the run's device when ``precision=bf16`` (else a no-op)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.precision == "bf16")
+
     def train_epoch(self) -> dict[str, float]:
         self.net.train()
         sums: dict[str, float] = {}
         count = 0
-        for batch in self.task.batches(self.generator, self.cfg.batch_size, self.rule.view_kind):
+        n_batches = self._batches_per_epoch()
+        batches = self.task.batches(self.generator, self.cfg.batch_size, self.rule.view_kind)
+        for i, batch in enumerate(batches):
             n = batch.x.shape[0]
             if self.world > 1:  # this rank's part of the global batch
                 batch = ddp.shard_batch(batch, self.rank, self.world)
@@ -350,7 +434,8 @@ class Trainer:
                     batch.block_views = [tuple(ddp.shard(v, self.rank, self.world) for v in p)
                                          for p in batch.block_views]
             self.opt.zero_grad(set_to_none=True)
-            metrics = self.rule.compute_grads(self.net, batch)
+            with self.autocast():
+                metrics = self.rule.compute_grads(self.net, batch)
             if self.world > 1:
                 ddp.average_grads(self.params, batch.x.shape[0])
                 metrics = ddp.average_metrics(metrics, batch.x.shape[0])
@@ -359,9 +444,17 @@ class Trainer:
             self.opt.step()
             if self.sched is not None:  # per optimiser step (locallearn.optim)
                 self.sched.step()
+            self.step += 1
             count += n
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * n
+            position = self.epoch + (i + 1) / n_batches
+            if i + 1 < n_batches and self._probe_due(self.epoch + i / n_batches, position):
+                seconds = self.seconds + time.perf_counter() - self._epoch_t0 - self._epoch_probe
+                row = self.curve_probe()
+                self.history.append({"epoch": round(position, 4), "step": self.step,
+                                     "seconds": round(seconds, 3), **row})
+                self._write_metrics()
         return {key: value / max(count, 1) for key, value in sums.items()}
 
     def _check_loss(self, loss: float) -> None:
@@ -393,7 +486,8 @@ class Trainer:
             for row in self.alignment():
                 metrics[f"align_block{row['block']}"] = row["cosine_mean"]
         self.eval_seconds += time.perf_counter() - t0
-        return {"epoch": epoch, **train_metrics, **metrics, "seconds": round(self.seconds, 3)}
+        return {"epoch": epoch, "step": self.step, **train_metrics, **metrics,
+                "seconds": round(self.seconds, 3)}
 
     def alignment(self, n_batches: int | None = None, seed: int | None = None) -> list[dict]:
         """Per-block alignment of the rule with its backprop reference on a few batches.

@@ -58,6 +58,8 @@ class ProbeSettings:
         grid: cells per side of each block's pooling grid (default: the paper's).
         seed: seed of the minibatch order and the augmentation.
         feature_batch: images per forward pass when computing features.
+        bf16: compute the encoder's features under bf16 autocast (the linear layer stays in
+            float32).
     """
 
     epochs: int = 300
@@ -69,6 +71,7 @@ class ProbeSettings:
     grid: tuple[int, ...] | None = None
     seed: int = 0
     feature_batch: int = 512
+    bf16: bool = False
 
 
 @dataclass
@@ -110,7 +113,7 @@ def encoder_features(
     for start in range(0, images.shape[0], batch_size):
         x = transform(images[start : start + batch_size])
         feats = net.features(x)
-        out.append(torch.cat([pool_flat(h, p) for h, p in zip(feats, pools)], 1))
+        out.append(torch.cat([pool_flat(h, p).float() for h, p in zip(feats, pools)], 1))
     return torch.cat(out) if out else images.new_zeros((0, 0), dtype=torch.float32)
 
 
@@ -173,8 +176,10 @@ def run_probe(
     slices = _block_slices(net, side, pools, device)
     dims = [s.stop - s.start for s in slices]
     fb = settings.feature_batch
-    clean = encoder_features(net, train_images, transform, pools, fb)
-    test = encoder_features(net, test_images, transform, pools, fb)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
+    with autocast:
+        clean = encoder_features(net, train_images, transform, pools, fb)
+        test = encoder_features(net, test_images, transform, pools, fb)
     mean = clean.mean(0)
     std = clean.std(0, unbiased=False).clamp_min(1e-6)
     groups = [slice(0, clean.shape[1])] + (slices if settings.per_block else [])
@@ -218,9 +223,9 @@ def run_probe(
                     feats = clean[idx]
                 else:
                     x = augment(train_images[idx], gen)
-                    with torch.no_grad():
+                    with torch.no_grad(), autocast:
                         feats = torch.cat(
-                            [pool_flat(h, p) for h, p in zip(net.features(x), pools)], 1
+                            [pool_flat(h, p).float() for h, p in zip(net.features(x), pools)], 1
                         )
                         feats = (feats - mean) / std
                 y = train_labels[idx]

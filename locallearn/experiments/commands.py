@@ -21,7 +21,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "seconds")
     shown = {k: summary[k] for k in keys if summary.get(k) is not None}
     print(json.dumps(shown))
-    print(f"wrote {out / 'summary.json'}")
+    if summary.get("already_finished"):
+        print(f"{out} holds a finished run: nothing to do (kept {out / 'summary.json'})")
+    else:
+        print(f"wrote {out / 'summary.json'}")
     return 0
 
 

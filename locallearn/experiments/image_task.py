@@ -11,7 +11,12 @@ the whole batch (:class:`locallearn.data.augment.SSLViews`). The view pipeline d
 global generator, which the training loop seeds at the start and restores on resume, so runs are
 reproducible and resumable.
 
-Per epoch nothing is evaluated beyond the training loss. When training ends,
+Per epoch nothing is evaluated beyond the training loss. With ``probe_every`` the loop calls
+:meth:`ImageTask.curve_probe` on its schedule: a weighted k-NN read-out
+(:mod:`locallearn.eval.knn`) of the concatenated pooled features of all blocks, from a fixed
+labelled subset of the probe's training split (``probe.curve_train`` images) to a fixed subset of
+its test split (``probe.curve_test``), both drawn once with ``subset_seed``; the accuracy is
+logged as ``probe_accuracy`` with the step and the training seconds. When training ends,
 :meth:`ImageTask.final_metrics` runs the linear probe (:mod:`locallearn.eval.image_probe`) on the
 frozen encoder and writes ``probe.json``; its accuracy joins ``summary.json`` as
 ``probe_accuracy``.
@@ -20,6 +25,7 @@ frozen encoder and writes ``probe.json``; its accuracy joins ``summary.json`` as
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +81,7 @@ class ImageTask:
         self.views = SSLViews(d.name, mean=self.mean, std=self.std).to(device)
         self.chance = 1.0 / max(len(self.classes), 1)
         self.rule_info: dict[str, Any] = {}
+        self._curve_data: tuple[torch.Tensor, ...] | None = None
         side = int(images.shape[-1])
         self.info: dict[str, Any] = {
             "dataset": d.name,
@@ -101,6 +108,11 @@ class ImageTask:
             msg = str(err).replace("\n", " ")
             raise ValueError(f"{d.name}: download into {d.root!r} failed: {msg}") from None
         return load_images(d.name, d.root, split, cache_dir=d.cache_dir)
+
+    def autocast(self):
+        """bf16 autocast on the task's device when ``precision=bf16`` (else a no-op)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.precision == "bf16")
 
     def transform(self, images: torch.Tensor) -> torch.Tensor:
         """Clean preprocessing: scale to [0, 1] and normalise with the dataset's constants."""
@@ -171,19 +183,40 @@ class ImageTask:
         """Nothing beyond the training loss per epoch: the probe runs once, at the end."""
         return {}
 
+    def curve_probe(self, net: BlockNet) -> dict[str, float]:
+        """The cheap probe of learning curves (see the module docstring): ``probe_accuracy``."""
+        from locallearn.eval.image_probe import encoder_features, probe_pools
+        from locallearn.eval.knn import knn_accuracy
+
+        if self._curve_data is None:
+            p = self.cfg.probe
+            d = replace(self.data, probe_subset=p.curve_train, test_subset=p.curve_test)
+            self._curve_data = self.probe_data(d, salt=4)
+        tr_x, tr_y, te_x, te_y = self._curve_data
+        p = self.cfg.probe
+        pools = probe_pools(net, int(tr_x.shape[-1]), tuple(p.grid) if p.grid else None)
+        with self.autocast():
+            ref = encoder_features(net, tr_x, self.transform, pools)
+            query = encoder_features(net, te_x, self.transform, pools)
+        acc = knn_accuracy(ref, tr_y, query, te_y, len(self.classes), k=p.curve_k)
+        return {"probe_accuracy": acc}
+
     # ------------------------------------------------------------------ the probe
     def probe_data(
-        self, d: ImageDataConfig | None = None
+        self, d: ImageDataConfig | None = None, salt: int = 2
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(train images, train labels, test images, test labels)`` of the probe, on device."""
+        """``(train images, train labels, test images, test labels)`` of the probe, on device.
+
+        ``salt`` picks the subsets' random draw (the final probe's: 2 and 3; the curve's: 4, 5).
+        """
         d = d or self.data
         _, test_split, probe_split = d.splits()
         train = self._full_train if probe_split == self.split else self._load(probe_split)
         test = self._load(test_split)
-        keep = subset_indices(len(train), d.probe_subset, self.subset_seed, 2)
+        keep = subset_indices(len(train), d.probe_subset, self.subset_seed, salt)
         tr_x = train.images if keep is None else train.images[keep]
         tr_y = train.labels if keep is None else train.labels[keep]
-        keep = subset_indices(len(test), d.test_subset, self.subset_seed, 3)
+        keep = subset_indices(len(test), d.test_subset, self.subset_seed, salt + 1)
         te_x = test.images if keep is None else test.images[keep]
         te_y = test.labels if keep is None else test.labels[keep]
         if tr_x.shape[1:] != te_x.shape[1:]:
@@ -208,7 +241,7 @@ class ImageTask:
             epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, steps=p.steps,
             batch_size=p.batch_size, per_block=p.per_block,
             grid=tuple(p.grid) if p.grid is not None else None,
-            seed=self.cfg.seed,
+            seed=self.cfg.seed, bf16=self.cfg.precision == "bf16",
         )
         if self.stream is not None:
             from locallearn.experiments.image_stream import stream_probe

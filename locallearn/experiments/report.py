@@ -552,6 +552,7 @@ def write_report(
                    f"({section or 'all runs'}{size_note}):", "", f"![curves]({rel(path)})", ""]
     if not any_curve:
         md += ["No run has a metrics.jsonl with curves.", ""]
+    md += _probe_curve_sections(lay, by_section, figs, rel)
 
     # ---- alignment and analyses
     aligned: dict[str, list[list[dict[str, Any]]]] = {}
@@ -671,6 +672,36 @@ def _rhm_sections(
             rows.append([rule, fmt_complexity(per_seed, p_star), f"{best:.3f}", f"{largest:g}"])
         md += [md_table(["rule", "P/P* at target", "lowest test error", "largest P/P*"], rows),
                ""]
+    return md
+
+
+def _probe_curve_sections(
+    lay: Layout, by_section: dict[str, list[Run]], figs: Path, rel: Any
+) -> list[str]:
+    """Probe accuracy during training (runs with ``probe_every``), one figure per section."""
+    from locallearn.experiments.probe_curves import curve_points, plot_probe_curves, random_level
+
+    md: list[str] = []
+    for section, srun in by_section.items():
+        curves: dict[str, list[list[dict[str, Any]]]] = {}
+        for run in srun:
+            rows = read_curve(run.path)
+            if curve_points(rows):
+                label = lay.rule_label(run)
+                if lay.dataset:
+                    label += f" / {run.values[lay.dataset]}"
+                curves.setdefault(label, []).append(rows)
+        name = f"probe_curves_{_slug(section)}.png"
+        path = plot_probe_curves(curves, figs / name, section or "all runs") if curves else None
+        if path is None:
+            continue
+        if not md:
+            md += ["## Probe accuracy during training", ""]
+        level = random_level(curves)
+        note = f" (random encoder: {100 * level:.1f} %)" if level is not None else ""
+        md += [f"The probe of `probe_every`, mean ± std over seeds, against optimiser steps and "
+               f"training seconds{note} ({section or 'all runs'}):", "",
+               f"![probe curves]({rel(path)})", ""]
     return md
 
 

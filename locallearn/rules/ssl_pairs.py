@@ -130,9 +130,12 @@ class PredictionGrads:
         for B, post, contexts in self._items.values():
             n2 = contexts.shape[0]
             partner = (torch.arange(n2, device=contexts.device) + n2 // 2) % n2
-            pre = contexts.detach()[partner]
-            if B.grad is None:
-                B.grad = post.t() @ pre
-            else:  # in place: no temporary of the size of B
-                B.grad.addmm_(post.t(), pre)
+            # in B's precision even under autocast (a bf16 product cannot be B's gradient)
+            pre = contexts.detach()[partner].to(B.dtype)
+            post = post.to(B.dtype)
+            with torch.autocast(B.device.type, enabled=False):
+                if B.grad is None:
+                    B.grad = post.t() @ pre
+                else:  # in place: no temporary of the size of B
+                    B.grad.addmm_(post.t(), pre)
         self._items.clear()

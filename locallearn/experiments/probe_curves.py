@@ -1,0 +1,89 @@
+"""Probe accuracy during training (rows of ``metrics.jsonl`` with ``probe_accuracy``).
+
+For the report: one figure per section with two panels, probe accuracy against optimiser steps
+and against training seconds, one line per rule (mean over seeds at each logged step), and the
+random encoder as a horizontal line: the mean of the step-0 probes (every run probes its
+untrained encoder first; runs with ``epochs=0`` add theirs).
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+from typing import Any
+
+__all__ = ["curve_points", "plot_probe_curves", "random_level"]
+
+KEY = "probe_accuracy"
+
+
+def curve_points(rows: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
+    """``(step, seconds, probe accuracy)`` of every row that carries a probe, in step order."""
+    pts = []
+    for r in rows:
+        acc = r.get(KEY)
+        if isinstance(acc, (int, float)) and isinstance(r.get("step"), int):
+            pts.append((int(r["step"]), float(r.get("seconds") or 0.0), float(acc)))
+    return sorted(pts)
+
+
+def random_level(curves: dict[str, list[list[dict[str, Any]]]]) -> float | None:
+    """Mean step-0 probe accuracy over all runs (the untrained encoders), or None."""
+    first = [pts[0][2] for runs in curves.values() for rows in runs
+             if (pts := curve_points(rows)) and pts[0][0] == 0]
+    return sum(first) / len(first) if first else None
+
+
+def _mean_curve(runs: list[list[dict[str, Any]]]) -> list[tuple[int, float, float, float]]:
+    """``(step, mean seconds, mean accuracy, std accuracy)`` over the runs that logged a step."""
+    by_step: dict[int, list[tuple[float, float]]] = {}
+    for rows in runs:
+        for step, sec, acc in curve_points(rows):
+            by_step.setdefault(step, []).append((sec, acc))
+    out = []
+    for step in sorted(by_step):
+        vals = by_step[step]
+        accs = [a for _, a in vals]
+        mean = sum(accs) / len(accs)
+        var = sum((a - mean) ** 2 for a in accs) / (len(accs) - 1) if len(accs) > 1 else 0.0
+        out.append((step, sum(s for s, _ in vals) / len(vals), mean, math.sqrt(var)))
+    return out
+
+
+def plot_probe_curves(
+    curves: dict[str, list[list[dict[str, Any]]]], path: Path, title: str = ""
+) -> Path | None:
+    """Probe accuracy against steps and against seconds, one line per label; None if empty."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = {label: c for label, runs in curves.items() if len(c := _mean_curve(runs)) > 1}
+    if not lines:
+        return None
+    fig, axs = plt.subplots(1, 2, figsize=(11.0, 4.2), sharey=True)
+    for label, pts in lines.items():
+        for ax, x in zip(axs, (0, 1)):
+            xs = [p[x] for p in pts]
+            ys = [100 * p[2] for p in pts]
+            sd = [100 * p[3] for p in pts]
+            ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=label)
+            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+                            alpha=0.15)
+    level = random_level(curves)
+    for ax, name in zip(axs, ("optimiser steps", "training seconds (probes excluded)")):
+        if level is not None:
+            ax.axhline(100 * level, color="gray", linestyle="--", linewidth=1,
+                       label="random encoder")
+        ax.set_xlabel(name)
+        ax.grid(alpha=0.3)
+    axs[0].set_ylabel("probe accuracy during training (%)")
+    axs[1].legend(fontsize=7)
+    if title:
+        fig.suptitle(textwrap.fill(title, 110), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
