@@ -1,0 +1,97 @@
+"""The fast path: bf16 autocast and compile for the image rules, and ``benchmarks/gpu_check.py``.
+
+The CPU tests check that the options run and what they change; the GPU test skips without one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from locallearn.experiments.schema import load_config
+from locallearn.rules.base import Batch
+from locallearn.train import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ("clapp", "clapp++", "clapp++dfb", "clapp++both", "bp-clapp++", "bp-infonce", "ff")
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _trainer(preset: str, device: str, *overrides: str) -> Trainer:
+    gpu_check = _gpu_check()
+    cfg = load_config(ROOT / "configs" / "images" / f"{preset}.yaml",
+                      [f"device={device}", "net.width_mult=0.0625", *overrides])
+    task = gpu_check.SyntheticCifar(cfg, torch.device(device), 64)
+    return Trainer(cfg, task, ROOT / "unused")
+
+
+def _grads(trainer: Trainer, batch: Batch) -> tuple[float, list[torch.Tensor]]:
+    trainer.opt.zero_grad(set_to_none=True)
+    with trainer.autocast():
+        loss = trainer.rule.compute_grads(trainer.net, batch)["loss"]
+    return loss, [p.grad.clone() for p in trainer.params]
+
+
+def _batch(trainer: Trainer) -> Batch:
+    torch.manual_seed(1)
+    return next(trainer.task.batches(torch.Generator().manual_seed(0), 16, "ssl"))
+
+
+def test_gpu_check_says_no_gpu_in_one_line(monkeypatch, capsys):
+    module = _gpu_check()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert module.main([]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "no CUDA GPU" in out[0]
+
+
+def test_gpu_check_runs_its_code_on_the_cpu(capsys):
+    module = _gpu_check()
+    argv = ["--device", "cpu", "--width", "0.03125", "--steps", "10", "--warmup", "1",
+            "--presets", "clapp++", "--precision", "bf16"]
+    assert module.main(argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    row = next(r for r in rows if r[0] == "clapp++")
+    assert row[1] == "bf16" and float(row[3]) > 0  # pairs/s
+    assert float(row[-1]) > 0  # projected hours of 300 epochs
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_bf16_autocast_trains_every_image_rule(preset):
+    # same weights, same views: bf16 gradients point the way of the fp32 ones, stored in fp32
+    full = _trainer(preset, "cpu")
+    half = _trainer(preset, "cpu", "precision=bf16")
+    batch = _batch(full)
+    loss32, g32 = _grads(full, batch)
+    loss16, g16 = _grads(half, batch)
+    assert abs(loss16 - loss32) <= 0.05 * abs(loss32) + 1e-3
+    for a, b in zip(g32, g16):
+        assert b.dtype == torch.float32 and torch.isfinite(b).all()
+        if a.norm() > 0:
+            cos = float((a * b).sum() / (a.norm() * b.norm()))
+            assert cos > 0.9, (preset, cos)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("preset", PRESETS)
+def test_bf16_and_compile_on_the_gpu(preset):
+    eager = _trainer(preset, "cuda")
+    fast = _trainer(preset, "cuda", "compile=true")
+    batch = _batch(eager)
+    loss_e, g_e = _grads(eager, batch)
+    loss_c, g_c = _grads(fast, batch)
+    assert loss_c == pytest.approx(loss_e, rel=1e-3)
+    for a, b in zip(g_e, g_c):
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-5)
+    half = _trainer(preset, "cuda", "precision=bf16")
+    loss_h, _ = _grads(half, batch)
+    assert loss_h == pytest.approx(loss_e, rel=0.05)
