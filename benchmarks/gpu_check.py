@@ -97,7 +97,7 @@ class SyntheticCifar:
 
 def check(preset: str, precision: str, compiled: bool, args: argparse.Namespace) -> dict:
     """Train ``preset`` for warm-up + timed steps; return the measurements."""
-    from locallearn.experiments.schema import load_config
+    from locallearn.schema import load_config
     from locallearn.train import Trainer
 
     overrides = [f"device={args.device}", f"precision={precision}", f"compile={compiled}",

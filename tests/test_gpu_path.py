@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from locallearn.experiments.schema import load_config
+from locallearn.schema import load_config
 from locallearn.rules.base import Batch
 from locallearn.train import Trainer
 

@@ -17,8 +17,8 @@ from PIL import Image
 from locallearn import cli
 from locallearn.eval.knn import knn_accuracy, knn_predict
 from locallearn.experiments.image_task import ImageTask
-from locallearn.experiments.schema import load_config
-from locallearn.train import run
+from locallearn.schema import load_config
+from locallearn.experiments.runs import run
 
 
 @pytest.fixture(scope="module")

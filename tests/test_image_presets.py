@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from locallearn.experiments.schema import load_config
+from locallearn.schema import load_config
 from locallearn.nets.vgg import vgg6
 from locallearn.rules import build_rule
 

@@ -138,31 +138,32 @@ def test_three_factor_form_on_a_small_conv_block_written_out(score_norm, s):
     _setup(rule, net, v1)
     B = rule.B_same[0]
     got = _autograd(rule, net, Batch(v1, None, (v1, v2), None))
-    # explicit: dW[o, i, kh, kw] = s/n sum_dir sum_samples gamma * (P^T B c)[o, y, x]
+    # explicit: dW[o, i, kh, kw] = s/2n sum_anchors gamma * (P^T B c)[o, y, x]
     #           * relu'(a[o, y, x]) * xpad[i, y + kh, x + kw]
+    # rows [view 1; view 2]; anchor r: context row r + n, negative row r + 1 (mod 2n; the paper
+    # code's pairing: the last image of a view meets the other view of image 0)
     dW = torch.zeros_like(conv.weight)
     db = torch.zeros_like(conv.bias)
-    for x_z, x_c in ((v1, v2), (v2, v1)):
-        a = conv(x_z).detach()
-        # pooled maps flattened position-major: (grid row, grid column, channel)
-        p = F.avg_pool2d(torch.relu(a), 2).permute(0, 2, 3, 1).flatten(1)
-        c = F.avg_pool2d(torch.relu(conv(x_c)), 2).permute(0, 2, 3, 1).flatten(1).detach()
-        xpad = F.pad(x_z, (1, 1, 1, 1))
-        for i in range(n):
-            j = (i + 1) % n  # the negative: the next image
-            pred = (B @ c[i]).detach()
-            u_pos, u_neg = s * p[i] @ pred, s * p[j] @ pred
-            gammas = ((i, -float(u_pos < 1)), (j, float(-u_neg < 1)))  # f'(u), -f'(-u)
-            for k, gamma in gammas:
-                dend = pred.reshape(2, 2, 3).permute(2, 0, 1)
-                dend = dend.repeat_interleave(2, 1).repeat_interleave(2, 2) / 4
-                gate = (a[k] > 0).double()
-                post = gamma * dend * gate * s / n  # (3, 4, 4)
-                for kh in range(3):
-                    for kw in range(3):
-                        patch = xpad[k, :, kh:kh + 4, kw:kw + 4]  # (2, 4, 4)
-                        dW[:, :, kh, kw] += torch.einsum("oyx,iyx->oi", post, patch)
-                db += post.sum((1, 2))
+    x = torch.cat([v1, v2])
+    a = conv(x).detach()
+    # pooled maps flattened position-major: (grid row, grid column, channel)
+    p = F.avg_pool2d(torch.relu(a), 2).permute(0, 2, 3, 1).flatten(1)
+    xpad = F.pad(x, (1, 1, 1, 1))
+    for r in range(2 * n):
+        pos, neg = r, (r + 1) % (2 * n)
+        pred = (B @ p[(r + n) % (2 * n)]).detach()
+        u_pos, u_neg = s * p[pos] @ pred, s * p[neg] @ pred
+        gammas = ((pos, -float(u_pos < 1)), (neg, float(-u_neg < 1)))  # f'(u), -f'(-u)
+        for k, gamma in gammas:
+            dend = pred.reshape(2, 2, 3).permute(2, 0, 1)
+            dend = dend.repeat_interleave(2, 1).repeat_interleave(2, 2) / 4
+            gate = (a[k] > 0).double()
+            post = gamma * dend * gate * s / (2 * n)  # (3, 4, 4)
+            for kh in range(3):
+                for kw in range(3):
+                    patch = xpad[k, :, kh:kh + 4, kw:kw + 4]  # (2, 4, 4)
+                    dW[:, :, kh, kw] += torch.einsum("oyx,iyx->oi", post, patch)
+            db += post.sum((1, 2))
     for key, value in (("net.blocks.0.pre.weight", dW), ("net.blocks.0.pre.bias", db)):
         assert float(value.abs().max()) > 0
         assert torch.allclose(got[key], value, rtol=1e-5, atol=1e-10), key

@@ -50,7 +50,7 @@ class BPSSL(ImageSSLRule):
         o = options
         return cls(cfg.loss, o.pool, cfg.f or "hinge", cfg.negatives or "next", o.score_norm,
                    0.1 if cfg.temperature is None else cfg.temperature, o.projection_dim,
-                   seed, o.micro_batches)
+                   seed, o.micro_batches, pairing=o.negatives)
 
     def __init__(
         self,
@@ -63,8 +63,9 @@ class BPSSL(ImageSSLRule):
         projection_dim: int | None = None,
         seed: int = 0,
         micro_batches: int = 1,
+        pairing: str | None = None,
     ) -> None:
-        super().__init__(pool, f, negatives, score_norm, micro_batches)
+        super().__init__(pool, f, negatives, score_norm, micro_batches, pairing)
         self.seed = seed
         check_choice("rule.loss", loss, ("clapp", "infonce"))
         if micro_batches > 1 and loss != "clapp":

@@ -52,19 +52,23 @@ def _modulated_prediction(
     B: torch.Tensor | None,
     neg: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``dL/dp`` (neuromodulator times dendritic prediction, per sample) and ``dL/dB``."""
-    n = p.shape[0]
+    """``dL/dp`` (neuromodulator times dendritic prediction, per row) and ``dL/dB``.
+
+    ``p``: the pooled outputs of the ``2N`` anchors; ``c``: the context of each anchor;
+    ``neg``: the negative row of each anchor. The loss is the mean over the ``2N`` anchors.
+    """
+    rows = p.shape[0]
     s = rule.scale(p.shape[1], c.shape[1])
     pred = c if B is None else c @ B.t()
     u_pos = (p * pred).sum(1) * s
     u_neg = (p[neg] * pred).sum(1) * s
     g_pos, g_neg = losses.score_loss_grads(u_pos, u_neg, rule.f)
     dp = g_pos[:, None] * pred
-    dp = dp.index_add(0, neg, g_neg[:, None] * pred) * (s / n)
+    dp = dp.index_add(0, neg, g_neg[:, None] * pred) * (s / rows)
     dB = None
     if B is not None:
         post = g_pos[:, None] * p + g_neg[:, None] * p[neg]
-        dB = post.t() @ c * (s / n)
+        dB = post.t() @ c * (s / rows)
     return dp, dB
 
 
@@ -102,24 +106,22 @@ def explicit_grads(rule: ImageSSLRule, net: BlockNet, batch: Batch) -> dict[str,
             z, idx = r, None
         pool = rule.pools[level]
         p = pool_flat(z, pool)
-        p1, p2 = p.chunk(2, 0)
+        other = torch.roll(torch.arange(2 * n, device=p.device), n)  # each row's other view
         dp = torch.zeros_like(p)
-        terms: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        terms: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
         if isinstance(rule, BPSSL):
-            terms.append(("rule.B.0", p2, p1, rule.B[0]))
+            terms.append(("rule.B.0", p[other], rule.B[0]))
         else:
             if rule.uses_same:
                 B = None if rule.identity_b else rule.B_same[level]
-                terms.append((f"rule.B_same.{level}", p2, p1, B))
+                terms.append((f"rule.B_same.{level}", p[other], B))
             if rule.uses_top:
-                t1, t2 = top.chunk(2, 0)
-                terms.append((f"rule.B_top.{level}", t2, t1, rule.B_top[level]))
-        for key, c_for_1, c_for_2, B in terms:
-            d1, dB1 = _modulated_prediction(rule, p1, c_for_1, B, neg)
-            d2, dB2 = _modulated_prediction(rule, p2, c_for_2, B, neg)
-            dp += torch.cat([d1, d2], 0)
+                terms.append((f"rule.B_top.{level}", top[other], rule.B_top[level]))
+        for key, contexts, B in terms:
+            d, dB = _modulated_prediction(rule, p, contexts, B, neg)
+            dp += d
             if B is not None:
-                out[key] = dB1 + dB2
+                out[key] = dB
         # dendritic prediction pooled back onto the map, routed through the max-pool, gated
         dz = unpool(unflatten_grid(dp, z.shape[1], z.shape[2] // pool), pool)
         dr = F.max_unpool2d(dz, idx, mp, output_size=r.shape[-2:]) if idx is not None else dz

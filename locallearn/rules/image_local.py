@@ -51,7 +51,7 @@ class LocalImageRule(ImageSSLRule):
     def from_config(cls, cfg, options: LocalOptions, seed: int, **task_info) -> LocalImageRule:
         o = options
         return cls(o.context, o.pool, cfg.f, cfg.negatives, o.step, o.score_norm,
-                   micro_batches=o.micro_batches)
+                   micro_batches=o.micro_batches, pairing=o.negatives)
 
     def __init__(
         self,
@@ -63,8 +63,9 @@ class LocalImageRule(ImageSSLRule):
         score_norm: str = "none",
         identity_b: bool = False,
         micro_batches: int = 1,
+        pairing: str | None = None,
     ) -> None:
-        super().__init__(pool, f, negatives, score_norm, micro_batches)
+        super().__init__(pool, f, negatives, score_norm, micro_batches, pairing)
         check_choice("rule.options.context", context, ("same", "top", "both"))
         check_choice("rule.options.step", step, ("block", "summed"))
         if identity_b and context != "same":
@@ -195,7 +196,7 @@ class LocalImageRule(ImageSSLRule):
                 p = pool_flat(z, self.pools[level])
                 ctx = stores.get(level)
                 if ctx is not None:
-                    ctx[terms.rows] = p.detach()
+                    ctx[terms.rows] = p.detach().to(ctx.dtype)
                 loss = self.block_loss(level, p, ctx, top, terms, n, b_grads)
                 if self.step == "block":
                     loss.backward()  # frees this block's graph before the next block runs
@@ -262,7 +263,8 @@ class FFRule(LocalImageRule):
     @classmethod
     def from_config(cls, cfg, options: FFOptions, seed: int, **task_info) -> FFRule:
         o = options
-        return cls(o.pool, cfg.f, cfg.negatives, o.step, o.score_norm, o.micro_batches)
+        return cls(o.pool, cfg.f, cfg.negatives, o.step, o.score_norm, o.micro_batches,
+                   pairing=o.negatives)
 
     def __init__(
         self,
@@ -272,9 +274,10 @@ class FFRule(LocalImageRule):
         step: str = "block",
         score_norm: str = "none",
         micro_batches: int = 1,
+        pairing: str | None = None,
     ) -> None:
         super().__init__(
             "same", pool, f, negatives, step, score_norm, identity_b=True,
-            micro_batches=micro_batches,
+            micro_batches=micro_batches, pairing=pairing,
         )
 

@@ -20,11 +20,18 @@ class SSLOptions:
             ``dims`` scales them by ``1/sqrt(D_z D_c)``.
         micro_batches: parts of the batch taken through the encoder one after the other (the
             same gradients; activation memory of one part).
+        negatives: which row is each anchor's negative. ``paper``: the pairing of the paper's
+            public code, the next row of the views stacked ``[view 2; view 1]`` (the same view of
+            the next image, except for the last image of each view, which gets the other view
+            of image 0); needs ``rule.negatives=next``. ``same-view``: always the same view of
+            the negative image (``rule.negatives``: ``next`` or ``random``). Default (null):
+            ``paper`` with ``rule.negatives=next``, ``same-view`` with ``random``.
     """
 
     pool: list[int] | str = "auto"
     score_norm: Literal["none", "dims"] = "none"
     micro_batches: int = 1
+    negatives: Literal["paper", "same-view"] | None = None
 
     def validate(self) -> None:
         check_pool(self.pool)

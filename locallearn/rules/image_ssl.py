@@ -9,12 +9,16 @@ Registered rule names (``rule.name``):
     the top). Block ``l`` with output ``z_l`` (after ReLU and max-pool) pools it on a grid
     (average pool, kernel = stride = the block's pool size; pooling onto one cell is global
     pooling) and flattens it to ``p_l`` (``D_l`` values). Its loss, for view 1 predicted from
-    view 2 and view 2 from view 1 with the same ``B_l``, averaged over the batch::
+    view 2 and view 2 from view 1 with the same ``B_l``, averaged over the ``2N`` anchors (both
+    directions; the normalisation of the paper's public code)::
 
         f(u_pos) + f(-u_neg),  u_pos = s * p_l(x)^T B_l c,  u_neg = s * p_l(x_neg)^T B_l c
 
     with ``c`` the context (detached), ``x_neg`` another image of the batch (the next one by
-    default, ``rule.negatives=random`` for a random other one), ``B_l`` a trainable ``D_l x D_c``
+    default, ``rule.negatives=random`` for a random other one; ``rule.options.negatives=paper``,
+    the default, pairs as the paper's public code: the same view of the next image, except for
+    the last image of each view, whose negative is the other view of image 0; ``same-view``
+    always takes the same view), ``B_l`` a trainable ``D_l x D_c``
     matrix without bias (so it couples grid positions), initialised to zero, and ``s = 1``: the
     score is summed over channels and grid positions, as in the paper (``score_norm: dims``
     sets ``s = 1 / sqrt(D_l D_c)``, a fixed rescaling of ``B``; with Adam it slows ``B``'s
@@ -63,13 +67,13 @@ dendritic prediction ``B_l c`` pooled back to the map (each grid cell's value sp
 window and divided by the window area), the gate ``relu'(a)`` routed through the max-pool, and
 the input patch ``x`` of every position (the Hebbian term)::
 
-    dW_l = s / N * sum_samples sum_positions gamma * (P^T B_l c)[j] * relu'(a_j) * x_i
+    dW_l = s / 2N * sum_samples sum_positions gamma * (P^T B_l c)[j] * relu'(a_j) * x_i
 
 where ``gamma = g_pos`` for the positive sample and ``g_neg`` for the negative one (whose own gate
 and input enter; the prediction is that of the positive's context). The prediction matrix learns
 from the product of the neuromodulated pooled outputs and the context::
 
-    dB_l = s / N * sum_anchors (g_pos p_pos + g_neg p_neg) c^T
+    dB_l = s / 2N * sum_anchors (g_pos p_pos + g_neg p_neg) c^T
 
 which the rules (the layer-wise ones and BP-CLAPP++) compute in this form, gathered over the
 batch (and its micro-batches) into one matrix product per ``B``
@@ -95,7 +99,9 @@ from locallearn.rules.ssl_pairs import (
     PredictionGrads,
     early_images,
     image_parts,
+    negative_rows,
     pair_terms,
+    paper_negative_rows,
 )
 
 __all__ = ["ImageSSLRule", "RULES", "VIEW_KIND"]
@@ -105,6 +111,8 @@ VIEW_KIND = "ssl"
 #: Rule names of the image family (:mod:`locallearn.rules.image_local`,
 #: :mod:`locallearn.rules.image_bp`).
 RULES = ("clapp-image", "ff", "bp-ssl")
+#: Values of ``rule.options.negatives`` (see :class:`~locallearn.rules.image_options.SSLOptions`).
+PAIRINGS = ("paper", "same-view")
 
 
 class ImageSSLRule(Rule):
@@ -121,10 +129,20 @@ class ImageSSLRule(Rule):
         negatives: str,
         score_norm: str,
         micro_batches: int = 1,
+        pairing: str | None = None,
     ) -> None:
         super().__init__()
+        if pairing is None:  # the paper code's pairing where it is defined
+            pairing = "paper" if negatives == "next" else "same-view"
         check_choice("rule.f", f, losses.F_KINDS)
         check_choice("rule.negatives", negatives, NEGATIVES)
+        check_choice("rule.options.negatives", pairing, PAIRINGS)
+        if pairing == "paper" and negatives != "next":
+            raise ValueError(
+                f"rule.options.negatives=paper (the paper code's pairing) needs rule.negatives="
+                f"next, not {negatives!r}; for random negatives use rule.options.negatives="
+                "same-view"
+            )
         check_micro_batches(micro_batches)
         if micro_batches > 1 and f == "softplus-diff":
             raise ValueError(
@@ -135,6 +153,7 @@ class ImageSSLRule(Rule):
         self.pool_spec = pool
         self.f = f
         self.negatives = negatives
+        self.pairing = pairing
         self.score_norm = score_norm
         self.pools: list[int] = []
         self.dims: list[int] = []
@@ -157,10 +176,12 @@ class ImageSSLRule(Rule):
         return losses.score_scale(self.score_norm, d_z, d_c)
 
     def negative_index(self, n: int, batch: Batch, device: torch.device) -> torch.Tensor:
-        """Index of the negative of every sample (another image of the batch)."""
+        """The negative row of each of the ``2N`` rows ``[view 1; view 2]`` (another image)."""
         if n < 2:
             raise ValueError("image SSL rules need batches of at least 2 images (negatives)")
-        return pick_negatives(n, self.negatives, batch.generator, device)
+        if self.pairing == "paper":
+            return paper_negative_rows(n, device)
+        return negative_rows(pick_negatives(n, self.negatives, batch.generator, device), n)
 
     def pair_loss(
         self,
@@ -171,7 +192,8 @@ class ImageSSLRule(Rule):
         n: int,
         b_grads: PredictionGrads | None = None,
     ) -> torch.Tensor:
-        """The scores a part of the batch owns, both directions, summed and divided by ``n``.
+        """The scores a part of the batch owns, both directions, summed and divided by ``2n``
+        (the loss is the mean over the ``2n`` anchors, as in the paper's public code).
 
         ``p`` (R, D_z) are the pooled outputs of the part's rows (``terms.rows``), ``c`` the
         contexts of all ``2N`` rows (detached here), ``B`` is ``(D_z, D_c)`` or ``None`` for the
@@ -192,12 +214,12 @@ class ImageSSLRule(Rule):
         u_neg = (p[terms.neg_row] * pred[terms.neg_anchor]).sum(1) * s
         if B is not None and b_grads is not None and B.requires_grad:
             g_pos, g_neg = losses.score_loss_grads(u_pos.detach(), u_neg.detach(), self.f)
-            q = p.detach() * (s / n)
+            q = p.detach() * (s / (2 * n))
             post = torch.zeros_like(pred)
             post[:rows] = g_pos[:, None] * q
             post.index_add_(0, terms.neg_anchor, g_neg[:, None] * q[terms.neg_row])
             b_grads.add(B, terms.anchors, post, ctx)
-        return losses.score_loss(u_pos, u_neg, self.f) / n
+        return losses.score_loss(u_pos, u_neg, self.f) / (2 * n)
 
     def pooled_stores(
         self, net: BlockNet, x: torch.Tensor, neg: torch.Tensor, ranges: list[tuple[int, int]]
@@ -212,7 +234,7 @@ class ImageSSLRule(Rule):
             rows = torch.cat([early, early + n])
             with torch.no_grad():
                 for level, h in enumerate(net.features(x[rows])):
-                    store[level][rows] = pool_flat(h, self.pools[level])
+                    store[level][rows] = pool_flat(h, self.pools[level]).to(x.dtype)
         return store
 
     def top_loss_backprop(
@@ -235,7 +257,7 @@ class ImageSSLRule(Rule):
         for start, stop in ranges:
             terms = pair_terms(n, neg, start, stop)
             p = pool_flat(net.encode(self.part_views(x, n, start, stop)), self.pools[-1])
-            contexts[terms.rows] = p.detach()
+            contexts[terms.rows] = p.detach().to(contexts.dtype)
             loss = loss_fn(p, contexts, terms, n)
             loss.backward()  # through every block; frees this part's graph
             values.append(loss.detach())

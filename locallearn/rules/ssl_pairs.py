@@ -3,8 +3,10 @@
 The image SSL rules stack both views of ``N`` images into ``2N`` rows (view 1, then view 2). Row
 ``r`` is an *anchor*: its context is the other view of the same image (row ``(r + N) mod 2N``),
 and it has two scores against the prediction ``B c`` made from that context, a positive one with
-its own pooled output and a negative one with the pooled output of its negative row (the same
-view of another image, ``neg[r mod N]``).
+its own pooled output and a negative one with the pooled output of its negative row: the same
+view of another image (``neg[r mod N]``, given per image), or any row given per row (the paper
+code's pairing takes row ``r + 1 mod 2N`` of the views stacked ``[view 2; view 1]``; see
+:func:`paper_negative_rows`).
 
 Because the context is detached, the loss is a sum of terms each of which depends on the graph
 of one row only: the positive score of row ``r`` on ``r``, the negative score of anchor ``a`` on
@@ -21,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PairTerms", "PredictionGrads", "early_images", "image_parts", "pair_terms"]
+__all__ = ["PairTerms", "PredictionGrads", "early_images", "image_parts", "negative_rows",
+           "pair_terms", "paper_negative_rows"]
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,35 @@ class PairTerms:
     neg_row: torch.Tensor
 
 
+def negative_rows(neg: torch.Tensor, n: int) -> torch.Tensor:
+    """The negative row of every one of the ``2n`` rows: ``neg`` itself when it is given per
+    row (``2n`` values), else the same view of the negative image ``neg[r mod n]``."""
+    if neg.numel() == 2 * n:
+        return neg
+    if neg.numel() != n:
+        raise ValueError(f"negatives: expected {n} images or {2 * n} rows, got {neg.numel()}")
+    return torch.cat([neg, neg + n])
+
+
+def paper_negative_rows(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The paper code's negatives as rows of ``[view 1; view 2]`` (``2n`` values).
+
+    That code stacks ``[view 1; view 2]``, swaps the halves to form the positives and takes as
+    the negative of each row the next row of the swapped batch, wrapping over all ``2n`` rows. In
+    anchor terms here (anchor ``a``'s positive is row ``a``, its context row ``a + n mod 2n``)
+    the negative of anchor ``a`` is row ``a + 1 mod 2n``: the same view of the next image, except
+    for the last image of each view, whose negative is the other view of image 0.
+    """
+    return torch.roll(torch.arange(2 * n, device=device), -1)
+
+
 def pair_terms(n: int, neg: torch.Tensor, start: int = 0, stop: int | None = None) -> PairTerms:
     """Scores owned by images ``start..stop-1`` (both views) of a batch of ``n`` images.
 
-    ``neg`` (``n``,) is the negative image of every image. For the whole batch (the default)
-    the negative scores are in anchor order, so that score ``i`` of the positives and of the
-    negatives belong to the same anchor.
+    ``neg`` is the negative image of every image (``n`` values: the same view) or the negative
+    row of every row (``2n`` values, e.g. :func:`paper_negative_rows`). For the whole batch (the
+    default) the negative scores are in anchor order, so that score ``i`` of the positives and
+    of the negatives belong to the same anchor.
     """
     stop = n if stop is None else stop
     if not 0 <= start < stop <= n:
@@ -61,7 +87,7 @@ def pair_terms(n: int, neg: torch.Tensor, start: int = 0, stop: int | None = Non
     device = neg.device
     images = torch.arange(start, stop, device=device)
     rows = torch.cat([images, images + n])
-    negrow = torch.cat([neg, neg + n])
+    negrow = negative_rows(neg, n)
     local = torch.full((2 * n,), -1, dtype=torch.long, device=device)
     local[rows] = torch.arange(rows.numel(), device=device)
     neg_anchors = (local[negrow] >= 0).nonzero().squeeze(1)  # anchors whose negative is here
@@ -88,13 +114,17 @@ def image_parts(n: int, parts: int) -> list[tuple[int, int]]:
 def early_images(neg: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
     """Images whose contexts a part needs before their own part runs.
 
-    Image ``i`` is an anchor of the negative score on ``neg[i]``, owned by the part of
-    ``neg[i]``; when that part comes first, ``i``'s context must be computed in advance.
+    Image ``i`` (both views) is an anchor of the negative scores on its negative rows (``neg``:
+    per image or per row, as for :func:`pair_terms`), owned by the parts holding them; when such
+    a part comes first, ``i``'s context must be computed in advance.
     """
-    part = torch.empty_like(neg)
+    n = ranges[-1][1]
+    part = torch.empty(n, dtype=torch.long, device=neg.device)
     for k, (start, stop) in enumerate(ranges):
         part[start:stop] = k
-    return (part > part[neg]).nonzero().squeeze(1)
+    rows = torch.arange(2 * n, device=neg.device)
+    early = part[rows % n] > part[negative_rows(neg, n) % n]
+    return (early[:n] | early[n:]).nonzero().squeeze(1)
 
 
 class PredictionGrads:
