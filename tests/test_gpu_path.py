@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from locallearn.schema import load_config
 from locallearn.rules.base import Batch
+from locallearn.schema import load_config
 from locallearn.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from PIL import Image
 from locallearn import cli
 from locallearn.eval.knn import knn_accuracy, knn_predict
 from locallearn.experiments.image_task import ImageTask
-from locallearn.schema import load_config
 from locallearn.experiments.runs import run
+from locallearn.schema import load_config
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +153,10 @@ def test_a_finished_run_is_not_probed_again(tmp_path, image_root, capsys, monkey
     shown = capsys.readouterr().out
     assert "finished" in shown and "probe_accuracy" in shown
     assert (out / "summary.json").read_text() == before
-    # more epochs on the same folder is another config: refused, not silently retrained
-    assert cli.main(["run", str(config), "epochs=2", "--out", str(out)]) == 2
+    # more epochs extend the finished run (and probe it again)
+    monkeypatch.undo()
+    assert cli.main(["run", str(config), "epochs=2", "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
 
 
 def test_report_plots_probe_curves_with_the_random_encoder_line(tmp_path):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from locallearn.schema import load_config
 from locallearn.nets.vgg import vgg6
 from locallearn.rules import build_rule
+from locallearn.schema import load_config
 
 IMAGES = Path(__file__).resolve().parents[1] / "configs" / "images"
 RULES = ("clapp", "clapp++", "clapp++dfb", "clapp++both", "bp-clapp++", "bp-infonce", "ff")
@@ -42,7 +42,7 @@ def test_bp_clapp_pools_the_top_block_to_one_cell_as_the_paper_script():
 
 @pytest.mark.parametrize("name, epochs", [("images-cpu", 3), ("images-cpu-long", 20)])
 def test_cpu_study_sweeps_give_every_rule_the_same_budget(name, epochs):
-    from locallearn.experiments.sweep import expand, load_sweep
+    from locallearn.experiments.sweep_spec import expand, load_sweep
 
     sweeps = IMAGES.parent / "sweeps"
     runs = expand(load_sweep(sweeps / f"{name}.yaml", overrides=["data.root=/x"]))
