@@ -188,3 +188,13 @@ def test_report_plots_probe_curves_with_the_random_encoder_line(tmp_path):
             (tmp_path / "runs" / "clapp-1" / "metrics.jsonl").read_text().splitlines()]
     assert curve_points(rows) == [(0, 0.0, 0.31), (10, 3.0, 0.33), (20, 6.0, 0.34)]
     assert random_level({"a": [rows]}) == pytest.approx(0.31)
+
+
+def test_bf16_run_probes_with_a_bf16_encoder(tmp_path, image_root):
+    cfg = load_config(_config(tmp_path, image_root, precision="bf16", probe_every=1,
+                              **{"probe.curve_train": 10, "probe.curve_test": 8}))
+    summary = run(cfg, tmp_path / "bf16")
+    assert "bf16 encoder" in summary["probe_protocol"]
+    assert 0.0 <= summary["probe_accuracy"] <= 1.0
+    rows = [r for r in _rows(tmp_path / "bf16") if "probe_accuracy" in r]
+    assert [r["step"] for r in rows] == [0, 4]

@@ -247,7 +247,8 @@ def run_probe(
     protocol = (
         f"linear probe on the concatenated average-pooled features of blocks 1-{len(dims)} "
         f"(grids {'-'.join(map(str, grid))}, pool sizes {'-'.join(map(str, pools))}, "
-        f"{sum(dims)} values, standardised), {how}; {clean.shape[0]} training and "
+        f"{sum(dims)} values, standardised{', bf16 encoder' if settings.bf16 else ''}), {how}; "
+        f"{clean.shape[0]} training and "
         f"{test.shape[0]} test images{'; ' + description if description else ''}"
     )
     return ProbeResult(
