@@ -79,7 +79,7 @@ class SyntheticCifar:
     def check_rule(self, rule) -> None:
         return None
 
-    def num_batches(self, batch_size: int) -> int:
+    def steps_per_epoch(self, batch_size: int) -> int:
         return self.images.shape[0] // batch_size
 
     def batches(self, generator, batch_size, view_kind):
