@@ -6,10 +6,12 @@ differentiated by autograd, and compared with the ``.grad`` the rules fill (the 
 autograd of their own graph, ``B`` by their gathered outer-product form).
 
 The loss of a block with pooled outputs ``p1, p2`` of the two views, context ``c1, c2`` (detached)
-and prediction matrix ``B``: for both directions (view 1 from view 2's context and back) and every
-image ``i`` with negative image ``j``, ``f(s p1_i^T B c2_i) + f(-s p1_j^T B c2_i)`` (for
-``softplus-diff``: ``softplus(s p1_j^T B c2_i - s p1_i^T B c2_i)``), summed and divided by
-:func:`normaliser`.
+and prediction matrix ``B``: the rows ``P = [p1; p2]`` and ``C = [c1; c2]`` of both views; every row
+``r`` is predicted from the other view's context ``C[r + n]`` and contrasted with the next row
+``P[r + 1]`` (indices mod ``2n``: the paper code's pairing, where the last image of each view meets
+the other view of image 0), ``f(s P_r^T B C_{r+n}) + f(-s P_{r+1}^T B C_{r+n})`` (for
+``softplus-diff``: ``softplus(s P_{r+1}^T B C_{r+n} - s P_r^T B C_{r+n})``), summed and divided by
+:func:`normaliser` (the mean over the ``2n`` rows, as in that code).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ LIST_POOLS_16PX = [2, 4, 1, 2, 1, 1]
 
 
 def normaliser(n: int) -> float:
-    """What the summed scores of a batch of ``n`` images are divided by (the images)."""
-    return float(n)
+    """What the summed scores of a batch of ``n`` images are divided by (both views' rows)."""
+    return float(2 * n)
 
 
 def f_plain(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -56,17 +58,18 @@ def pool_plain(z: torch.Tensor, k: int) -> torch.Tensor:
 
 def pair_loss_plain(p1, p2, c1, c2, B, kind: str, norm: str, n: int) -> torch.Tensor:
     total = p1.new_zeros(())
-    for p, c in ((p1, c2), (p2, c1)):  # view 1 from view 2's context, and back
-        s = 1.0 / math.sqrt(p.shape[1] * c.shape[1]) if norm == "dims" else 1.0
-        for i in range(n):
-            j = (i + 1) % n  # the next image of the batch is the negative
-            pred = c[i] if B is None else B @ c[i]
-            u_pos = s * torch.dot(p[i], pred)
-            u_neg = s * torch.dot(p[j], pred)
-            if kind == "softplus-diff":
-                total = total + torch.log1p(torch.exp(u_neg - u_pos))
-            else:
-                total = total + f_plain(u_pos, kind) + f_plain(-u_neg, kind)
+    p, c = torch.cat([p1, p2]), torch.cat([c1, c2])
+    s = 1.0 / math.sqrt(p.shape[1] * c.shape[1]) if norm == "dims" else 1.0
+    for r in range(2 * n):
+        j = (r + 1) % (2 * n)  # the next row of [view 1; view 2] is the negative
+        ctx = c[(r + n) % (2 * n)]  # the other view of the same image
+        pred = ctx if B is None else B @ ctx
+        u_pos = s * torch.dot(p[r], pred)
+        u_neg = s * torch.dot(p[j], pred)
+        if kind == "softplus-diff":
+            total = total + torch.log1p(torch.exp(u_neg - u_pos))
+        else:
+            total = total + f_plain(u_pos, kind) + f_plain(-u_neg, kind)
     return total / normaliser(n)
 
 
