@@ -282,6 +282,7 @@ class PipelineTrainer(Trainer):
                 f"{self._kept()}"
             )
         self.opt.step()
+        self.step += 1
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value * n
         return carry
