@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
+from test_rules import forward_parts, grads_of, make, weight_update
 
 from locallearn.rules import Batch
 from locallearn.rules.latent import LatentOptions, LatentPrediction, balanced_codes
 from locallearn.rules.token import TokenOptions, TokenPrediction, hide_tokens
-from tests.test_rules import forward_parts, grads_of, make, weight_update
 
 
 def setup_module():
