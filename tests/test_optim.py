@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
+from interrupt import full_and_resumed
 
-from locallearn.experiments.runs import run
 from locallearn.experiments.tasks import build_task
 from locallearn.optim import LARS, build_optimizer, lars_param_groups, warmup_cosine
 from locallearn.schema import load_config
@@ -104,21 +104,7 @@ def test_resume_with_lars_and_warmup_is_bit_identical(tmp_path, monkeypatch):
     cfg = load_config(None, TINY + ["optim.name=lars", "optim.lr=0.6", "optim.schedule=cosine",
                                     "optim.warmup_epochs=1", "optim.weight_decay=1e-4",
                                     "epochs=4", "rule.name=backprop"])
-    full = run(cfg, tmp_path / "full")
-    original = Trainer.train_epoch
-    calls = {"n": 0}
-
-    def crash_on_third(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path / "cut")
-    monkeypatch.setattr(Trainer, "train_epoch", original)
-    resumed = run(cfg, tmp_path / "cut")
+    full, resumed = full_and_resumed(cfg, tmp_path, monkeypatch)
     assert resumed["train_loss"] == full["train_loss"]
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from interrupt import full_and_resumed
 from PIL import Image
 
 from locallearn.data.streaming import PathList, StreamLoader, decode_square, open_stream
@@ -21,7 +22,6 @@ from locallearn.experiments.runs import run
 from locallearn.experiments.tasks import build_task
 from locallearn.nets.vgg import VGG8_PLAN, feature_sides, probe_grid, vgg8
 from locallearn.schema import load_config
-from locallearn.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 WNIDS = ["n02000003", "n01000001", "n01500002"]  # written unsorted: labels follow sorted order
@@ -242,21 +242,7 @@ def test_views_are_cut_from_the_decoded_square_on_the_device(imagenet, tmp_path)
 
 def test_streamed_resume_is_bit_identical(imagenet, tmp_path, monkeypatch):
     cfg = _small_cfg(imagenet, "epochs=3", "probe.epochs=1")
-    full = run(cfg, tmp_path / "full")
-    original = Trainer.train_epoch
-    calls = {"n": 0}
-
-    def crash_on_third(self):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        run(cfg, tmp_path / "cut")
-    monkeypatch.setattr(Trainer, "train_epoch", original)
-    resumed = run(cfg, tmp_path / "cut")
+    full, resumed = full_and_resumed(cfg, tmp_path, monkeypatch)
     assert resumed["probe_accuracy"] == full["probe_accuracy"]
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)

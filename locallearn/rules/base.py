@@ -134,6 +134,28 @@ class Rule(nn.Module):
         raise ValueError(f"rule {self.name} has no backprop reference to be compared with")
 
 
+class TopLossReference(Rule):
+    """Base of the BP-SSL references of layer-wise rules: the local rule's loss on the top block,
+    backpropagated through every block, with the local rule's own parameters (prediction
+    matrices). Subclasses write ``compute_grads``."""
+
+    name: ClassVar[str] = "top-loss-backprop"
+    uses_labels: ClassVar[bool] = False
+
+    def __init__(self, local: Rule) -> None:
+        super().__init__()
+        self.local = [local]  # a list, so that the local rule is not registered as a submodule
+        self.name = f"top-loss-backprop({local.name})"  # type: ignore[misc]
+        self.view_kind = local.view_kind
+
+    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
+        return self.local[0].trained_parameters(net)
+
+    def reference_rule(self) -> Rule:
+        """End-to-end backprop already: its own reference."""
+        return self
+
+
 def relu_grad(a: torch.Tensor) -> torch.Tensor:
     """Derivative of ReLU at pre-activation ``a`` (0 at 0)."""
     return (a > 0).to(a.dtype)

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule
+from locallearn.rules.base import Batch, Rule, TopLossReference
 from locallearn.rules.image_grid import pool_flat
 from locallearn.rules.image_options import FFOptions, LocalOptions, check_choice
-from locallearn.rules.image_ssl import VIEW_KIND, ImageSSLRule
+from locallearn.rules.image_ssl import ImageSSLRule
 from locallearn.rules.ssl_pairs import (
     PairTerms,
     PredictionGrads,
@@ -219,29 +219,13 @@ class LocalImageRule(ImageSSLRule):
         return metrics
 
 
-class TopLossBackprop(Rule):
+class TopLossBackprop(TopLossReference):
     """A layer-wise image rule's top-block loss, backpropagated through every block (BP-SSL).
 
     The reference of :class:`LocalImageRule` for gradient alignment: the same views, negatives,
     context and prediction matrices (shared with the local rule), but the loss of the top block
     only and gradients through all blocks. Its top-block update equals the local rule's.
     """
-
-    name = "top-loss-backprop"
-    uses_labels = False
-    view_kind = VIEW_KIND
-
-    def __init__(self, local: LocalImageRule) -> None:
-        super().__init__()
-        self.local = [local]  # a list: the local rule's parameters are not registered twice
-        self.name = f"top-loss-backprop({local.name})"  # type: ignore[misc]
-
-    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
-        return self.local[0].trained_parameters(net)
-
-    def reference_rule(self) -> Rule:
-        """End-to-end backprop already: its own reference."""
-        return self
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         local = self.local[0]

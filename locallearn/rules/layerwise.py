@@ -48,7 +48,7 @@ from torch import nn
 
 from locallearn import losses
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule
+from locallearn.rules.base import Batch, Rule, TopLossReference
 
 LOSSES = ("clapp", "infonce", "vicreg")
 VIEWS = ("synonyms", "synonyms-per-block", "mask", "siblings")
@@ -313,28 +313,12 @@ class Layerwise(Rule):
         return metrics
 
 
-class TopLossBackprop(Rule):
+class TopLossBackprop(TopLossReference):
     """BP-SSL: a layer-wise rule's loss on its top block, backpropagated through every block.
 
     The top block is the highest one that has a loss (with the ``siblings`` view, the block below
     the single-position top). Shares the layer-wise rule's prediction matrices.
     """
-
-    name = "top-loss-backprop"
-    uses_labels = False
-
-    def __init__(self, local: Layerwise):
-        super().__init__()
-        self.local = [local]  # a list, so that the local rule is not registered as a submodule
-        self.name = f"top-loss-backprop({local.name})"  # type: ignore[misc]
-        self.view_kind = local.view_kind
-
-    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
-        return self.local[0].trained_parameters(net)
-
-    def reference_rule(self) -> Rule:
-        """End-to-end backprop already: its own reference."""
-        return self
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         local = self.local[0]
