@@ -249,6 +249,10 @@ class LatentPrediction(Rule):
             loss = loss + o.cluster_weight * _soft_ce(own, t)
         return loss
 
+    def pipeline_refusal(self) -> str | None:
+        return (f"rule {self.name} has no block-range step for pipelined training yet; run it "
+                "with parallel.stages=1")
+
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         h = batch.x
         below = self.input_codes(h)

@@ -113,6 +113,10 @@ class TokenPrediction(Rule):
             return logits.sum() * 0.0
         return F.cross_entropy(logits, target, ignore_index=-100)
 
+    def pipeline_refusal(self) -> str | None:
+        return (f"rule {self.name} backpropagates its token loss through every block (a signal "
+                "from above)")
+
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         loss = self.loss(net, batch)
         loss.backward()
