@@ -183,6 +183,8 @@ def convert(tp: Any, value: Any, key: str) -> Any:
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return "one of " + ", ".join(map(str, get_args(tp)))
+    if tp is type(None):
+        return "null"
     return getattr(tp, "__name__", str(tp))
 
 

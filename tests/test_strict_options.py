@@ -142,3 +142,11 @@ def test_bad_rule_values_fail_when_the_config_is_built():
     with pytest.raises(ValueError, match="rule.options.context='sideways' is invalid"):
         build_config({"data": {"name": "cifar10"}, "net": {"kind": "vgg6"},
                       "rule": {"name": "clapp-image", "options": {"context": "sideways"}}})
+
+
+def test_an_optional_choice_names_null_not_a_python_type():
+    from locallearn.schema import load_config
+
+    with pytest.raises(ValueError, match=r"expected one of paper, same-view or null$"):
+        load_config(ROOT / "configs" / "images" / "clapp++-cpu.yaml",
+                    ["rule.options.negatives=foo"])
