@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from image_folder import folder_config, write_dataset
 
 from locallearn import cli
 from locallearn.eval.knn import knn_accuracy, knn_predict
@@ -20,41 +19,15 @@ from locallearn.experiments.image_task import ImageTask
 from locallearn.experiments.runs import run
 from locallearn.schema import load_config
 
+RHM_CLAPP = str(Path(__file__).resolve().parents[1] / "configs" / "rhm" / "clapp.yaml")
+
 
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory) -> Path:
     """Two classes of 16x16 PNGs (blue and red with a bright line): 32 train, 12 test."""
     root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for split, n in {"train": 16, "test": 6}.items():
-        for cls, color in {"blue": (40, 60, 200), "red": (200, 50, 40)}.items():
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                img = np.asarray(color) + rng.integers(-40, 40, (16, 16, 3))
-                img[rng.integers(0, 16), :, :] = 255
-                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    write_dataset(root, {"train": 16, "test": 6})
     return root
-
-
-def _config(tmp_path: Path, root: Path, **extra) -> Path:
-    raw = {
-        "data": {"name": "folder", "root": str(root)},
-        "net": {"kind": "vgg6", "width_mult": 1 / 32, "bias": True},
-        "rule": {"name": "clapp-image", "options": {"context": "both"}},
-        "optim": {"name": "adamw", "lr": 2e-4},
-        "probe": {"epochs": 2, "per_block": True},
-        "epochs": 1, "batch_size": 8, "checkpoint_every": 1, "progress": False,
-    }
-    for key, value in extra.items():
-        node = raw
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def _rows(out):
@@ -94,8 +67,8 @@ def test_probe_every_half_epoch_logs_rows_and_leaves_training_unchanged(tmp_path
     # 32 images, batch 8: 4 steps per epoch; probes at steps 0, 2, 4, 6, 8
     extra = {"epochs": 2, "probe.curve_train": 10, "probe.curve_test": 8, "probe.curve_k": 3,
              "rule.options": {"context": "same"}}
-    plain = run(load_config(_config(tmp_path, image_root, **extra)), tmp_path / "plain")
-    cfg = load_config(_config(tmp_path, image_root, probe_every=0.5, **extra))
+    plain = run(load_config(folder_config(tmp_path, image_root, **extra)), tmp_path / "plain")
+    cfg = load_config(folder_config(tmp_path, image_root, probe_every=0.5, **extra))
     probed = run(cfg, tmp_path / "probed")
     rows = [r for r in _rows(tmp_path / "probed") if "probe_accuracy" in r]
     assert [r["step"] for r in rows] == [0, 2, 4, 6, 8]
@@ -116,7 +89,7 @@ def test_probe_every_half_epoch_logs_rows_and_leaves_training_unchanged(tmp_path
 
 
 def test_curve_probe_reads_a_fixed_labelled_subset(tmp_path, image_root):
-    cfg = load_config(_config(tmp_path, image_root, **{"probe.curve_train": 10,
+    cfg = load_config(folder_config(tmp_path, image_root, **{"probe.curve_train": 10,
                                                        "probe.curve_test": 5}))
     task = ImageTask(cfg, torch.device("cpu"))
     net = task.build_net()
@@ -128,17 +101,16 @@ def test_curve_probe_reads_a_fixed_labelled_subset(tmp_path, image_root):
 
 
 def test_probe_every_needs_a_task_with_a_probe(tmp_path, capsys):
-    code = cli.main(["run", "configs/rhm/clapp.yaml", "probe_every=1", "epochs=1",
-                     "data.train_size=64", "data.test_size=8", "progress=false",
-                     "--out", str(tmp_path / "rhm")])
+    code = cli.main(["run", RHM_CLAPP, "probe_every=1", "epochs=1", "data.train_size=64",
+                     "data.test_size=8", "progress=false", "--out", str(tmp_path / "rhm")])
     err = capsys.readouterr().err
     assert code == 2 and "probe_every=1" in err and "Traceback" not in err
-    code = cli.main(["run", "configs/rhm/clapp.yaml", "probe_every=-1", "--out", str(tmp_path)])
+    code = cli.main(["run", RHM_CLAPP, "probe_every=-1", "--out", str(tmp_path)])
     assert code == 2 and "probe_every" in capsys.readouterr().err
 
 
 def test_a_finished_run_is_not_probed_again(tmp_path, image_root, capsys, monkeypatch):
-    config = _config(tmp_path, image_root)
+    config = folder_config(tmp_path, image_root)
     out = tmp_path / "run"
     assert cli.main(["run", str(config), "--out", str(out)]) == 0
     before = (out / "summary.json").read_text()
@@ -191,7 +163,7 @@ def test_report_plots_probe_curves_with_the_random_encoder_line(tmp_path):
 
 
 def test_bf16_run_probes_with_a_bf16_encoder(tmp_path, image_root):
-    cfg = load_config(_config(tmp_path, image_root, precision="bf16", probe_every=1,
+    cfg = load_config(folder_config(tmp_path, image_root, precision="bf16", probe_every=1,
                               **{"probe.curve_train": 10, "probe.curve_test": 8}))
     summary = run(cfg, tmp_path / "bf16")
     assert "bf16 encoder" in summary["probe_protocol"]

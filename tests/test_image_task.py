@@ -12,11 +12,10 @@ import re
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from image_folder import folder_config, write_dataset
 
 from locallearn import cli
 from locallearn.experiments.image_task import ImageTask
@@ -29,47 +28,11 @@ from locallearn.train import Trainer
 SHARED_CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 
 
-def _write_dataset(root: Path, per_class: dict[str, int], side: int = 16) -> None:
-    rng = np.random.default_rng(0)
-    colors = {"blue": (40, 60, 200), "red": (200, 50, 40)}
-    for split, n in per_class.items():
-        for cls, color in colors.items():
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                img = np.asarray(color) + rng.integers(-40, 40, (side, side, 3))
-                img[rng.integers(0, side), :, :] = 255  # a random bright line
-                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
-
-
 @pytest.fixture(scope="module")
 def image_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("images")
-    _write_dataset(root, {"train": 16, "test": 6})
+    write_dataset(root, {"train": 16, "test": 6})
     return root
-
-
-def _config(tmp_path: Path, root: Path, **extra) -> Path:
-    raw = {
-        "data": {"name": "folder", "root": str(root)},
-        "net": {"kind": "vgg6", "width_mult": 1 / 32, "bias": True},
-        "rule": {"name": "clapp-image", "options": {"context": "both"}},
-        "optim": {"name": "adamw", "lr": 2e-4},
-        "probe": {"epochs": 2, "per_block": True},
-        "epochs": 1,
-        "batch_size": 8,
-        "checkpoint_every": 1,
-        "progress": False,
-    }
-    for key, value in extra.items():
-        node = raw
-        *path, last = key.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def test_data_configs_are_registered():
@@ -81,7 +44,7 @@ def test_data_configs_are_registered():
 
 def test_run_end_to_end_writes_summary_with_probe(tmp_path, image_root, capsys):
     out = tmp_path / "run"
-    config = _config(tmp_path, image_root, align_every=1, align_batches=1)
+    config = folder_config(tmp_path, image_root, align_every=1, align_batches=1)
     code = cli.main(["run", str(config), "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
@@ -104,7 +67,7 @@ def test_run_end_to_end_writes_summary_with_probe(tmp_path, image_root, capsys):
 
 
 def test_zero_epochs_probes_the_random_encoder(tmp_path, image_root):
-    cfg = load_config(_config(tmp_path, image_root, epochs=0, **{"rule.name": "bp-ssl",
+    cfg = load_config(folder_config(tmp_path, image_root, epochs=0, **{"rule.name": "bp-ssl",
                                                                  "rule.options": {}}))
     summary = run(cfg, tmp_path / "r0")
     assert summary["epochs"] == 0 and summary["seconds"] == 0
@@ -118,7 +81,7 @@ def test_encoder_layout_changes_no_feature(tmp_path, image_root):
     x = torch.rand(4, 3, 16, 16)
     feats = {}
     for flag in (True, False):
-        cfg = load_config(_config(tmp_path, image_root, **{"net.channels_last": flag}))
+        cfg = load_config(folder_config(tmp_path, image_root, **{"net.channels_last": flag}))
         net = ImageTask(cfg, torch.device("cpu")).build_net()
         weight = net.blocks[1].pre.weight
         assert weight.is_contiguous(memory_format=torch.channels_last) == flag
@@ -131,7 +94,7 @@ def test_encoder_layout_changes_no_feature(tmp_path, image_root):
 def test_resume_after_interruption_gives_identical_results(tmp_path, image_root, monkeypatch):
     # random negatives: the run's generator must be restored too, not only the global one
     # as the presets train (fused AdamW, channels-last), in two micro-batches
-    cfg = load_config(_config(tmp_path, image_root, epochs=2, **{
+    cfg = load_config(folder_config(tmp_path, image_root, epochs=2, **{
         "rule.negatives": "random", "optim.fused": True,
         "rule.options": {"context": "both", "micro_batches": 2}}))
     whole = run(cfg, tmp_path / "whole")
@@ -163,7 +126,7 @@ def test_resume_after_interruption_gives_identical_results(tmp_path, image_root,
 
 def test_probe_command_updates_the_run(tmp_path, image_root):
     out = tmp_path / "run"
-    cfg = load_config(_config(tmp_path, image_root, epochs=0))
+    cfg = load_config(folder_config(tmp_path, image_root, epochs=0))
     first = run(cfg, out)
     result = probe_run(out, ["probe.epochs=0", "probe.steps=20", "probe.per_block=false",
                              "probe.augment=false"])
@@ -214,7 +177,7 @@ def test_bad_rule_options_fail_before_the_data_loads(tmp_path, capsys):
     ],
 )
 def test_bad_input_is_a_one_line_error_with_exit_2(tmp_path, image_root, capsys, extra, match):
-    code = cli.main(["run", str(_config(tmp_path, image_root, **extra)), "--out",
+    code = cli.main(["run", str(folder_config(tmp_path, image_root, **extra)), "--out",
                      str(tmp_path / "bad")])
     err = capsys.readouterr().err.strip()
     assert code == 2
@@ -223,7 +186,7 @@ def test_bad_input_is_a_one_line_error_with_exit_2(tmp_path, image_root, capsys,
 
 
 def test_batches_give_two_normalised_views(tmp_path, image_root):
-    cfg = load_config(_config(tmp_path, image_root))
+    cfg = load_config(folder_config(tmp_path, image_root))
     torch.manual_seed(0)
     task = ImageTask(cfg, torch.device("cpu"))
     batches = list(task.batches(torch.Generator().manual_seed(0), 12, "ssl"))
@@ -279,7 +242,7 @@ def test_runs_saved_with_the_earlier_layout_load_unchanged(tmp_path, image_root,
     """Runs saved before the probe settings moved and features were flattened position-major."""
     from locallearn.experiments.runs import load_run
 
-    cfg_path = _config(tmp_path, image_root, **{"rule.name": rule["name"],
+    cfg_path = folder_config(tmp_path, image_root, **{"rule.name": rule["name"],
                                                 "rule.options": rule["options"]})
     out = tmp_path / "run"
     run(load_config(cfg_path), out)
@@ -317,7 +280,8 @@ def test_runs_saved_with_the_earlier_layout_load_unchanged(tmp_path, image_root,
 
 
 def test_stop_train_loss_ends_an_image_run_early(tmp_path, image_root):
-    config = _config(tmp_path, image_root, epochs=4, stop_train_loss=1e9, **{"probe.epochs": 1})
+    config = folder_config(tmp_path, image_root, epochs=4, stop_train_loss=1e9,
+                           **{"probe.epochs": 1})
     summary = run(load_config(config, []), tmp_path / "run")
     assert summary["stopped_early"] and summary["epochs"] == 1
     text = (tmp_path / "run" / "metrics.jsonl").read_text()
