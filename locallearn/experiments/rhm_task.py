@@ -13,6 +13,7 @@ from locallearn.data.rhm import RHM
 from locallearn.data.rhm_views import block_view_pairs, two_views
 from locallearn.eval.probe import batched_features, fit_linear_probe
 from locallearn.nets.base import BlockNet
+from locallearn.nets.clusterer import predictor_clusterer_net
 from locallearn.nets.hier_cnn import hier_cnn
 from locallearn.rules.base import Batch, Rule
 from locallearn.schema import RunConfig, resolve_size
@@ -22,6 +23,10 @@ def uniform_inputs(rhm: RHM) -> bool:
     """Whether every token string is equally likely: each level's rules use every s-tuple
     (``m = v**(s-1)``, ``n_classes * m = v**s``), so the inputs carry no trace of the tree."""
     return rhm.m == rhm.v ** (rhm.s - 1) and rhm.n_classes * rhm.m == rhm.v**rhm.s
+
+
+#: ``net.kind`` values of RHM runs
+RHM_NETS = ("hier-cnn", "predictor-clusterer")
 
 
 class RHMTask:
@@ -40,7 +45,9 @@ class RHMTask:
         self.train = train.to(device)
         self.test = test.to(device)
         self.chance = 1.0 / d.n_classes
-        self.rule_info: dict[str, Any] = {"s": d.s}
+        self.rule_info: dict[str, Any] = {
+            "s": d.s, "steps_per_epoch": self.steps_per_epoch(cfg.batch_size), "epochs": cfg.epochs,
+        }
         self.info: dict[str, Any] = {
             "train_size": self.n_train,
             "test_size": len(test),
@@ -54,17 +61,29 @@ class RHMTask:
 
     def build_net(self) -> BlockNet:
         c = self.cfg
-        if c.net.kind != "hier-cnn":
-            raise ValueError(f"net.kind={c.net.kind!r} does not fit data.name=rhm; valid: hier-cnn")
+        if c.net.kind not in RHM_NETS:
+            raise ValueError(
+                f"net.kind={c.net.kind!r} does not fit data.name=rhm; valid: {', '.join(RHM_NETS)}"
+            )
         seed = c.seed if c.net.seed is None else c.net.seed
         d = c.data
-        net = hier_cnn(d.v, d.s, d.L, c.net.width, d.n_classes, c.net.bias, seed)
+        if c.net.kind == "predictor-clusterer":
+            net = predictor_clusterer_net(d.v, d.s, d.L, c.net.width, d.n_classes, seed)
+        else:
+            net = hier_cnn(d.v, d.s, d.L, c.net.width, d.n_classes, c.net.bias, seed)
         return net.to(self.device)
 
     def sample_input(self) -> torch.Tensor:
         return self.encode(self.train.tokens[:2])
 
     def check_rule(self, rule: Rule) -> None:
+        kind = self.cfg.net.kind
+        if (kind == "predictor-clusterer") != (rule.name == "latent-stacked"):
+            raise ValueError(
+                f"net.kind={kind} does not fit rule.name={rule.name}: the predictor-clusterer "
+                "network's codes are not differentiable and only rule.name=latent-stacked trains "
+                "it, and that rule trains only this network"
+            )
         view = getattr(rule, "view", None)
         if view == "siblings" and self.rhm.L < 2:
             raise ValueError("rule.view=siblings needs data.L >= 2 (a block with siblings)")

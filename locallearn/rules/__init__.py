@@ -16,6 +16,7 @@ from locallearn.rules.feedback import DirectFeedback
 from locallearn.rules.image_bp import BPSSL
 from locallearn.rules.image_local import FFRule, LocalImageRule
 from locallearn.rules.latent import LatentPrediction
+from locallearn.rules.latent_stacked import LatentStacked
 from locallearn.rules.layerwise import Layerwise
 from locallearn.rules.token import TokenPrediction
 
@@ -35,6 +36,7 @@ _RULES: dict[str, type[Rule]] = {
     "ff": FFRule,
     "bp-ssl": BPSSL,
     "latent-prediction": LatentPrediction,
+    "latent-stacked": LatentStacked,
     "token-prediction": TokenPrediction,
 }
 

@@ -1,0 +1,238 @@
+"""Stacked latent prediction: each module predicts its sibling's codes and clusters what it
+predicts, level by level (``rule.name=latent-stacked``, on ``net.kind=predictor-clusterer``).
+
+After *Learn from your own latents and not from tokens: a sample-complexity theory* (arXiv
+2605.27734). Module ``l`` of :mod:`locallearn.nets.clusterer` sees the codes of level ``l - 1``
+(the tokens for module 1) and learns two things from them alone, with no label and no view
+from the generator:
+
+- **prediction**: the cross-entropy of its own side's logits ``T[r] h_j`` against the joint value
+  of the codes under the sibling patch ``j'`` (``j`` and ``j'`` share a parent, ``j // s``).
+  This trains the module's hidden layer and its predictor.
+- **clustering**: balanced k-means of the (detached) prediction points. The batch's points are
+  assigned to the prototypes by Sinkhorn iterations that give every prototype the same share
+  (the collapse guard: in the RHM every symbol of a level is equally frequent, so a balanced
+  code is the right prior, and no prototype can take every point), then each prototype moves
+  towards its points: the gradient of ``sum_i,c A_ic |p_i - C_c|^2 / (2 n)`` is
+  ``sum_i A_ic (C_c - p_i) / n``, the k-means step. On the first step of its level the
+  prototypes are placed on batch points by k-means++ seeding (the run's generator).
+
+The module's output is the one-hot code of its nearest prototype; level ``l``'s codes are module
+``l + 1``'s input and targets: the stacking of the paper. With ``schedule=levelwise`` (default)
+the modules learn one after the other, each for an equal share of the run's steps (or
+``level_epochs`` epochs), so that a module learns from codes that no longer change; ``joint``
+trains every module at every step. The top module keeps its random weights; the class is read
+out linearly from it, fitted on the same labelled samples.
+
+Three-factor form (checked against an explicit formula in the tests): with pre-activation ``a``
+and input patch ``x`` of a position, ``dW = sum [d_h * relu'(a)] x^T / n`` with the dendritic
+signal ``d_h = T[r]^T (softmax(T[r] h) - onehot(target))``, the prediction error sent back
+through the module's own predictor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from locallearn.nets.base import BlockNet
+from locallearn.nets.clusterer import ClusterBlock
+from locallearn.rules.base import Batch, Rule
+from locallearn.rules.latent import balanced_codes
+
+
+@dataclass
+class StackedOptions:
+    """Options of ``rule.name=latent-stacked`` (``rule.options.*``).
+
+    Attributes:
+        schedule: ``levelwise`` (one module after the other) or ``joint`` (all at every step).
+        level_epochs: epochs of each module under ``levelwise``; 0: the run's epochs shared
+            equally among the modules.
+        sinkhorn_eps: temperature of the balanced assignment, relative to the batch's mean
+            squared distance (lower: harder).
+        sinkhorn_iters: Sinkhorn iterations of the balanced assignment.
+        cluster_weight: weight of the k-means term (it reaches only the prototypes).
+        cluster_start: fraction of a module's steps (of the run's, under ``joint``) that its
+            predictor learns alone before the prototypes are placed and clustering starts
+            (predictions of an untrained predictor are all alike).
+    """
+
+    schedule: Literal["levelwise", "joint"] = "levelwise"
+    level_epochs: float = 0.0
+    sinkhorn_eps: float = 0.05
+    sinkhorn_iters: int = 20
+    cluster_weight: float = 1.0
+    cluster_start: float = 0.5
+
+    def validate(self) -> None:
+        if self.level_epochs < 0:
+            raise ValueError(
+                f"rule.options.level_epochs={self.level_epochs} is invalid: must be >= 0 "
+                "(0: the run's epochs shared equally among the modules)"
+            )
+        if not self.sinkhorn_eps > 0:
+            raise ValueError(
+                f"rule.options.sinkhorn_eps={self.sinkhorn_eps} is invalid: must be > 0"
+            )
+        if self.sinkhorn_iters < 1:
+            raise ValueError(
+                f"rule.options.sinkhorn_iters={self.sinkhorn_iters} is invalid: must be >= 1"
+            )
+        if not 0 <= self.cluster_start < 1:
+            raise ValueError(
+                f"rule.options.cluster_start={self.cluster_start} is invalid: must be in [0, 1)"
+            )
+        if self.cluster_weight < 0:
+            raise ValueError(
+                f"rule.options.cluster_weight={self.cluster_weight} is invalid: must be >= 0"
+            )
+
+
+def sibling_targets(codes: torch.Tensor, s: int, k_in: int) -> torch.Tensor:
+    """``(N, P)`` joint value of the ``s`` codes under every position's sibling patch, from the
+    module's input codes ``(N, k_in, s P)`` (one-hot). ``s > 2``: the next patch in the parent
+    (``r -> r + 1 mod s``), so that every side has one target."""
+    idx = codes.argmax(1)  # (N, s P)
+    n, t = idx.shape
+    p = t // s
+    patch = idx.reshape(n, p, s)
+    weights = k_in ** torch.arange(s, device=idx.device)
+    value = (patch * weights).sum(-1)  # (N, P)
+    j = torch.arange(p, device=idx.device)
+    sib = j - j % s + (j % s + 1) % s
+    return value[:, sib]
+
+
+class LatentStacked(Rule):
+    """Level-by-level predictor-clusterer training (module docstring)."""
+
+    name = "latent-stacked"
+    uses_labels = False
+    view_kind = None
+    Options: ClassVar[type] = StackedOptions
+    settings: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def from_config(cls, cfg: Any, options: Any, seed: int, **task_info: Any) -> LatentStacked:
+        return cls(options, seed=seed, steps_per_epoch=task_info.get("steps_per_epoch", 1),
+                   epochs=task_info.get("epochs", 1))
+
+    def __init__(self, options: StackedOptions | None = None, seed: int = 0,
+                 steps_per_epoch: int = 1, epochs: float = 1):
+        super().__init__()
+        self.options = options or StackedOptions()
+        self.options.validate()
+        self.seed = seed
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.epochs = epochs
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("placed", torch.zeros(0, dtype=torch.bool))
+
+    def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
+        modules = [b for b in net.blocks if isinstance(b, ClusterBlock)]
+        if not modules:
+            raise ValueError(
+                f"rule.name={self.name} trains predictor-clusterer modules; "
+                "use net.kind=predictor-clusterer"
+            )
+        self.placed = torch.zeros(len(modules), dtype=torch.bool, device=sample_input.device)
+
+    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
+        return [p for b in net.blocks if isinstance(b, ClusterBlock) for p in b.parameters()]
+
+    def level_steps(self, n_modules: int) -> int:
+        """Steps of each module under ``levelwise``."""
+        epochs = self.options.level_epochs or self.epochs / max(1, n_modules)
+        return max(1, round(epochs * self.steps_per_epoch))
+
+    def active(self, level: int, n_modules: int) -> bool:
+        """Whether module ``level`` learns at this step."""
+        if self.options.schedule == "joint":
+            return True
+        current = min(int(self.step) // self.level_steps(n_modules), n_modules - 1)
+        return level == current
+
+    def clustering(self, level: int, n_modules: int) -> bool:
+        """Whether module ``level``'s prototypes learn at this step (``cluster_start``)."""
+        if self.options.schedule == "joint":
+            span, done = self.epochs * self.steps_per_epoch, int(self.step)
+        else:
+            span = self.level_steps(n_modules)
+            done = int(self.step) - level * span
+        return done >= self.options.cluster_start * span
+
+    def module_loss(
+        self, level: int, block: ClusterBlock, x: torch.Tensor, gen: torch.Generator | None,
+        cluster: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prediction loss (hidden layer, predictor) and, when ``cluster``, the k-means loss
+        (prototypes) of module ``level`` on its input codes ``x``."""
+        h = block.hidden(x)
+        logits = block.predictions(h)
+        n, p = logits.shape[:2]
+        side = torch.arange(p, device=x.device) % block.s
+        own = logits[:, torch.arange(p, device=x.device), side]  # (N, P, K)
+        target = sibling_targets(x, block.s, block.k_in)
+        pred = F.cross_entropy(own.reshape(n * p, -1), target.reshape(-1))
+        if not cluster:
+            return pred, None
+        points = block.points(logits.detach()).reshape(n * p, -1)
+        if not bool(self.placed[level]):
+            self.init_prototypes(block, points, gen)
+            self.placed[level] = True
+        dist = (points.unsqueeze(1) - block.prototypes).pow(2).sum(-1)  # (n p, k)
+        o = self.options
+        with torch.no_grad():
+            scores = -dist / (dist.mean() + 1e-12)
+            assign = balanced_codes(scores, o.sinkhorn_eps, o.sinkhorn_iters)
+        kmeans = (assign * dist).sum(1).mean() / 2
+        return pred, kmeans
+
+    @torch.no_grad()
+    def init_prototypes(
+        self, block: ClusterBlock, points: torch.Tensor, gen: torch.Generator | None
+    ) -> None:
+        """k-means++ seeding of the prototypes on the batch's points."""
+        k = block.k
+        gen_dev = gen if gen is not None and gen.device == points.device else None
+        first = torch.randint(len(points), (1,), generator=gen_dev, device=points.device)
+        chosen = [points[first[0]]]
+        d2 = (points - chosen[0]).pow(2).sum(-1)
+        for _ in range(1, k):
+            if float(d2.sum()) <= 0:
+                idx = torch.randint(len(points), (1,), generator=gen_dev, device=points.device)
+            else:
+                idx = torch.multinomial(d2 / d2.sum(), 1, generator=gen_dev)
+            chosen.append(points[idx[0]])
+            d2 = torch.minimum(d2, (points - chosen[-1]).pow(2).sum(-1))
+        block.prototypes.copy_(torch.stack(chosen))
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        modules = [b for b in net.blocks if isinstance(b, ClusterBlock)]
+        x = batch.x
+        metrics: dict[str, float] = {}
+        total = 0.0
+        for level, block in enumerate(modules):
+            if self.active(level, len(modules)):
+                cluster = self.clustering(level, len(modules))
+                pred, kmeans = self.module_loss(level, block, x.detach(), batch.generator, cluster)
+                loss = pred if kmeans is None else pred + self.options.cluster_weight * kmeans
+                loss.backward()
+                metrics[f"loss_block{level + 1}"] = float(pred.detach())
+                if kmeans is not None:
+                    metrics[f"kmeans_block{level + 1}"] = float(kmeans.detach())
+                total += float(pred.detach())
+            with torch.no_grad():
+                x = block(x)
+        self.step += 1
+        metrics["loss"] = total
+        return metrics
+
+    def pipeline_refusal(self) -> str | None:
+        return (f"rule {self.name} trains its modules one after the other (each on the codes of "
+                "the finished one below); run it with parallel.stages=1")
