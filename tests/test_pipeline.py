@@ -156,7 +156,8 @@ def test_balanced_split_minimises_the_slowest_stage():
         (["backprop"], "rule backprop sends the error backward through every block"),
         (["dfa"], "rule dfa sends the output error of the top block to every block"),
         (["token-last"], "rule token-prediction backpropagates its token loss through every"),
-        (["latent-prediction"], "rule latent-prediction has no block-range step"),
+        (["latent-prediction-cnn"], "rule latent-prediction has no block-range step"),
+        (["latent-prediction"], "rule latent-stacked trains its modules one after the other"),
         (["parallel.stages=4"], "parallel.stages=4 is more than the network's 3 blocks"),
         (["parallel.split=[1,1]"], r"parallel.split=\[1, 1\] adds up to 2 blocks"),
         (["parallel.split=[3]"], r"lists 1 stages but parallel.stages=2"),
@@ -168,7 +169,7 @@ def test_bad_pipelines_are_one_line_errors_with_exit_2(tmp_path, capsys, monkeyp
                                                        overrides, match):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     config, data = RHM_CONFIG, RHM_ARGS
-    refused = ("backprop", "dfa", "token-last", "latent-prediction")
+    refused = ("backprop", "dfa", "token-last", "latent-prediction", "latent-prediction-cnn")
     if overrides and overrides[0] in refused:  # the presets of refused rules
         config = str(ROOT / "configs" / "rhm" / f"{overrides[0]}.yaml")
         data, overrides = [a for a in RHM_ARGS if not a.startswith("rule.")], []

@@ -206,6 +206,7 @@ def test_missing_config_file(capsys, tmp_path):
     "preset",
     ["backprop", "backprop-nomask", "dfa", "drtp", "sign-dfa", "clapp", "infonce", "vicreg",
      "clapp-mask", "clapp-siblings", "clapp-per-block", "vicreg-per-block", "latent-prediction",
+     "latent-prediction-cnn",
      "token-last", "token-mask"],
 )
 def test_presets_load_and_run_one_epoch(tmp_path, preset):
