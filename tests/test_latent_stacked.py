@@ -167,3 +167,23 @@ def test_learns_the_hierarchy_without_labels(tmp_path):
     untrained = run(load_config(PRESET, base + ["epochs=0"]), tmp_path / "u")
     assert trained["test_accuracy"] >= 0.9, trained
     assert untrained["test_accuracy"] < 0.4, untrained
+
+
+def test_analyze_measures_the_codes(tmp_path, capsys):
+    """``locallearn analyze`` on a predictor-clusterer run: latent probes and synonym
+    sensitivity of the codes; no feedback (masking) measure, since no gradient crosses codes."""
+    out = tmp_path / "r"
+    args = ["run", str(PRESET), "--out", str(out), "data.L=3", "data.train_size=2P*",
+            "data.test_size=500", "epochs=20", "eval_every=20", "progress=false", "threads=1"]
+    assert main(args) == 0
+    assert main(["analyze", str(out), "--samples", "500"]) == 0
+    printed = capsys.readouterr().out
+    assert "masking.png" not in printed and (out / "probes.png").is_file()
+    import json
+
+    rows = json.loads((out / "analysis.json").read_text())
+    assert not [r for r in rows if r["measure"] == "masking"]
+    # the first module's codes are its node's symbol, for synonyms never seen in the fit
+    unseen = [r for r in rows if r["measure"] == "probe" and r["layer"] == 1
+              and r["split"] == "synonyms"]
+    assert unseen and unseen[0]["value"] > 0.9 > 0.5 > unseen[0]["input_patch"], unseen

@@ -99,8 +99,9 @@ def analyze_run(
     x = task.encode(test_tokens)
     torch.manual_seed(run.cfg.seed)
     init_net = task.build_net().eval()
-    rows += masking(init_net, x, state="init")
-    rows += masking(net, x, state="trained")
+    if all(hasattr(block, "post") for block in net.blocks):  # not for discrete codes
+        rows += masking(init_net, x, state="init")
+        rows += masking(net, x, state="trained")
     if isinstance(run.rule, DirectFeedback) and run.rule.n_blocks:
         fixed = [run.rule.feedback(level) for level in range(run.rule.n_blocks)]
         rows += masking(net, x, feedback=fixed, state="trained")
@@ -280,8 +281,10 @@ def plot_analysis(rows: list[dict[str, Any]], out_dir: str | Path, title: str = 
     paths.append(out / PLOTS[1])
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    # masking
+    # masking (none for a network of discrete codes: nothing is sent back through it)
     masks = [r for r in rows if r["measure"] == "masking"]
+    if not masks:
+        return paths
     cols = sorted({(r.get("state", ""), r.get("feedback", "")) for r in masks},
                   key=lambda c: (c[0] != "init", c[1] != "backprop", c))
     layer_ids = sorted({r["layer"] for r in masks})
@@ -311,7 +314,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     rows = analyze_run(args.run_dir, n_samples=args.samples, seed=args.seed)
     print(format_analysis(rows))
     out = Path(args.run_dir)
-    print(f"wrote {out / ANALYSIS} and {', '.join(str(out / p) for p in PLOTS)}")
+    plots = [p for p in PLOTS if p != PLOTS[2] or any(r["measure"] == "masking" for r in rows)]
+    print(f"wrote {out / ANALYSIS} and {', '.join(str(out / p) for p in plots)}")
     return 0
 
 
