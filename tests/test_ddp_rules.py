@@ -7,7 +7,8 @@ rules a part's loss uses the part's own images as negatives (and, for VICReg, it
 statistics), so two ranks equal one process that takes the same parts as separate sub-batches and
 averages their gradients by size; that is what is checked here, for a layer-wise RHM rule (CLAPP
 with synonym views, whose ``B`` is learnt by autograd) and the layer-wise image rule (CLAPP++ with
-both contexts, whose ``B`` gets its explicit gathered update), through a few optimiser steps.
+both contexts, whose ``B`` gets its explicit gathered update) and the predictor-clusterer rule
+(whose prototypes are seeded on rank 0's part and broadcast), through a few optimiser steps.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ import torch.multiprocessing as mp
 
 from locallearn import distributed as D
 from locallearn.data.rhm import RHM
+from locallearn.nets.clusterer import predictor_clusterer_net
 from locallearn.nets.hier_cnn import hier_cnn
 from locallearn.nets.vgg import vgg6
 from locallearn.rules.base import Batch
 from locallearn.rules.image_local import LocalImageRule
+from locallearn.rules.latent_stacked import LatentStacked, StackedOptions
 from locallearn.rules.layerwise import Layerwise
 
 GLOBAL_BATCH = 7  # parts of 4 and 3: uneven, weighted by the part sizes
@@ -59,7 +62,23 @@ def _image_setup():
     return net, rule, views
 
 
-SETUPS = {"layerwise-rhm": _rhm_setup, "clapp-image": _image_setup}
+def _latent_setup():
+    """The predictor-clusterer rule: prototypes are seeded on rank 0's part and broadcast."""
+    rhm = RHM(v=4, n_classes=2, m=2, s=2, L=3, seed_rules=0)
+    data, _ = rhm.sample(GLOBAL_BATCH * STEPS, 0, seed_sample=0)
+    x = rhm.one_hot(data.tokens)
+    net = predictor_clusterer_net(4, 2, 3, 12, 2, seed=0)
+    rule = LatentStacked(StackedOptions(schedule="joint", cluster_start=0.0))
+    rule.setup(net, x[:2])
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # the predictors start at zero: a random one spreads the points
+        for block in net.blocks[:-1]:
+            block.predictor.copy_(torch.randn(block.predictor.shape, generator=g))
+    return net, rule, (x, x)
+
+
+SETUPS = {"layerwise-rhm": _rhm_setup, "clapp-image": _image_setup,
+          "latent-stacked": _latent_setup}
 
 
 def _train(name: str, rank: int, world: int, emulate: int = 1) -> dict[str, torch.Tensor]:
@@ -71,7 +90,8 @@ def _train(name: str, rank: int, world: int, emulate: int = 1) -> dict[str, torc
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     for step in range(STEPS):
         idx = torch.arange(step * GLOBAL_BATCH, (step + 1) * GLOBAL_BATCH)
-        batch = Batch(views[0][idx], None, (views[0][idx], views[1][idx]), None)
+        gen = torch.Generator().manual_seed(step)  # the same draws on rank 0 and in one process
+        batch = Batch(views[0][idx], None, (views[0][idx], views[1][idx]), gen)
         opt.zero_grad(set_to_none=True)
         if world > 1:
             part = D.shard_batch(batch, rank, world)
@@ -133,4 +153,7 @@ def test_two_gloo_ranks_equal_one_process_for_the_ssl_rule_families(tmp_path, mo
             state = torch.load(tmp_path / f"{name}-rank{rank}.pt")
             assert state.keys() == single[name].keys()
             for key, value in single[name].items():
+                if key == "rule.step":  # steps counted: one process took every step in 2 parts
+                    assert int(state[key]) == STEPS and int(value) == 2 * STEPS
+                    continue
                 assert torch.allclose(state[key], value, atol=1e-5, rtol=1e-4), (name, rank, key)

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from locallearn import distributed as ddp
 from locallearn.nets.base import BlockNet
 from locallearn.nets.clusterer import ClusterBlock
 from locallearn.rules.base import Batch, Rule
@@ -197,7 +198,8 @@ class LatentStacked(Rule):
     def init_prototypes(
         self, block: ClusterBlock, points: torch.Tensor, gen: torch.Generator | None
     ) -> None:
-        """k-means++ seeding of the prototypes on the batch's points."""
+        """k-means++ seeding of the prototypes on the batch's points (under data parallel, rank
+        0's part of the batch, broadcast to every rank)."""
         k = block.k
         gen_dev = gen if gen is not None and gen.device == points.device else None
         first = torch.randint(len(points), (1,), generator=gen_dev, device=points.device)
@@ -211,6 +213,8 @@ class LatentStacked(Rule):
             chosen.append(points[idx[0]])
             d2 = torch.minimum(d2, (points - chosen[-1]).pow(2).sum(-1))
         block.prototypes.copy_(torch.stack(chosen))
+        if ddp.is_initialized():  # data parallel: every rank starts from rank 0's seeding
+            ddp.broadcast_params([block.prototypes])
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         modules = [b for b in net.blocks if isinstance(b, ClusterBlock)]
