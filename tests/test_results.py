@@ -124,3 +124,10 @@ def test_code_version_names_the_package():
     from locallearn import __version__
 
     assert code_version().startswith(__version__)
+
+
+def test_integers_beyond_sqlite_are_stored_as_reals():
+    """An RHM's P_max at depth 5 exceeds 64 bits; recording such a summary must not fail."""
+    from locallearn.experiments.results import db_value
+
+    assert db_value(8**40) == float(8**40) and db_value(2**63 - 1) == 2**63 - 1

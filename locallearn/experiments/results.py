@@ -55,6 +55,8 @@ def db_value(value: Any) -> Any:
     """A Python value as stored in a column (numbers and text as they are; others as text)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        return float(value)  # beyond SQLite's integers (an RHM's P_max at depth): as a real
     if value is None or isinstance(value, (int, float, str)):
         return value
     return json.dumps(value, separators=(",", ":"))

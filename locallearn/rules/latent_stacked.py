@@ -15,7 +15,9 @@ from the generator:
   code is the right prior, and no prototype can take every point), then each prototype moves
   towards its points: the gradient of ``sum_i,c A_ic |p_i - C_c|^2 / (2 n)`` is
   ``sum_i A_ic (C_c - p_i) / n``, the k-means step. On the first step of its level the
-  prototypes are placed on batch points by k-means++ seeding (the run's generator).
+  prototypes are placed on batch points by k-means++ seeding (the run's generator), and a
+  prototype that is nearest to none of a batch's points is moved onto a far point the same way
+  (online k-means otherwise leaves it stranded while two symbols share one code).
 
 The module's output is the one-hot code of its nearest prototype; level ``l``'s codes are module
 ``l + 1``'s input and targets: the stacking of the paper. With ``schedule=levelwise`` (default)
@@ -61,6 +63,8 @@ class StackedOptions:
         cluster_start: fraction of a module's steps (of the run's, under ``joint``) that its
             predictor learns alone before the prototypes are placed and clustering starts
             (predictions of an untrained predictor are all alike).
+        reseed: move a prototype that no point of a batch is nearest to onto a far point
+            (:meth:`LatentStacked.reseed_dead`).
     """
 
     schedule: Literal["levelwise", "joint"] = "levelwise"
@@ -69,6 +73,7 @@ class StackedOptions:
     sinkhorn_iters: int = 20
     cluster_weight: float = 1.0
     cluster_start: float = 0.5
+    reseed: bool = True
 
     def validate(self) -> None:
         if self.level_epochs < 0:
@@ -183,11 +188,13 @@ class LatentStacked(Rule):
         if not cluster:
             return pred, None
         points = block.points(logits.detach()).reshape(n * p, -1)
+        o = self.options
         if not bool(self.placed[level]):
             self.init_prototypes(block, points, gen)
             self.placed[level] = True
+        if o.reseed:
+            self.reseed_dead(block, points, gen)
         dist = (points.unsqueeze(1) - block.prototypes).pow(2).sum(-1)  # (n p, k)
-        o = self.options
         with torch.no_grad():
             scores = -dist / (dist.mean() + 1e-12)
             assign = balanced_codes(scores, o.sinkhorn_eps, o.sinkhorn_iters)
@@ -214,6 +221,28 @@ class LatentStacked(Rule):
             d2 = torch.minimum(d2, (points - chosen[-1]).pow(2).sum(-1))
         block.prototypes.copy_(torch.stack(chosen))
         if ddp.is_initialized():  # data parallel: every rank starts from rank 0's seeding
+            ddp.broadcast_params([block.prototypes])
+
+    @torch.no_grad()
+    def reseed_dead(
+        self, block: ClusterBlock, points: torch.Tensor, gen: torch.Generator | None
+    ) -> None:
+        """Move every prototype that is nearest to none of the batch's points onto a point drawn
+        with probability proportional to its squared distance to the nearest prototype (as
+        k-means++ seeds): a prototype stranded between clusters, while two symbols share another
+        one, would otherwise stay unused (the balanced assignment keeps it fed with the points
+        nearest to its neighbours)."""
+        dist = torch.cdist(points, block.prototypes.detach()).pow(2)
+        counts = torch.bincount(dist.argmin(1), minlength=block.k)
+        gen_dev = gen if gen is not None and gen.device == points.device else None
+        for c in torch.nonzero(counts == 0).flatten().tolist():
+            near = dist.min(1).values
+            if float(near.sum()) <= 0:
+                break
+            idx = torch.multinomial(near / near.sum(), 1, generator=gen_dev)
+            block.prototypes[c] = points[idx[0]]
+            dist[:, c] = (points - points[idx[0]]).pow(2).sum(-1)
+        if ddp.is_initialized():  # every rank keeps rank 0's prototypes
             ddp.broadcast_params([block.prototypes])
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
