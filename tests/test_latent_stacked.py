@@ -48,7 +48,7 @@ def make(seed: int = 0):
         for b in net.blocks[:2]:
             b.predictor.normal_(0, 1.0)
     x = codes_of(torch.randint(4, (5, 8)), 4)
-    rule = LatentStacked(StackedOptions(schedule="joint", cluster_start=0.0), seed=0)
+    rule = LatentStacked(StackedOptions(schedule="joint", cluster_start=0.0))
     rule.setup(net, x)
     return net, rule, x
 

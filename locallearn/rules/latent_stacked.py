@@ -125,15 +125,14 @@ class LatentStacked(Rule):
 
     @classmethod
     def from_config(cls, cfg: Any, options: Any, seed: int, **task_info: Any) -> LatentStacked:
-        return cls(options, seed=seed, steps_per_epoch=task_info.get("steps_per_epoch", 1),
+        return cls(options, steps_per_epoch=task_info.get("steps_per_epoch", 1),
                    epochs=task_info.get("epochs", 1))
 
-    def __init__(self, options: StackedOptions | None = None, seed: int = 0,
-                 steps_per_epoch: int = 1, epochs: float = 1):
+    def __init__(self, options: StackedOptions | None = None, steps_per_epoch: int = 1,
+                 epochs: float = 1):
         super().__init__()
         self.options = options or StackedOptions()
         self.options.validate()
-        self.seed = seed
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         self.epochs = epochs
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
@@ -194,7 +193,7 @@ class LatentStacked(Rule):
             self.placed[level] = True
         if o.reseed:
             self.reseed_dead(block, points, gen)
-        dist = (points.unsqueeze(1) - block.prototypes).pow(2).sum(-1)  # (n p, k)
+        dist = block.distances(points)  # (n p, k)
         with torch.no_grad():
             scores = -dist / (dist.mean() + 1e-12)
             assign = balanced_codes(scores, o.sinkhorn_eps, o.sinkhorn_iters)
@@ -207,17 +206,12 @@ class LatentStacked(Rule):
     ) -> None:
         """k-means++ seeding of the prototypes on the batch's points (under data parallel, rank
         0's part of the batch, broadcast to every rank)."""
-        k = block.k
-        gen_dev = gen if gen is not None and gen.device == points.device else None
-        first = torch.randint(len(points), (1,), generator=gen_dev, device=points.device)
+        gen = _on_device(gen, points)
+        first = torch.randint(len(points), (1,), generator=gen, device=points.device)
         chosen = [points[first[0]]]
         d2 = (points - chosen[0]).pow(2).sum(-1)
-        for _ in range(1, k):
-            if float(d2.sum()) <= 0:
-                idx = torch.randint(len(points), (1,), generator=gen_dev, device=points.device)
-            else:
-                idx = torch.multinomial(d2 / d2.sum(), 1, generator=gen_dev)
-            chosen.append(points[idx[0]])
+        for _ in range(1, block.k):
+            chosen.append(points[_far_point(d2, gen)])
             d2 = torch.minimum(d2, (points - chosen[-1]).pow(2).sum(-1))
         block.prototypes.copy_(torch.stack(chosen))
         if ddp.is_initialized():  # data parallel: every rank starts from rank 0's seeding
@@ -232,27 +226,29 @@ class LatentStacked(Rule):
         k-means++ seeds): a prototype stranded between clusters, while two symbols share another
         one, would otherwise stay unused (the balanced assignment keeps it fed with the points
         nearest to its neighbours)."""
-        dist = torch.cdist(points, block.prototypes.detach()).pow(2)
+        dist = block.distances(points)
         counts = torch.bincount(dist.argmin(1), minlength=block.k)
-        gen_dev = gen if gen is not None and gen.device == points.device else None
+        gen = _on_device(gen, points)
         for c in torch.nonzero(counts == 0).flatten().tolist():
             near = dist.min(1).values
             if float(near.sum()) <= 0:
                 break
-            idx = torch.multinomial(near / near.sum(), 1, generator=gen_dev)
-            block.prototypes[c] = points[idx[0]]
-            dist[:, c] = (points - points[idx[0]]).pow(2).sum(-1)
+            idx = _far_point(near, gen)
+            block.prototypes[c] = points[idx]
+            dist[:, c] = (points - points[idx]).pow(2).sum(-1)
         if ddp.is_initialized():  # every rank keeps rank 0's prototypes
             ddp.broadcast_params([block.prototypes])
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         modules = [b for b in net.blocks if isinstance(b, ClusterBlock)]
+        n = len(modules)
+        learning = [level for level in range(n) if self.active(level, n)]
         x = batch.x
         metrics: dict[str, float] = {}
         total = 0.0
-        for level, block in enumerate(modules):
-            if self.active(level, len(modules)):
-                cluster = self.clustering(level, len(modules))
+        for level, block in enumerate(modules[: learning[-1] + 1]):  # no module above learns
+            if level in learning:
+                cluster = self.clustering(level, n)
                 pred, kmeans = self.module_loss(level, block, x.detach(), batch.generator, cluster)
                 loss = pred if kmeans is None else pred + self.options.cluster_weight * kmeans
                 loss.backward()
@@ -260,8 +256,9 @@ class LatentStacked(Rule):
                 if kmeans is not None:
                     metrics[f"kmeans_block{level + 1}"] = float(kmeans.detach())
                 total += float(pred.detach())
-            with torch.no_grad():
-                x = block(x)
+            if level < learning[-1]:  # the codes the next module reads
+                with torch.no_grad():
+                    x = block(x)
         self.step += 1
         metrics["loss"] = total
         return metrics
@@ -269,3 +266,16 @@ class LatentStacked(Rule):
     def pipeline_refusal(self) -> str | None:
         return (f"rule {self.name} trains its modules one after the other (each on the codes of "
                 "the finished one below); run it with parallel.stages=1")
+
+
+def _on_device(gen: torch.Generator | None, points: torch.Tensor) -> torch.Generator | None:
+    """The run's generator where it lives on the points' device, else the default one."""
+    return gen if gen is not None and gen.device == points.device else None
+
+
+def _far_point(d2: torch.Tensor, gen: torch.Generator | None) -> int:
+    """A point index drawn with probability proportional to ``d2`` (k-means++), or uniformly
+    when every ``d2`` is zero."""
+    if float(d2.sum()) <= 0:
+        return int(torch.randint(len(d2), (1,), generator=gen, device=d2.device)[0])
+    return int(torch.multinomial(d2 / d2.sum(), 1, generator=gen)[0])
