@@ -45,7 +45,7 @@ from locallearn.errors import RunError
 from locallearn.nets.base import BlockNet
 from locallearn.optim import build_optimizer
 from locallearn.rules import build_rule
-from locallearn.rules.base import Rule
+from locallearn.rules.base import Rule, check_fits
 from locallearn.runfiles import (
     CHECKPOINT,
     CONFIG,
@@ -118,6 +118,7 @@ class Trainer:
         self.net: BlockNet = task.build_net()
         self.rule: Rule = build_rule(cfg.rule, cfg.seed, **task.rule_info)
         task.check_rule(self.rule)
+        check_fits(self.net, self.rule, cfg.net.kind)
         self.rule.setup(self.net, task.sample_input())
         self.rule.to(self.device)
         if cfg.compile:

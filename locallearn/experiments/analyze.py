@@ -233,6 +233,12 @@ def _heat(ax, layers, depths, grid, title, xlabel, vmax: float = 1.0):
     return im
 
 
+def plot_names(rows: list[dict[str, Any]]) -> list[str]:
+    """The PNGs :func:`plot_analysis` writes for ``rows``: no masking plot for a network of
+    discrete codes (it has no masking rows: nothing is sent back through it)."""
+    return [p for p in PLOTS if p != PLOTS[2] or any(r["measure"] == "masking" for r in rows)]
+
+
 def plot_analysis(rows: list[dict[str, Any]], out_dir: str | Path, title: str = "") -> list[Path]:
     """Write ``probes.png``, ``sensitivity.png`` and ``masking.png`` into ``out_dir``."""
     import matplotlib
@@ -281,10 +287,10 @@ def plot_analysis(rows: list[dict[str, Any]], out_dir: str | Path, title: str = 
     paths.append(out / PLOTS[1])
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    # masking (none for a network of discrete codes: nothing is sent back through it)
-    masks = [r for r in rows if r["measure"] == "masking"]
-    if not masks:
+    # masking
+    if PLOTS[2] not in plot_names(rows):
         return paths
+    masks = [r for r in rows if r["measure"] == "masking"]
     cols = sorted({(r.get("state", ""), r.get("feedback", "")) for r in masks},
                   key=lambda c: (c[0] != "init", c[1] != "backprop", c))
     layer_ids = sorted({r["layer"] for r in masks})
@@ -314,8 +320,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     rows = analyze_run(args.run_dir, n_samples=args.samples, seed=args.seed)
     print(format_analysis(rows))
     out = Path(args.run_dir)
-    plots = [p for p in PLOTS if p != PLOTS[2] or any(r["measure"] == "masking" for r in rows)]
-    print(f"wrote {out / ANALYSIS} and {', '.join(str(out / p) for p in plots)}")
+    print(f"wrote {out / ANALYSIS} and {', '.join(str(out / p) for p in plot_names(rows))}")
     return 0
 
 

@@ -77,13 +77,6 @@ class RHMTask:
         return self.encode(self.train.tokens[:2])
 
     def check_rule(self, rule: Rule) -> None:
-        kind = self.cfg.net.kind
-        if (kind == "predictor-clusterer") != (rule.name == "latent-stacked"):
-            raise ValueError(
-                f"net.kind={kind} does not fit rule.name={rule.name}: the predictor-clusterer "
-                "network's codes are not differentiable and only rule.name=latent-stacked trains "
-                "it, and that rule trains only this network"
-            )
         view = getattr(rule, "view", None)
         if view == "siblings" and self.rhm.L < 2:
             raise ValueError("rule.view=siblings needs data.L >= 2 (a block with siblings)")

@@ -34,6 +34,9 @@ from locallearn.nets.hier_cnn import ScaledConv1d, ScaledLinear
 class ClusterBlock(nn.Module):
     """One predictor-clusterer module (module docstring): codes in, codes out."""
 
+    #: its output is a one-hot code (an argmax): no gradient crosses it
+    emits_codes = True
+
     def __init__(self, k_in: int, width: int, s: int, k: int, gen: torch.Generator):
         super().__init__()
         self.s = s

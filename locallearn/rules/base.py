@@ -53,6 +53,9 @@ class Rule(nn.Module):
         name: the rule's config name.
         uses_labels: whether labels reach the encoder (supervised rules).
         view_kind: which two-view augmentation the loop must supply (``None``: none).
+        trains_codes: whether the rule trains blocks that output discrete codes (a block with
+            ``emits_codes = True``, which no gradient crosses); such blocks take no other rule,
+            and such a rule takes no other network (:func:`check_fits`).
         Options: the typed dataclass of the rule's ``rule.options`` (an unknown key or a bad
             value is a one-line error).
         settings: the keys of :data:`SETTING_KEYS` (``rule.loss``, ``rule.f``...) the rule reads,
@@ -65,6 +68,7 @@ class Rule(nn.Module):
     name: ClassVar[str] = "rule"
     uses_labels: ClassVar[bool] = True
     view_kind: str | None = None
+    trains_codes: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
     settings: ClassVar[dict[str, Any]] = {}
 
@@ -165,3 +169,18 @@ def ce_error(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Gradient of the batch-mean cross-entropy w.r.t. the logits: ``(softmax - onehot) / N``."""
     onehot = torch.nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype)
     return (torch.softmax(logits, 1) - onehot) / logits.shape[0]
+
+
+def check_fits(net: BlockNet, rule: Rule, net_kind: str) -> None:
+    """Raise a one-line ValueError when ``rule`` cannot train ``net``: a network whose blocks
+    output discrete codes takes only a rule that trains codes, and such a rule no other network."""
+    codes = any(getattr(block, "emits_codes", False) for block in net.blocks)
+    if codes == rule.trains_codes:
+        return
+    if codes:
+        why = ("its blocks output discrete codes, which no gradient crosses, and "
+               f"rule.name={rule.name} learns from gradients")
+    else:
+        why = (f"rule.name={rule.name} trains blocks that output discrete codes and "
+               f"net.kind={net_kind} has none")
+    raise ValueError(f"net.kind={net_kind} does not fit rule.name={rule.name}: {why}")

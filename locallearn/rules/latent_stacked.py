@@ -120,6 +120,7 @@ class LatentStacked(Rule):
     name = "latent-stacked"
     uses_labels = False
     view_kind = None
+    trains_codes = True
     Options: ClassVar[type] = StackedOptions
     settings: ClassVar[dict[str, Any]] = {}
 
