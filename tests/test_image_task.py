@@ -55,6 +55,8 @@ def test_run_end_to_end_writes_summary_with_probe(tmp_path, image_root, capsys):
     assert summary["probe_accuracy"] >= 0.9
     assert min(summary["probe_block_accuracies"]) >= 0.75
     assert len(summary["probe_block_accuracies"]) == 6
+    assert len(summary["probe_block_silent"]) == 6
+    assert all(0 <= share < 1 for share in summary["probe_block_silent"])
     assert "Adam" in summary["probe_protocol"]
     assert summary["train_size"] == 32 and summary["dataset"] == "folder"
     probe = json.loads((out / "probe.json").read_text())
@@ -223,6 +225,8 @@ def test_real_cifar10_images_run_and_probe(tmp_path):
     # 10 classes (chance 0.1), 60 test images; this seed gives 0.25 (15 right)
     assert summary["probe_accuracy"] > 0.15
     assert len(summary["probe_block_accuracies"]) == 6
+    assert len(summary["probe_block_silent"]) == 6
+    assert all(0 <= share < 1 for share in summary["probe_block_silent"])
 
 
 def _old_index_of_new(channels: int, dim: int) -> torch.Tensor:
@@ -290,3 +294,33 @@ def test_stop_train_loss_ends_an_image_run_early(tmp_path, image_root):
     # without the threshold the same run goes on to its last epoch
     summary = run(load_config(config, ["stop_train_loss=null", "epochs=2"]), tmp_path / "full")
     assert not summary["stopped_early"] and summary["epochs"] == 2
+
+
+def test_probe_reports_the_share_of_silent_features():
+    """Units that never fire on the probe images are counted per block, by both probes."""
+    from locallearn.eval.image_probe import ProbeSettings, run_probe
+    from locallearn.eval.stream_probe import run_stream_probe
+
+    net = vgg6(width_mult=1 / 16, seed=0)  # top block: 64 channels on a 2x2 grid
+    with torch.no_grad():
+        for block in net.blocks:  # positive weights and biases: every unit fires
+            block.pre.weight.abs_()
+            block.pre.bias.fill_(0.1)
+        net.blocks[-1].pre.bias[:5] = -1e6  # but 5 channels of the top block never do
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.arange(24) % 2
+
+    def transform(x):
+        return x.float() / 255
+
+    def batches(order, batch_size):
+        yield images, labels
+
+    settings = ProbeSettings(epochs=1)
+    full = run_probe(net, images, labels, images, labels, 2, transform, settings)
+    assert full.silent_fractions[:5] == [0.0] * 5
+    assert full.silent_fractions[5] == pytest.approx(5 / 64)
+    streamed = run_stream_probe(net, batches, 24, batches, 2, 32, transform, settings,
+                                augment=False)
+    assert streamed.silent_fractions == full.silent_fractions

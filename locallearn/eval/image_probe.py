@@ -38,7 +38,8 @@ from locallearn.nets.base import BlockNet
 from locallearn.nets.vgg import feature_sides, pool_sizes_for_grid, probe_grid
 from locallearn.rules.image_grid import pool_flat
 
-__all__ = ["ProbeResult", "ProbeSettings", "encoder_features", "probe_pools", "run_probe"]
+__all__ = ["ProbeResult", "ProbeSettings", "encoder_features", "probe_pools", "run_probe",
+           "silent_fractions"]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -88,10 +89,19 @@ class ProbeResult:
     n_test: int
     seconds: float
     extra: dict[str, Any] = field(default_factory=dict)
+    #: per block, the share of its pooled features that are zero on every probe-training image
+    #: (units that never fire there: dead ReLUs give the probe nothing)
+    silent_fractions: list[float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready mapping."""
         return asdict(self)
+
+
+def silent_fractions(energy: torch.Tensor, slices: list[slice]) -> list[float]:
+    """Per block, the share of features whose ``energy`` (any non-negative per-feature sum or
+    maximum of magnitudes over the probe-training images) is zero."""
+    return [round(float((energy[sl] == 0).float().mean()), 6) for sl in slices]
 
 
 def probe_pools(net: BlockNet, side: int, grid: tuple[int, ...] | None = None) -> list[int]:
@@ -182,6 +192,7 @@ def run_probe(
         test = encoder_features(net, test_images, transform, pools, fb)
     mean = clean.mean(0)
     std = clean.std(0, unbiased=False).clamp_min(1e-6)
+    silent = silent_fractions(clean.abs().amax(0), slices)
     groups = [slice(0, clean.shape[1])] + (slices if settings.per_block else [])
 
     if settings.epochs == 0:
@@ -261,4 +272,5 @@ def run_probe(
         n_train=int(clean.shape[0]),
         n_test=int(test.shape[0]),
         seconds=round(time.perf_counter() - t0, 3),
+        silent_fractions=silent,
     )

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from locallearn.data.augment import center_crop, random_crop_flip
-from locallearn.eval.image_probe import ProbeResult, ProbeSettings, probe_pools
+from locallearn.eval.image_probe import ProbeResult, ProbeSettings, probe_pools, silent_fractions
 from locallearn.nets.base import BlockNet
 from locallearn.nets.vgg import feature_sides
 from locallearn.rules.image_grid import pool_flat
@@ -100,6 +100,7 @@ def run_stream_probe(
     for d in dims:
         slices.append(slice(start, start + d))
         start += d
+    silent = silent_fractions(total_sq, slices)
     groups = [slice(0, start)] + (slices if settings.per_block else [])
     params = []
     for sl in groups:
@@ -172,4 +173,5 @@ def run_stream_probe(
         n_train=count,
         n_test=n_test,
         seconds=round(time.perf_counter() - t0, 3),
+        silent_fractions=silent,
     )

@@ -285,4 +285,6 @@ def write_probe(out_dir: Path, result: ProbeResult) -> dict[str, Any]:
     }
     if result.block_accuracies is not None:
         keys["probe_block_accuracies"] = result.block_accuracies
+    if result.silent_fractions is not None:
+        keys["probe_block_silent"] = result.silent_fractions
     return keys

@@ -70,7 +70,8 @@ def probe_run(
     summary_path = run.path / SUMMARY
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        summary.pop("probe_block_accuracies", None)
+        for key in ("probe_block_accuracies", "probe_block_silent"):
+            summary.pop(key, None)
         summary.update(keys)
         write_json_atomic(summary_path, summary)
     return {"run": str(run.path), "epoch": run.epoch, **keys}
