@@ -57,6 +57,8 @@ def test_run_end_to_end_writes_summary_with_probe(tmp_path, image_root, capsys):
     assert len(summary["probe_block_accuracies"]) == 6
     assert len(summary["probe_block_silent"]) == 6
     assert all(0 <= share < 1 for share in summary["probe_block_silent"])
+    assert summary["probe_top_accuracy"] == summary["probe_block_accuracies"][-1]
+    assert summary["probe_top_silent"] == summary["probe_block_silent"][-1]
     assert "Adam" in summary["probe_protocol"]
     assert summary["train_size"] == 32 and summary["dataset"] == "folder"
     probe = json.loads((out / "probe.json").read_text())
@@ -227,6 +229,8 @@ def test_real_cifar10_images_run_and_probe(tmp_path):
     assert len(summary["probe_block_accuracies"]) == 6
     assert len(summary["probe_block_silent"]) == 6
     assert all(0 <= share < 1 for share in summary["probe_block_silent"])
+    assert summary["probe_top_accuracy"] == summary["probe_block_accuracies"][-1]
+    assert summary["probe_top_silent"] == summary["probe_block_silent"][-1]
 
 
 def _old_index_of_new(channels: int, dim: int) -> torch.Tensor:

@@ -285,6 +285,8 @@ def write_probe(out_dir: Path, result: ProbeResult) -> dict[str, Any]:
     }
     if result.block_accuracies is not None:
         keys["probe_block_accuracies"] = result.block_accuracies
+        keys["probe_top_accuracy"] = result.block_accuracies[-1]  # the top block alone
     if result.silent_fractions is not None:
         keys["probe_block_silent"] = result.silent_fractions
+        keys["probe_top_silent"] = result.silent_fractions[-1]
     return keys

@@ -70,7 +70,8 @@ def probe_run(
     summary_path = run.path / SUMMARY
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
-        for key in ("probe_block_accuracies", "probe_block_silent"):
+        for key in ("probe_block_accuracies", "probe_block_silent", "probe_top_accuracy",
+                    "probe_top_silent"):
             summary.pop(key, None)
         summary.update(keys)
         write_json_atomic(summary_path, summary)

@@ -45,6 +45,8 @@ METRICS = (
     ("test_accuracy", "test acc"),
     ("best_test_accuracy", "best test acc"),
     ("probe_accuracy", "probe acc"),
+    ("probe_top_accuracy", "top block probe"),
+    ("probe_top_silent", "top block silent"),
     ("train_accuracy", "train acc"),
     ("seconds", "seconds"),
     ("peak_rss_mib", "peak RSS MiB"),
