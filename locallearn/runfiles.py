@@ -19,9 +19,10 @@ SUMMARY = "summary.json"
 CONFIG = "config.yaml"
 PROBE = "probe.json"
 ALIGNMENT = "alignment.json"
+ANALYSIS = "analysis.json"
 
 __all__ = [
-    "ALIGNMENT", "CHECKPOINT", "CONFIG", "METRICS", "PROBE", "SUMMARY", "check_out_dir",
+    "ALIGNMENT", "ANALYSIS", "CHECKPOINT", "CONFIG", "METRICS", "PROBE", "SUMMARY", "check_out_dir",
     "read_metrics",
     "write_json_atomic", "write_text_atomic",
 ]

@@ -94,6 +94,29 @@ def test_rhm_report(tmp_path):
     assert "| local | 2 | 1 |" in text and "| 3.0 | 3.5 |" in text  # the machine load
 
 
+def test_rhm_report_draws_unseen_synonym_probes_against_p(tmp_path):
+    """Runs with an analysis give the section: a figure and a table of layer x P/P* per rule,
+    mean over the analysed seeds."""
+    make_rhm_sweep(tmp_path)
+    for rule, base in (("good", 0.5), ("bad", 0.1)):
+        for seed in (0, 1):
+            for ratio in (0.5, 1, 2):
+                rows = [{"measure": "probe", "split": "synonyms", "layer": layer,
+                         "value": base + 0.1 * ratio + 0.01 * seed + 0.1 * (layer - 1),
+                         "input_patch": 0.05} for layer in (1, 2, 3)]
+                rows.append({"measure": "probe", "split": "random", "layer": 1, "value": 0.99})
+                run = tmp_path / "runs" / f"{rule}-{ratio:g}P*-{seed}"
+                (run / "analysis.json").write_text(json.dumps(rows))
+    text = write_report(tmp_path, target_error=0.1).read_text()
+    assert "## Unseen-synonym probes against the training-set size" in text
+    assert (tmp_path / "figures" / "synonyms_vs_P.png").read_bytes()[:8] == PNG_MAGIC
+    assert "| rule | layer | 0.5 P* | 1 P* | 2 P* |" in text
+    assert "| good | 1 | 0.555 (2) | 0.605 (2) | 0.705 (2) |" in text  # seeds 0 and 1 averaged
+    assert "| bad | 2 | 0.255 (2) | 0.305 (2) | 0.405 (2) |" in text
+    assert "| good | 3 |" not in text  # layers 1 and 2 only
+    assert "| easy |" not in text.split("## Unseen-synonym")[1].split("##")[0]  # not analysed
+
+
 def test_image_table(tmp_path):
     with ResultsStore(tmp_path) as store:
         store.set_axes([("preset", "variants"), ("dataset", "variants")])

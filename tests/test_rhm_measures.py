@@ -234,3 +234,34 @@ def test_analyze_bad_input(tmp_path):
         analyze_run(other)
     with pytest.raises(ValueError, match="n_samples=1 is invalid"):
         analyze_run(tmp_path, n_samples=1)
+
+
+def test_analyze_a_sweep_folder_measures_each_finished_run_once(tmp_path, capsys):
+    """Given a sweep folder: every finished RHM run without an analysis; again: none; --redo:
+    all of them. Unfinished runs and image runs are left alone."""
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    done = tiny_run(tmp_path, "backprop")
+    for name in ("a", "b"):
+        shutil.copytree(done, sweep / "runs" / name)
+    (sweep / "runs" / "b" / "summary.json").unlink()  # not finished
+    image = sweep / "runs" / "img"
+    image.mkdir()
+    (image / "config.yaml").write_text("data: {name: cifar10}\n")
+    (image / "summary.json").write_text("{}")
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_analyze(sub)
+    parser = sub.choices["analyze"]
+
+    def analyze(*extra):
+        args = parser.parse_args([str(sweep), "--samples", "32", *extra])
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    text = analyze()
+    assert "1 run(s) to measure" in text and "unseen-synonym probe per layer 1:" in text
+    assert (sweep / "runs" / "a" / "analysis.json").is_file()
+    assert not (sweep / "runs" / "b" / "analysis.json").exists()
+    assert "0 run(s) to measure" in analyze()
+    assert "1 run(s) to measure" in analyze("--redo")

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from locallearn.eval.rhm_measures import latent_probes, masking, synonym_sensitivity
+from locallearn.runfiles import ANALYSIS, CONFIG, SUMMARY
 
-ANALYSIS = "analysis.json"
 PLOTS = ("probes.png", "sensitivity.png", "masking.png")
 
 
@@ -60,7 +60,6 @@ def analyze_run(
     from locallearn.experiments.runs import load_run
     from locallearn.rules.backprop import BackpropNoMask
     from locallearn.rules.feedback import DirectFeedback
-    from locallearn.runfiles import CONFIG
 
     path = Path(run_dir)
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
@@ -316,11 +315,43 @@ def plot_analysis(rows: list[dict[str, Any]], out_dir: str | Path, title: str = 
 
 
 # ---------------------------------------------------------------------------- command
+def analysis_targets(paths: list[str], redo: bool = False) -> list[Path]:
+    """The run folders ``locallearn analyze`` measures: each path that is a run, and every
+    finished RHM run of each path that is a sweep folder (``runs/*`` with a summary), less
+    those already analysed unless ``redo``."""
+    from locallearn.config import load_yaml
+
+    out: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if (path / CONFIG).is_file() or not (path / "runs").is_dir():
+            out.append(path)  # a run (analyze_run says what is wrong with it)
+            continue
+        for run in sorted(p for p in (path / "runs").iterdir() if (p / SUMMARY).is_file()):
+            data = load_yaml(run / CONFIG).get("data") if (run / CONFIG).is_file() else None
+            rhm = isinstance(data, dict) and data.get("name", "rhm") == "rhm"
+            if rhm and (redo or not (run / ANALYSIS).is_file()):
+                out.append(run)
+    return out
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    rows = analyze_run(args.run_dir, n_samples=args.samples, seed=args.seed)
-    print(format_analysis(rows))
-    out = Path(args.run_dir)
-    print(f"wrote {out / ANALYSIS} and {', '.join(str(out / p) for p in plot_names(rows))}")
+    targets = analysis_targets(args.run_dir, args.redo)
+    if len(args.run_dir) == 1 and targets == [Path(args.run_dir[0])]:
+        rows = analyze_run(targets[0], n_samples=args.samples, seed=args.seed)
+        print(format_analysis(rows))
+        out = targets[0]
+        print(f"wrote {out / ANALYSIS} and {', '.join(str(out / p) for p in plot_names(rows))}")
+        return 0
+    # several runs (or a sweep folder): each writes its own files as it finishes, so an
+    # interrupted call loses nothing and the next call goes on with the runs not yet analysed
+    print(f"analyze: {len(targets)} run(s) to measure")
+    for i, run in enumerate(targets, 1):
+        rows = analyze_run(run, n_samples=args.samples, seed=args.seed)
+        unseen = {r["layer"]: r["value"] for r in rows
+                  if r["measure"] == "probe" and r.get("split") == "synonyms"}
+        text = " ".join(f"{layer}:{value:.3f}" for layer, value in sorted(unseen.items()))
+        print(f"[{i}/{len(targets)}] {run}: unseen-synonym probe per layer {text}", flush=True)
     return 0
 
 
@@ -332,9 +363,15 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
         "sensitivity, masking",
         description="Measure the last checkpoint of an RHM run made by locallearn run: linear "
         "probes from every layer to the hidden latents, sensitivity to redrawn synonyms, and the "
-        "input specificity of backprop's feedback. Writes analysis.json and PNGs into RUN_DIR.",
+        "input specificity of backprop's feedback. Writes analysis.json and PNGs into RUN_DIR. "
+        "Given a sweep folder, measures its finished RHM runs; locallearn report then draws the "
+        "unseen-synonym probes against the training-set size.",
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="output directory of locallearn run")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="+",
+                   help="output directory of locallearn run, or a sweep folder (every finished "
+                   "RHM run in it that has no analysis yet)")
+    p.add_argument("--redo", action="store_true",
+                   help="in a sweep folder, measure again the runs already analysed")
     p.add_argument("--samples", type=int, default=2000,
                    help="training samples for the probes and test samples for every measure "
                    "(default 2000)")

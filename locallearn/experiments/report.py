@@ -38,6 +38,7 @@ import yaml
 from locallearn.experiments.depth_figure import depth_section, label_without_depth
 from locallearn.experiments.results import ResultsStore
 from locallearn.experiments.sweep_spec import SWEEP_FILE, value_label
+from locallearn.experiments.synonym_figure import synonym_section
 
 SIZE_AXIS = "data.train_size"
 DATASET_AXES = ("dataset", "data", "data.name")
@@ -578,13 +579,13 @@ def write_report(
             if not pngs:
                 md.append(f"- {run.row['run_dir']}: analysis.json (no figure)")
                 continue
+            if shown + len(pngs) > MAX_EMBEDDED:  # beyond the cap: one line per run
+                links = ", ".join(f"[{png.stem}]({rel(png)})" for png in pngs)
+                md.append(f"- {run.row['run_dir']}: {links}")
+                continue
             for png in pngs:
-                if shown < MAX_EMBEDDED:
-                    md += [f"{run.row['run_dir']} — {png.name}:", "",
-                           f"![{png.stem}]({rel(png)})", ""]
-                    shown += 1
-                else:
-                    md.append(f"- [{run.row['run_dir']}/{png.name}]({rel(png)})")
+                md += [f"{run.row['run_dir']} — {png.name}:", "", f"![{png.stem}]({rel(png)})", ""]
+                shown += 1
         md.append("")
     report.write_text("\n".join(md).rstrip() + "\n")
     return report
@@ -674,7 +675,7 @@ def _rhm_sections(
             rows.append([rule, fmt_complexity(per_seed, p_star), f"{best:.3f}", f"{largest:g}"])
         md += [md_table(["rule", "P/P* at target", "lowest test error", "largest P/P*"], rows),
                ""]
-    return md
+    return md + synonym_section(panels, rule_labels, figs, rel, md_table)
 
 
 def _probe_curve_sections(
