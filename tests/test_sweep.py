@@ -319,3 +319,24 @@ def test_shipped_sweep_files_expand(name):
     path = Path(__file__).parents[1] / "configs" / "sweeps" / name
     runs = expand(load_sweep(path))
     assert len(runs) > 1 and len({r.name for r in runs}) == len(runs)
+
+
+def test_sweep_file_keeps_the_values_of_every_start(tmp_path):
+    """A folder filled part by part (--grid) lists every value and run it holds, the latest
+    start's values first, so the report orders and describes the whole folder."""
+    from locallearn.experiments.sweep import write_sweep_file
+
+    path = write_sweep(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    first = load_sweep(path, grid=["variant=clapp-syn", "optim.lr=1e-3"])
+    write_sweep_file(first, expand(first), out)
+    second = load_sweep(path, grid=["variant=bp", "optim.lr=3e-3,1e-3"])
+    write_sweep_file(second, expand(second), out)
+    doc = yaml.safe_load((out / "sweep.yaml").read_text())
+    axes = {a["name"]: a for a in doc["axes"]}
+    assert axes["variant"]["values"] == ["bp", "clapp-syn"]
+    assert list(axes["variant"]["variants"]) == ["bp", "clapp-syn"]
+    assert axes["optim.lr"]["values"] == ["3e-3", "1e-3"]
+    names = {r.name for r in expand(first)} | {r.name for r in expand(second)}
+    assert set(doc["runs"]) == names and len(doc["runs"]) == len(names)

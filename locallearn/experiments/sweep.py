@@ -154,22 +154,47 @@ class _LoadSampler:
             pass
 
 
+def _merge_axes(new: list[dict[str, Any]], old: Any) -> list[dict[str, Any]]:
+    """The axes of this start with the values (and variants) of earlier starts of the same
+    folder appended: a folder filled part by part (``--grid``) lists every value it holds, in
+    the order of the latest start first."""
+    before = {a.get("name"): a for a in old if isinstance(a, dict)} if isinstance(old, list) else {}
+    for axis in new:
+        prev = before.get(axis["name"])
+        if not prev or prev.get("kind") != axis["kind"]:
+            continue
+        axis["values"] += [v for v in prev.get("values") or [] if v not in axis["values"]]
+        if axis.get("variants") is not None and isinstance(prev.get("variants"), dict):
+            axis["variants"] = {**prev["variants"], **axis["variants"]}
+            axis["variants"] = {v: axis["variants"][v] for v in axis["values"]
+                                if v in axis["variants"]}
+    return new
+
+
 def write_sweep_file(spec: SweepSpec, runs: Sequence[RunSpec], out: Path) -> None:
-    """Write ``DIR/sweep.yaml``: the definition of the sweep as last started, and its runs."""
+    """Write ``DIR/sweep.yaml``: the definition of the sweep as last started, its axes holding
+    the values of earlier starts too, and the runs of every start."""
+    try:
+        old = yaml.safe_load((out / SWEEP_FILE).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        old = {}
+    old = old if isinstance(old, dict) else {}
+    names = [r.name for r in runs]
+    earlier = old.get("runs") if isinstance(old.get("runs"), list) else []
     doc = {
         "source": None if spec.source is None else str(spec.source),
         "config": None if spec.config is None else str(spec.config),
         "description": spec.description,
         "settings": spec.settings,
         "overrides": spec.overrides,
-        "axes": [
+        "axes": _merge_axes([
             {"name": a.name, "kind": a.kind,
              "values": [value_label(v) for v in a.values]}
-            | ({"variants": a.variants} if a.variants is not None else {})
+            | ({"variants": dict(a.variants)} if a.variants is not None else {})
             for a in spec.axes
-        ],
+        ], old.get("axes")),
         "seeds": spec.seeds,
-        "runs": [r.name for r in runs],
+        "runs": names + [n for n in earlier if n not in names],
     }
     tmp = out / (SWEEP_FILE + ".tmp")
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
