@@ -322,8 +322,8 @@ def test_shipped_sweep_files_expand(name):
 
 
 def test_sweep_file_keeps_the_values_of_every_start(tmp_path):
-    """A folder filled part by part (--grid) lists every value and run it holds, the latest
-    start's values first, so the report orders and describes the whole folder."""
+    """A folder filled part by part (--grid) lists every value and run it holds, first started
+    first, so the report orders and describes the whole folder."""
     from locallearn.experiments.sweep import write_sweep_file
 
     path = write_sweep(tmp_path)
@@ -335,8 +335,8 @@ def test_sweep_file_keeps_the_values_of_every_start(tmp_path):
     write_sweep_file(second, expand(second), out)
     doc = yaml.safe_load((out / "sweep.yaml").read_text())
     axes = {a["name"]: a for a in doc["axes"]}
-    assert axes["variant"]["values"] == ["bp", "clapp-syn"]
-    assert list(axes["variant"]["variants"]) == ["bp", "clapp-syn"]
-    assert axes["optim.lr"]["values"] == ["3e-3", "1e-3"]
+    assert axes["variant"]["values"] == ["clapp-syn", "bp"]
+    assert list(axes["variant"]["variants"]) == ["clapp-syn", "bp"]
+    assert axes["optim.lr"]["values"] == ["1e-3", "3e-3"]
     names = {r.name for r in expand(first)} | {r.name for r in expand(second)}
     assert set(doc["runs"]) == names and len(doc["runs"]) == len(names)

@@ -155,15 +155,16 @@ class _LoadSampler:
 
 
 def _merge_axes(new: list[dict[str, Any]], old: Any) -> list[dict[str, Any]]:
-    """The axes of this start with the values (and variants) of earlier starts of the same
-    folder appended: a folder filled part by part (``--grid``) lists every value it holds, in
-    the order of the latest start first."""
+    """The axes of this start merged with those of earlier starts of the same folder: a folder
+    filled part by part (``--grid``) lists every value it holds, in the order they were first
+    started (a full sweep first keeps its order when parts are added)."""
     before = {a.get("name"): a for a in old if isinstance(a, dict)} if isinstance(old, list) else {}
     for axis in new:
         prev = before.get(axis["name"])
         if not prev or prev.get("kind") != axis["kind"]:
             continue
-        axis["values"] += [v for v in prev.get("values") or [] if v not in axis["values"]]
+        earlier = list(prev.get("values") or [])
+        axis["values"] = earlier + [v for v in axis["values"] if v not in earlier]
         if axis.get("variants") is not None and isinstance(prev.get("variants"), dict):
             axis["variants"] = {**prev["variants"], **axis["variants"]}
             axis["variants"] = {v: axis["variants"][v] for v in axis["values"]
@@ -173,7 +174,7 @@ def _merge_axes(new: list[dict[str, Any]], old: Any) -> list[dict[str, Any]]:
 
 def write_sweep_file(spec: SweepSpec, runs: Sequence[RunSpec], out: Path) -> None:
     """Write ``DIR/sweep.yaml``: the definition of the sweep as last started, its axes holding
-    the values of earlier starts too, and the runs of every start."""
+    the values of earlier starts too (first started first), and the runs of every start."""
     try:
         old = yaml.safe_load((out / SWEEP_FILE).read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -194,7 +195,7 @@ def write_sweep_file(spec: SweepSpec, runs: Sequence[RunSpec], out: Path) -> Non
             for a in spec.axes
         ], old.get("axes")),
         "seeds": spec.seeds,
-        "runs": names + [n for n in earlier if n not in names],
+        "runs": earlier + [n for n in names if n not in earlier],
     }
     tmp = out / (SWEEP_FILE + ".tmp")
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
