@@ -12,6 +12,7 @@ same code; the same probe on the input patch (dashed) is the floor. Layers 1 and
 from __future__ import annotations
 
 import json
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,10 +88,13 @@ def plot_synonyms_vs_size(table: dict[str, Any], rule_order: Sequence[str], path
                 ax.axhline(_mean(floor), color="gray", linestyle="--", linewidth=1,
                            label="input patch")
             ax.set_xscale("log")
+            sizes = sorted({x for rule in table[title].values() for x in rule.get(layer, {})})
+            ax.set_xticks(sizes, [f"{x:g}" for x in sizes])
+            ax.minorticks_off()
             ax.set_ylim(0, 1.02)
             ax.set_xlabel("P / P*")
             ax.set_ylabel(f"layer {layer}: unseen-synonym probe")
-            ax.set_title(title, fontsize=8)
+            ax.set_title(textwrap.fill(title, 60), fontsize=8)
             if row == 0 and col == 0:
                 ax.legend(fontsize=6)
     path.parent.mkdir(parents=True, exist_ok=True)
