@@ -435,6 +435,20 @@ LEGACY_PROBE_KEYS = {"probe_augment": "augment", "probe_per_block": "per_block",
                      "probe_batch_size": "batch_size", "probe_grid": "grid"}
 
 
+#: config keys that change how a run is shown or scheduled, never its result
+#: (``parallel`` too: a pipelined run ends bit-identical to a one-process run, and its
+#: checkpoint has the one-process layout, so it may resume with another split or in one
+#: process)
+#: (``compile`` too: compiled blocks give the same results)
+RUNTIME_KEYS = ("progress", "threads", "device", "label", "parallel", "compile")
+
+
+def without_runtime_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config mapping without :data:`RUNTIME_KEYS` (what two configs of one run may differ
+    in)."""
+    return {k: v for k, v in raw.items() if k not in RUNTIME_KEYS}
+
+
 def migrate_config(raw: dict[str, Any]) -> dict[str, Any]:
     """Bring the config a run saved (``config.yaml``) to today's layout, in place; returns it.
 

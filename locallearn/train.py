@@ -55,18 +55,12 @@ from locallearn.runfiles import (
     write_json_atomic,
     write_text_atomic,
 )
-from locallearn.schema import RunConfig, migrate_config
+from locallearn.schema import RUNTIME_KEYS, RunConfig, migrate_config
 from locallearn.task import Task
 
 #: Version of the checkpoint layout. 2: image rules' prediction matrices act on pooled features
 #: flattened position-major (earlier checkpoints are upgraded when loaded).
 CHECKPOINT_FORMAT = 2
-#: config keys that change how a run is shown or scheduled, never its result
-#: (``parallel`` too: a pipelined run ends bit-identical to a one-process run, and its
-#: checkpoint has the one-process layout, so it may resume with another split or in one
-#: process)
-#: (``compile`` too: compiled blocks give the same results)
-RUNTIME_KEYS = ("progress", "threads", "device", "label", "parallel", "compile")
 #: what a run may change when started again in the same directory: the runtime keys and
 #: ``epochs`` (a larger value extends a run; it continues from its last checkpoint)
 RESUMABLE_KEYS = (*RUNTIME_KEYS, "epochs")

@@ -199,6 +199,9 @@ def test_sweep_is_idempotent_and_records_each_run_once(tmp_path):
     # the same folder with another config is refused before anything runs
     with pytest.raises(ValueError, match="holds a run of another config.*epochs"):
         run_sweep(load_sweep(path, overrides=["epochs=3"]), out, workers=0)
+    # but not for a key that never changes a result (the thread count): its runs are done
+    same = run_sweep(load_sweep(path, overrides=["threads=2"]), out, workers=0)
+    assert (same.skipped, same.finished) == (4, 0)
 
 
 def test_worker_killed_mid_run_is_resumed_and_recorded_once(tmp_path):

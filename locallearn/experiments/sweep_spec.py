@@ -49,7 +49,7 @@ from locallearn.config import (
     split_key_value,
 )
 from locallearn.runfiles import CONFIG
-from locallearn.schema import migrate_config
+from locallearn.schema import migrate_config, without_runtime_keys
 
 SWEEP_KEYS = ("config", "base", "settings", "grid", "variants", "seeds", "description")
 RUNS_DIR = "runs"
@@ -449,7 +449,9 @@ def check_existing(runs: Sequence[RunSpec], out: str | Path) -> None:
     (:func:`locallearn.schema.migrate_config`).
 
     Keys that only one of the two configs has are ignored (a config key added to the code since
-    the run was made, with its default); every value both have must agree.
+    the run was made, with its default), and so are the runtime keys (``threads``, ``device``,
+    ... :data:`locallearn.schema.RUNTIME_KEYS`), which a run may change when it resumes; every
+    other value both have must agree.
     """
     for run in runs:
         path = run.run_dir(out) / CONFIG
@@ -461,7 +463,8 @@ def check_existing(runs: Sequence[RunSpec], out: str | Path) -> None:
             continue  # a torn write: the run starts again and rewrites it
         if not isinstance(old, dict):
             continue
-        where = first_difference(migrate_config(old), run.raw)
+        where = first_difference(without_runtime_keys(migrate_config(old)),
+                                 without_runtime_keys(run.raw))
         if where is not None:
             raise ValueError(
                 f"{str(run.run_dir(out))!r} holds a run of another config (differs at {where}); "
