@@ -4,6 +4,7 @@ not read are one-line errors (exit 2); saved configs of earlier versions still l
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,18 @@ def test_an_optional_choice_names_null_not_a_python_type():
     with pytest.raises(ValueError, match=r"expected one of paper, same-view or null$"):
         load_config(ROOT / "configs" / "images" / "clapp++-cpu.yaml",
                     ["rule.options.negatives=foo"])
+
+
+def test_range_checks_name_the_key_the_value_and_the_range():
+    from locallearn.rules.base import check_range
+
+    check_range("k", 0.5, 0, 1, low_open=True, high_open=True)  # inside: no error
+    for args, kwargs, text in [
+        (("rule.options.a", -1, 0), {}, "rule.options.a=-1 is invalid: must be >= 0"),
+        (("rule.options.a", 0, 0), {"low_open": True}, "must be > 0"),
+        (("rule.options.a", 1, 0, 1), {"high_open": True}, "must be in [0, 1)"),
+        (("rule.options.a", 2, None, 1), {}, "must be <= 1"),
+        (("rule.options.a", float("nan"), 0), {"note": "why"}, "must be >= 0 (why)"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(text)):
+            check_range(*args, **kwargs)

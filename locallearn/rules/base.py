@@ -184,3 +184,22 @@ def check_fits(net: BlockNet, rule: Rule, net_kind: str) -> None:
         why = (f"rule.name={rule.name} trains blocks that output discrete codes and "
                f"net.kind={net_kind} has none")
     raise ValueError(f"net.kind={net_kind} does not fit rule.name={rule.name}: {why}")
+
+
+def check_range(
+    name: str, value: float, low: float | None = None, high: float | None = None, *,
+    low_open: bool = False, high_open: bool = False, note: str = "",
+) -> None:
+    """Raise the one-line ValueError ``NAME=VALUE is invalid: must be ...`` when ``value`` is
+    outside the range (NaN always is); ``note`` is appended in brackets."""
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    if above and below:
+        return
+    if high is None:
+        want = f"{'>' if low_open else '>='} {low:g}"
+    elif low is None:
+        want = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        want = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"{name}={value} is invalid: must be {want}" + (f" ({note})" if note else ""))

@@ -11,7 +11,7 @@ from torch import nn
 
 from locallearn import losses
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule
+from locallearn.rules.base import Batch, Rule, check_range
 from locallearn.rules.image_options import BPOptions, check_choice
 from locallearn.rules.image_ssl import ImageSSLRule
 from locallearn.rules.ssl_pairs import PairTerms, PredictionGrads
@@ -73,8 +73,7 @@ class BPSSL(ImageSSLRule):
                 "rule.options.micro_batches > 1 needs rule.loss=clapp (InfoNCE's negatives "
                 "are the batch's other images, inside the graph)"
             )
-        if not temperature > 0:
-            raise ValueError(f"rule.temperature={temperature} is invalid: must be > 0")
+        check_range("rule.temperature", temperature, 0, low_open=True)
         self.loss_kind = loss
         self.temperature = temperature
         self.projection_dim = projection_dim

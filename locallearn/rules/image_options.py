@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from locallearn.rules.base import check_range
+
 __all__ = ["BPOptions", "FFOptions", "LocalOptions", "SSLOptions"]
 
 
@@ -74,10 +76,8 @@ class BPOptions(SSLOptions):
 
     def validate(self) -> None:
         super().validate()
-        if self.projection_dim is not None and self.projection_dim < 1:
-            raise ValueError(
-                f"rule.options.projection_dim={self.projection_dim} is invalid: must be >= 1"
-            )
+        if self.projection_dim is not None:
+            check_range("rule.options.projection_dim", self.projection_dim, 1)
 
 
 def check_pool(pool: list[int] | str) -> None:
@@ -92,8 +92,7 @@ def check_pool(pool: list[int] | str) -> None:
 
 
 def check_micro_batches(parts: int) -> None:
-    if parts < 1:
-        raise ValueError(f"rule.options.micro_batches={parts} is invalid: must be >= 1")
+    check_range("rule.options.micro_batches", parts, 1)
 
 
 def check_choice(key: str, value: str, valid: Iterable[str]) -> None:

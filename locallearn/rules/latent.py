@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule
+from locallearn.rules.base import Batch, Rule, check_range
 
 
 @dataclass
@@ -89,16 +89,9 @@ class LatentOptions:
                 f"rule.options.clusters={self.clusters} is invalid: 0 (the input alphabet) or >= 2"
             )
         for key in ("tau", "sinkhorn_eps"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"rule.options.{key}={getattr(self, key)} is invalid: must be > 0")
-        if self.sinkhorn_iters < 1:
-            raise ValueError(
-                f"rule.options.sinkhorn_iters={self.sinkhorn_iters} is invalid: must be >= 1"
-            )
-        if self.cluster_weight < 0:
-            raise ValueError(
-                f"rule.options.cluster_weight={self.cluster_weight} is invalid: must be >= 0"
-            )
+            check_range(f"rule.options.{key}", getattr(self, key), 0, low_open=True)
+        check_range("rule.options.sinkhorn_iters", self.sinkhorn_iters, 1)
+        check_range("rule.options.cluster_weight", self.cluster_weight, 0)
 
 
 def balanced_codes(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:

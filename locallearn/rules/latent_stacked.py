@@ -44,7 +44,7 @@ from torch import nn
 from locallearn import distributed as ddp
 from locallearn.nets.base import BlockNet
 from locallearn.nets.clusterer import ClusterBlock
-from locallearn.rules.base import Batch, Rule
+from locallearn.rules.base import Batch, Rule, check_range
 from locallearn.rules.latent import balanced_codes
 
 
@@ -76,27 +76,12 @@ class StackedOptions:
     reseed: bool = True
 
     def validate(self) -> None:
-        if self.level_epochs < 0:
-            raise ValueError(
-                f"rule.options.level_epochs={self.level_epochs} is invalid: must be >= 0 "
-                "(0: the run's epochs shared equally among the modules)"
-            )
-        if not self.sinkhorn_eps > 0:
-            raise ValueError(
-                f"rule.options.sinkhorn_eps={self.sinkhorn_eps} is invalid: must be > 0"
-            )
-        if self.sinkhorn_iters < 1:
-            raise ValueError(
-                f"rule.options.sinkhorn_iters={self.sinkhorn_iters} is invalid: must be >= 1"
-            )
-        if not 0 <= self.cluster_start < 1:
-            raise ValueError(
-                f"rule.options.cluster_start={self.cluster_start} is invalid: must be in [0, 1)"
-            )
-        if self.cluster_weight < 0:
-            raise ValueError(
-                f"rule.options.cluster_weight={self.cluster_weight} is invalid: must be >= 0"
-            )
+        check_range("rule.options.level_epochs", self.level_epochs, 0,
+                    note="0: the run's epochs shared equally among the modules")
+        check_range("rule.options.sinkhorn_eps", self.sinkhorn_eps, 0, low_open=True)
+        check_range("rule.options.sinkhorn_iters", self.sinkhorn_iters, 1)
+        check_range("rule.options.cluster_start", self.cluster_start, 0, 1, high_open=True)
+        check_range("rule.options.cluster_weight", self.cluster_weight, 0)
 
 
 def sibling_targets(codes: torch.Tensor, s: int, k_in: int) -> torch.Tensor:

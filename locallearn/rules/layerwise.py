@@ -48,7 +48,7 @@ from torch import nn
 
 from locallearn import losses
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule, TopLossReference
+from locallearn.rules.base import Batch, Rule, TopLossReference, check_range
 
 LOSSES = ("clapp", "infonce", "vicreg")
 VIEWS = ("synonyms", "synonyms-per-block", "mask", "siblings")
@@ -129,8 +129,7 @@ class Layerwise(Rule):
         ):
             if value not in valid:
                 raise ValueError(f"{key}={value!r} is unknown; valid: {', '.join(valid)}")
-        if not temperature > 0:
-            raise ValueError(f"rule.temperature={temperature} is invalid: must be > 0")
+        check_range("rule.temperature", temperature, 0, low_open=True)
         losses.score_scale(score_norm, 1, 1)  # checks the name
         self.score_norm = score_norm
         self.loss_kind = loss

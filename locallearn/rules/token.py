@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule
+from locallearn.rules.base import Batch, Rule, check_range
 
 
 @dataclass
@@ -40,8 +40,7 @@ class TokenOptions:
     p: float = 0.15
 
     def validate(self) -> None:
-        if not 0.0 < self.p < 1.0:
-            raise ValueError(f"rule.options.p={self.p} is invalid: must be in (0, 1)")
+        check_range("rule.options.p", self.p, 0, 1, low_open=True, high_open=True)
 
 
 def hide_tokens(
