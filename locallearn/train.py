@@ -219,7 +219,8 @@ class Trainer:
         that differs. ``epochs`` may differ: a larger value extends the run (it continues from
         its last checkpoint, as a run started with that many epochs would), a smaller one than
         the checkpoint's is an error, and so is a new length under the cosine schedule (which
-        anneals over the run's length).
+        anneals over the run's length) or for a rule whose schedule depends on it
+        (:meth:`~locallearn.rules.base.Rule.length_refusal`).
         """
         new = to_dict(self.cfg)
         cfg_text = yaml.safe_dump(new, sort_keys=False)
@@ -232,11 +233,12 @@ class Trainer:
                     f"output directory {str(self.out)!r} holds a run of another config "
                     f"(differs at {where}); choose another --out, or remove it to start again"
                 )
-            if old.get("epochs") != self.cfg.epochs and self.cfg.optim.schedule == "cosine":
+            why = ("optim.schedule=cosine anneals over the run's length"
+                   if self.cfg.optim.schedule == "cosine" else self.rule.length_refusal())
+            if old.get("epochs") != self.cfg.epochs and why:
                 raise ValueError(
                     f"epochs={self.cfg.epochs} differs from the run in {str(self.out)!r} "
-                    f"(epochs={old.get('epochs')}) and optim.schedule=cosine anneals over the "
-                    "run's length; start a new run with another --out"
+                    f"(epochs={old.get('epochs')}) and {why}; start a new run with another --out"
                 )
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)

@@ -187,3 +187,16 @@ def test_analyze_measures_the_codes(tmp_path, capsys):
     unseen = [r for r in rows if r["measure"] == "probe" and r["layer"] == 1
               and r["split"] == "synonyms"]
     assert unseen and unseen[0]["value"] > 0.9 > 0.5 > unseen[0]["input_patch"], unseen
+
+
+def test_a_finished_run_is_extended_only_when_its_schedule_allows(tmp_path):
+    """The level-by-level schedule shares the run's epochs among the modules: a longer run is
+    not the same run continued, so extending one is refused; with level_epochs set it is not."""
+    short = TINY[:4] + ["epochs=2", "progress=false", "threads=1"]
+    run(load_config(PRESET, short), tmp_path / "shared")
+    with pytest.raises(ValueError, match=r"epochs=4 differs .*rule.options.level_epochs=0"):
+        run(load_config(PRESET, short + ["epochs=4"]), tmp_path / "shared")
+    fixed = short + ["rule.options.level_epochs=1"]
+    run(load_config(PRESET, fixed), tmp_path / "fixed")
+    longer = run(load_config(PRESET, fixed + ["epochs=4"]), tmp_path / "fixed")
+    assert longer["epochs"] == 4

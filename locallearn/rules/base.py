@@ -106,6 +106,12 @@ class Rule(nn.Module):
         """Why this rule cannot train its blocks on separate processes (``None``: it can)."""
         return f"rule {self.name} does not learn block by block"
 
+    def length_refusal(self) -> str | None:
+        """Why a finished run of this rule cannot be extended to more epochs (its schedule
+        depends on the run's length, so the extended run would not be the longer run);
+        ``None``: it can."""
+        return None
+
     def start_carry(self, net: BlockNet, batch: Batch) -> dict[str, Any]:
         """What block 0 receives for ``batch``: its input(s) and whatever the blocks draw at
         random for it (negatives), drawn here in the order of a one-process step."""

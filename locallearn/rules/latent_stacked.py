@@ -249,6 +249,16 @@ class LatentStacked(Rule):
         metrics["loss"] = total
         return metrics
 
+    def length_refusal(self) -> str | None:
+        o = self.options
+        if o.schedule == "levelwise" and o.level_epochs == 0:
+            return (f"rule {self.name} shares the run's epochs among its modules "
+                    "(rule.options.level_epochs=0)")
+        if o.schedule == "joint" and o.cluster_start > 0:
+            return (f"rule {self.name} starts clustering at a share of the run's steps "
+                    f"(rule.options.cluster_start={o.cluster_start})")
+        return None
+
     def pipeline_refusal(self) -> str | None:
         return (f"rule {self.name} trains its modules one after the other (each on the codes of "
                 "the finished one below); run it with parallel.stages=1")
