@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from locallearn.nets.base import Block
+from locallearn.nets.base import Block, BlockNet
 from locallearn.nets.vgg import (
     PAPER_GRID,
     feature_sides,
@@ -42,8 +42,16 @@ def test_width_mult_and_feature_shapes():
     assert feature_sides(net, 32) == [32, 16, 16, 8, 4, 2]
     assert feature_sides(net, 96) == [96, 48, 48, 24, 12, 6]
     assert scaled_width(1024, 1 / 8) == 128 and scaled_width(3, 0.01) == 1
-    with pytest.raises(ValueError, match="divide|halve"):
-        feature_sides(net, 36)
+    # an odd side is floored by the max-pool, as PyTorch does; the paper's grid then refuses it
+    assert feature_sides(net, 36) == [36, 18, 18, 9, 4, 2]
+    with pytest.raises(ValueError, match="side 36 cannot be pooled onto a grid of 8"):
+        pool_sizes_for_grid(feature_sides(net, 36), PAPER_GRID)
+    with pytest.raises(ValueError, match="side 4 is too small for the 6 blocks"):
+        feature_sides(net, 4)
+    # any block that changes the size counts (here a strided convolution, no max-pool)
+    strided = BlockNet([Block(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU()),
+                        Block(nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(2))])
+    assert feature_sides(strided, 32) == [16, 8]
     with pytest.raises(ValueError, match="width_mult"):
         vgg6(0.0)
     with pytest.raises(ValueError, match="no read-out"):

@@ -122,15 +122,20 @@ VGG_KINDS = {"vgg6": vgg6, "vgg8": vgg8}
 
 
 def feature_sides(net: BlockNet, side: int) -> list[int]:
-    """Side of every block's output map for a square input of side ``side`` (VGG blocks)."""
-    sides = []
-    for block in net.blocks:
-        if _has_maxpool(block):
-            if side % 2:
-                raise ValueError(f"input side {side} does not halve evenly through the max-pools")
-            side //= 2
-        sides.append(side)
-    return sides
+    """Side of every block's output map for a square input of side ``side``, measured by one
+    forward pass of a blank image (so any block that changes the size counts, not only
+    max-pools)."""
+    first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    param = next(net.parameters())
+    blank = torch.zeros(1, first.in_channels, side, side, device=param.device, dtype=param.dtype)
+    try:
+        with torch.no_grad():
+            return [int(h.shape[-1]) for h in net.features(blank)]
+    except RuntimeError as err:
+        raise ValueError(
+            f"an input of side {side} is too small for the {len(net.blocks)} blocks of the "
+            f"network ({str(err).splitlines()[0]})"
+        ) from None
 
 
 def pool_sizes_for_grid(
@@ -152,7 +157,3 @@ def pool_sizes_for_grid(
         out.append(side // cells)
     return out
 
-
-def _has_maxpool(block: nn.Module) -> bool:
-    post = getattr(block, "post", None)
-    return post is not None and any(isinstance(m, nn.MaxPool2d) for m in post.modules())
