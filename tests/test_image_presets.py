@@ -53,7 +53,8 @@ def test_cpu_study_sweeps_give_every_rule_the_same_budget(name, epochs):
     assert budgets == {(epochs, None, 0.125, 32)}
     # each preset's rate is its best of the grid; the grid itself gives every rule every rate
     best = {r.values["preset"]: r.raw["optim"]["lr"] for r in trained}
-    assert best["clapp++"] == best["clapp++dfb"] == 5e-4 and best["clapp"] == 1e-3
+    assert best["clapp++"] == best["clapp++dfb"] == best["bp-clapp++"] == 5e-4
+    assert best["clapp"] == 1e-3
     grid = expand(load_sweep(sweeps / f"{name}.yaml", overrides=["data.root=/x"],
                              grid=["optim.lr=5e-4,1e-3,2e-3"], seeds="0"))
     rates = {}
