@@ -35,11 +35,11 @@ from tqdm import tqdm
 
 from locallearn.eval.probe import fit_linear_probe
 from locallearn.nets.base import BlockNet
-from locallearn.nets.vgg import feature_sides, pool_sizes_for_grid, probe_grid
+from locallearn.nets.vgg import feature_shapes, pool_sizes_for_grid, probe_grid
 from locallearn.rules.image_grid import pool_flat
 
-__all__ = ["ProbeResult", "ProbeSettings", "encoder_features", "probe_pools", "run_probe",
-           "silent_fractions"]
+__all__ = ["ProbeLayout", "ProbeResult", "ProbeSettings", "encoder_features", "probe_layout",
+           "probe_pools", "run_probe", "silent_fractions"]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 Augment = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -104,10 +104,33 @@ def silent_fractions(energy: torch.Tensor, slices: list[slice]) -> list[float]:
     return [round(float((energy[sl] == 0).float().mean()), 6) for sl in slices]
 
 
+@dataclass(frozen=True)
+class ProbeLayout:
+    """How the probe reads a network: per block, the pool size, the grid's cells per side and
+    the block's columns of the concatenated features."""
+
+    pools: list[int]
+    cells: list[int]
+    slices: list[slice]
+
+
+def probe_layout(net: BlockNet, side: int, grid: tuple[int, ...] | None = None) -> ProbeLayout:
+    """The probe's layout for square inputs of side ``side`` (default grid: the paper's), from
+    one forward pass of a blank image."""
+    shapes = feature_shapes(net, side)
+    sides = [s for _, s in shapes]
+    pools = pool_sizes_for_grid(sides, grid if grid is not None else probe_grid(len(sides)))
+    cells = [s // p for s, p in zip(sides, pools)]
+    slices, start = [], 0
+    for (channels, _), n in zip(shapes, cells):
+        slices.append(slice(start, start + channels * n * n))
+        start += channels * n * n
+    return ProbeLayout(pools, cells, slices)
+
+
 def probe_pools(net: BlockNet, side: int, grid: tuple[int, ...] | None = None) -> list[int]:
     """Pool size of every block for square inputs of side ``side`` (default grid: the paper's)."""
-    sides = feature_sides(net, side)
-    return pool_sizes_for_grid(sides, grid if grid is not None else probe_grid(len(sides)))
+    return probe_layout(net, side, grid).pools
 
 
 @torch.no_grad()
@@ -125,17 +148,6 @@ def encoder_features(
         feats = net.features(x)
         out.append(torch.cat([pool_flat(h, p).float() for h, p in zip(feats, pools)], 1))
     return torch.cat(out) if out else images.new_zeros((0, 0), dtype=torch.float32)
-
-
-def _block_slices(net: BlockNet, side: int, pools: list[int], device: torch.device) -> list[slice]:
-    with torch.no_grad():
-        feats = net.features(torch.zeros(1, 3, side, side, device=device))
-    dims = [pool_flat(h, p).shape[1] for h, p in zip(feats, pools)]
-    slices, start = [], 0
-    for d in dims:
-        slices.append(slice(start, start + d))
-        start += d
-    return slices
 
 
 def _check_labels(labels: torch.Tensor, n_classes: int, what: str) -> None:
@@ -182,8 +194,8 @@ def run_probe(
     net.eval()
     side = int(train_images.shape[-1])
     device = train_images.device
-    pools = probe_pools(net, side, settings.grid)
-    slices = _block_slices(net, side, pools, device)
+    layout = probe_layout(net, side, settings.grid)
+    pools, slices = layout.pools, layout.slices
     dims = [s.stop - s.start for s in slices]
     fb = settings.feature_batch
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
@@ -254,7 +266,7 @@ def run_probe(
         accs = [float((logits_of(test, k).argmax(1) == test_labels).float().mean())
                 for k in range(len(groups))]
         train_acc = float((logits_of(clean, 0).argmax(1) == train_labels).float().mean())
-    grid = [side_ // p for side_, p in zip(feature_sides(net, side), pools)]
+    grid = layout.cells
     protocol = (
         f"linear probe on the concatenated average-pooled features of blocks 1-{len(dims)} "
         f"(grids {'-'.join(map(str, grid))}, pool sizes {'-'.join(map(str, pools))}, "

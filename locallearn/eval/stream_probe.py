@@ -28,9 +28,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from locallearn.data.augment import center_crop, random_crop_flip
-from locallearn.eval.image_probe import ProbeResult, ProbeSettings, probe_pools, silent_fractions
+from locallearn.eval.image_probe import (
+    ProbeResult,
+    ProbeSettings,
+    probe_layout,
+    silent_fractions,
+)
 from locallearn.nets.base import BlockNet
-from locallearn.nets.vgg import feature_sides
 from locallearn.rules.image_grid import pool_flat
 
 __all__ = ["run_stream_probe"]
@@ -78,7 +82,9 @@ def run_stream_probe(
     t0 = time.perf_counter()
     net.eval()
     device = next(net.parameters()).device
-    pools = probe_pools(net, side, settings.grid)
+    layout = probe_layout(net, side, settings.grid)
+    pools, slices = layout.pools, layout.slices
+    dims = [s.stop - s.start for s in slices]
     bs = settings.batch_size  # one batch size for every pass: one bound on decoded pixels
     # 1. statistics of the clean training features
     total = total_sq = None
@@ -93,15 +99,8 @@ def run_stream_probe(
     mean = (total / count).float()
     std = (total_sq / count - (total / count).square()).clamp_min(0).sqrt().float()
     std = std.clamp_min(1e-6)
-    with torch.no_grad():
-        dims = [pool_flat(h, p).shape[1] for h, p in
-                zip(net.features(torch.zeros(1, 3, side, side, device=device)), pools)]
-    slices, start = [], 0
-    for d in dims:
-        slices.append(slice(start, start + d))
-        start += d
     silent = silent_fractions(total_sq, slices)
-    groups = [slice(0, start)] + (slices if settings.per_block else [])
+    groups = [slice(0, sum(dims))] + (slices if settings.per_block else [])
     params = []
     for sl in groups:
         params.append(torch.zeros(n_classes, sl.stop - sl.start, device=device,
@@ -153,7 +152,7 @@ def run_stream_probe(
     if n_test == 0:
         raise ValueError("probe: the test split has no images")
     accs = [h / n_test for h in hits]
-    grid = [s // p for s, p in zip(feature_sides(net, side), pools)]
+    grid = layout.cells
     aug = "train-time random crop + flip" if augment else "centre crops"
     protocol = (
         f"linear probe on the concatenated average-pooled features of blocks 1-{len(dims)} "

@@ -121,21 +121,27 @@ def vgg8(width_mult: float = 1.0, in_channels: int = 3, bias: bool = True,
 VGG_KINDS = {"vgg6": vgg6, "vgg8": vgg8}
 
 
-def feature_sides(net: BlockNet, side: int) -> list[int]:
-    """Side of every block's output map for a square input of side ``side``, measured by one
-    forward pass of a blank image (so any block that changes the size counts, not only
-    max-pools)."""
+def feature_shapes(net: BlockNet, side: int) -> list[tuple[int, int]]:
+    """``(channels, side)`` of every block's output map for a square input of side ``side``,
+    measured by one forward pass of a blank image (so any block that changes the size counts,
+    not only max-pools)."""
     first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
     param = next(net.parameters())
     blank = torch.zeros(1, first.in_channels, side, side, device=param.device, dtype=param.dtype)
     try:
         with torch.no_grad():
-            return [int(h.shape[-1]) for h in net.features(blank)]
+            return [(int(h.shape[1]), int(h.shape[-1])) for h in net.features(blank)]
     except RuntimeError as err:
         raise ValueError(
             f"an input of side {side} is too small for the {len(net.blocks)} blocks of the "
             f"network ({str(err).splitlines()[0]})"
         ) from None
+
+
+def feature_sides(net: BlockNet, side: int) -> list[int]:
+    """Side of every block's output map for a square input of side ``side``
+    (:func:`feature_shapes`)."""
+    return [s for _, s in feature_shapes(net, side)]
 
 
 def pool_sizes_for_grid(
