@@ -9,6 +9,7 @@ the devkit's ground truth and ``meta.mat``.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -371,3 +372,24 @@ def test_probe_command_on_a_streamed_run(imagenet, tmp_path):
     probe = json.loads((tmp_path / "run" / "probe.json").read_text())
     assert probe["n_test"] == 4 and probe["block_accuracies"] is None
     assert "2 epochs" in out["probe_protocol"] and "streamed" in out["probe_protocol"]
+
+
+def test_learning_curve_on_streamed_data(imagenet, tmp_path):
+    cfg = _small_cfg(imagenet, "epochs=2", "probe_every=1", "probe.curve_train=7",
+                     "probe.curve_test=5")
+    task = build_task(cfg)
+    curve = replace(cfg.data, probe_subset=7, test_subset=5)
+    tr_x, tr_y, te_x, te_y = task.probe_data(curve, salt=4)
+    assert tr_x.shape == (7, 3, 32, 32) and te_x.shape == (5, 3, 32, 32)
+    assert tr_x.dtype == torch.uint8 and tr_y.shape == (7,) and te_y.shape == (5,)
+    assert set(tr_y.tolist()) <= {0, 1, 2} and set(te_y.tolist()) <= {0, 1, 2}
+    # a fixed draw: the same images every time, another salt draws others
+    again = task.probe_data(curve, salt=4)
+    assert torch.equal(again[0], tr_x) and torch.equal(again[3], te_y)
+    assert not torch.equal(task.probe_data(curve, salt=2)[0], tr_x)
+    run(cfg, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    probes = [r for r in rows if "probe_accuracy" in r and "epoch" in r]
+    assert [r["epoch"] for r in probes][-2:] == [1, 2]
+    assert all(0.0 <= r["probe_accuracy"] <= 1.0 and "seconds" in r and "step" in r
+               for r in probes)

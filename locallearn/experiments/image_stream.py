@@ -27,7 +27,7 @@ from locallearn.eval.image_probe import ProbeResult, ProbeSettings
 from locallearn.eval.stream_probe import run_stream_probe
 from locallearn.rules.base import Batch
 
-__all__ = ["StreamSource", "init_stream", "stream_batches", "stream_probe"]
+__all__ = ["StreamSource", "init_stream", "stream_batches", "stream_probe", "stream_probe_data"]
 
 
 class StreamSource:
@@ -112,6 +112,7 @@ def init_stream(task: Any) -> None:
     task.views = SSLViews(d.name, mean=task.mean, std=task.std, size=side).to(task.device)
     task.chance = 1.0 / max(len(task.classes), 1)
     task.rule_info = {}
+    task._curve_data = None
     task.info = {
         "dataset": d.name,
         "train_split": task.split,
@@ -136,23 +137,45 @@ def stream_batches(task: Any, generator: torch.Generator, batch_size: int,
         yield Batch(task.transform(center_crop(images, task.side)), y, views, generator)
 
 
+def _probe_source(task: Any, d: Any, split: str, size: int | None, salt: int) -> StreamSource:
+    """``split`` on disk, cut to the fixed random subset of ``size`` images drawn with ``salt``
+    (all of it for ``None``), as the in-memory probe draws it."""
+    src = open_source(task, split, persistent=False)
+    keep = subset_indices(len(src), size, task.subset_seed, salt)
+    if keep is None:
+        return src
+    return StreamSource(src.dataset.subset(keep), task.device, *d.decoding(), persistent=False)
+
+
 def stream_probe(task: Any, net: Any, settings: ProbeSettings, augment: bool,
                  progress: bool, d: Any) -> ProbeResult:
     """The linear probe on streamed probe-training and test splits."""
 
     _, test_split, probe_split = d.splits()
-    train = open_source(task, probe_split, persistent=False)
-    test = open_source(task, test_split, persistent=False)
-    keep = subset_indices(len(train), d.probe_subset, task.subset_seed, 2)
-    if keep is not None:
-        train = StreamSource(train.dataset.subset(keep), task.device, *d.decoding(),
-                             persistent=False)
-    keep = subset_indices(len(test), d.test_subset, task.subset_seed, 3)
-    if keep is not None:
-        test = StreamSource(test.dataset.subset(keep), task.device, *d.decoding(),
-                            persistent=False)
+    train = _probe_source(task, d, probe_split, d.probe_subset, 2)
+    test = _probe_source(task, d, test_split, d.test_subset, 3)
     return run_stream_probe(
         net, train.batches, len(train), test.batches, len(task.classes), task.side,
         task.transform, settings, augment=augment, progress=progress,
         description=f"{d.name} {probe_split} -> {test_split}",
     )
+
+
+def stream_probe_data(task: Any, d: Any, salt: int, batch_size: int = 256
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(train images, train labels, test images, test labels)``: the fixed subsets of ``d``
+    (``probe_subset``, ``test_subset``) decoded once, centre-cropped, ``uint8`` on the device.
+
+    Only those images are decoded, never a whole split: the learning curve's small subsets
+    (``probe.curve_train``, ``probe.curve_test``) of ImageNet fit in memory where the splits do
+    not. The final probe streams instead (:func:`stream_probe`).
+    """
+    _, test_split, probe_split = d.splits()
+    out: list[torch.Tensor] = []
+    for split, size, s in ((probe_split, d.probe_subset, salt), (test_split, d.test_subset,
+                                                                  salt + 1)):
+        src = _probe_source(task, d, split, size, s)
+        parts = list(src.batches(None, batch_size))
+        out.append(torch.cat([center_crop(x, task.side) for x, _ in parts]))
+        out.append(torch.cat([y for _, y in parts]))
+    return out[0], out[1], out[2], out[3]

@@ -208,8 +208,13 @@ class ImageTask:
         """``(train images, train labels, test images, test labels)`` of the probe, on device.
 
         ``salt`` picks the subsets' random draw (the final probe's: 2 and 3; the curve's: 4, 5).
+        Streamed data decodes only the two subsets.
         """
         d = d or self.data
+        if self.stream is not None:
+            from locallearn.experiments.image_stream import stream_probe_data
+
+            return stream_probe_data(self, d, salt)
         _, test_split, probe_split = d.splits()
         train = self._full_train if probe_split == self.split else self._load(probe_split)
         test = self._load(test_split)
