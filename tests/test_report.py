@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from locallearn.experiments.report import crossing, fmt_complexity, write_report
+from locallearn.experiments.report import write_report
+from locallearn.experiments.report_runs import crossing, fmt_complexity
 from locallearn.experiments.results import ResultsStore
 from locallearn.experiments.sweep_commands import add_report
 
