@@ -125,19 +125,19 @@ def check(preset: str, precision: str, compiled: bool, args: argparse.Namespace)
         result = original_step(*a, **k)
         if len(losses) == args.warmup:  # the warm-up ends: start the clock and the memory
             if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
             timed_from["t"] = time.perf_counter()
         return result
 
     trainer.opt.step = step_and_mark  # type: ignore[method-assign]
     if args.warmup == 0:
         if cuda:
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.reset_peak_memory_stats(device)
         timed_from["t"] = time.perf_counter()
     trainer.train_epoch()
     if cuda:
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - timed_from["t"]
     timed = losses[args.warmup :]
     tenth = max(len(timed) // 10, 1)
@@ -148,7 +148,7 @@ def check(preset: str, precision: str, compiled: bool, args: argparse.Namespace)
     return {
         "preset": preset, "precision": precision, "compile": compiled,
         "pairs_per_s": len(timed) * cfg.batch_size / seconds,
-        "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"),
+        "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else float("nan"),
         "loss_first": first, "loss_last": last, "falls": last < first,
         "first_loss": losses[0],
         "hours_300": per_step * steps_per_epoch * PAPER_EPOCHS / 3600,

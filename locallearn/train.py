@@ -116,8 +116,7 @@ class Trainer:
         self.rule.setup(self.net, task.sample_input())
         self.rule.to(self.device)
         if cfg.compile:
-            for block in self.net.blocks:
-                block.compile()
+            self.net.compile_blocks()
         if cfg.probe_every > 0:
             if not hasattr(task, "curve_probe"):
                 raise ValueError(

@@ -96,3 +96,66 @@ def test_bf16_and_compile_on_the_gpu(preset):
     half = _trainer(preset, "cuda", "precision=bf16")
     loss_h, _ = _grads(half, batch)
     assert loss_h == pytest.approx(loss_e, rel=0.05)
+
+
+def test_prediction_gradient_takes_fp32_scores_beside_bf16_products():
+    # CUDA's autocast sums in fp32 and multiplies in bf16; CPU autocast gives the same mix when
+    # the pooled outputs are fp32: B's explicit gradient must gather in fp32, as autograd's
+    from locallearn.rules.image_ssl import ImageSSLRule
+    from locallearn.rules.ssl_pairs import PredictionGrads, pair_terms, paper_negative_rows
+
+    trainer = _trainer("clapp++", "cpu")
+    rule = trainer.rule
+    assert isinstance(rule, ImageSSLRule)
+    n, d = 6, 8
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(2 * n, d, generator=gen)
+    c = torch.rand(2 * n, d, generator=gen)
+    terms = pair_terms(n, paper_negative_rows(n, torch.device("cpu")))
+    grads = {}
+    for mode in ("autograd", "explicit"):
+        B = torch.nn.Parameter(torch.randn(d, d, generator=torch.Generator().manual_seed(1)))
+        b_grads = PredictionGrads() if mode == "explicit" else None
+        p = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = rule.pair_loss(p, c, B, terms, n, b_grads)
+        loss.backward()
+        if b_grads is not None:
+            b_grads.apply()
+        grads[mode] = B.grad
+    assert grads["explicit"].dtype == torch.float32 and float(grads["autograd"].norm()) > 0
+    assert torch.allclose(grads["explicit"], grads["autograd"], rtol=0.05, atol=0.02)
+
+
+def test_bf16_with_micro_batches_matches_fp32():
+    full = _trainer("clapp++", "cpu", "rule.options.micro_batches=2")
+    half = _trainer("clapp++", "cpu", "precision=bf16", "rule.options.micro_batches=2")
+    batch = _batch(full)
+    loss32, g32 = _grads(full, batch)
+    loss16, g16 = _grads(half, batch)
+    assert abs(loss16 - loss32) <= 0.01 * abs(loss32) + 1e-3
+    a, b = torch.cat([g.flatten() for g in g32]), torch.cat([g.flatten() for g in g16])
+    assert all(g.dtype == torch.float32 for g in g16)
+    assert float((a * b).sum() / (a.norm() * b.norm())) > 0.6
+
+
+def test_compiled_blocks_stay_compiled_in_every_mode():
+    # every block in fp32 and under bf16 autocast, with and without gradients: 24 variants of
+    # one forward, more than torch's default limit of 8 compiled variants
+    import torch._dynamo as dynamo
+    from torch._dynamo.utils import counters
+
+    from locallearn.nets.vgg import vgg6
+
+    dynamo.reset()
+    counters.clear()
+    net = vgg6(0.0625)
+    net.compile_blocks(backend="eager")
+    x = torch.randn(2, 3, 32, 32)
+    for grad in (True, False):
+        for bf16 in (False, True):
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, bf16):
+                net.encode(x)
+    frames = dict(counters["frames"])
+    dynamo.reset()
+    assert frames["total"] > 8 and frames["ok"] == frames["total"]

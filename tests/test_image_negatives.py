@@ -84,3 +84,26 @@ def test_the_loss_is_the_mean_over_both_views():
     rule.to(torch.float64)
     metrics = rule.compute_grads(net, batch)
     assert [metrics[f"loss_block{i}"] for i in range(1, 7)] == pytest.approx([2.0] * 6)
+
+
+def test_fixed_pairings_plan_once_random_negatives_every_batch():
+    n, ranges = 6, image_parts(6, 3)
+    rule = build_rule(load_config(IMAGES / "clapp++.yaml").rule, 0)
+    neg = rule.negative_index(n, Batch(torch.zeros(n, 1), None, None, None), torch.device("cpu"))
+    terms, early = rule.pair_plan(n, neg, ranges)
+    again = rule.pair_plan(n, neg, ranges)
+    assert again[0] is terms and again[1] is early  # made once for every batch of n images
+    for (a, b), t in zip(ranges, terms):
+        fresh = pair_terms(n, neg, a, b)
+        assert all(torch.equal(getattr(t, k), getattr(fresh, k)) for k in
+                   ("rows", "anchors", "context_rows", "neg_anchor", "neg_row"))
+    assert torch.equal(early, early_images(neg, ranges))
+    cfg = load_config(IMAGES / "clapp++.yaml", ["rule.negatives=random",
+                                                "rule.options.negatives=same-view"])
+    rnd = build_rule(cfg.rule, 0)
+    gen = torch.Generator().manual_seed(0)
+    batch = Batch(torch.zeros(n, 1), None, None, gen)
+    plans = [rnd.pair_plan(n, rnd.negative_index(n, batch, torch.device("cpu")), ranges)
+             for _ in range(4)]
+    assert plans[0][0] is not plans[1][0]
+    assert len({tuple(p[0][0].neg_row.tolist()) for p in plans}) > 1  # drawn anew

@@ -54,6 +54,14 @@ def to_unit_float(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
     raise ValueError(f"expected uint8 or floating images, got dtype {x.dtype}")
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (drawn on the CPU) on ``device``; to a GPU through pinned memory, so that the copy
+    does not wait for the work queued on the device (a copy from pageable memory does)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _check_batch(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -277,9 +285,9 @@ class ProbeAugment(nn.Module):
         b, c, h, w = xf.shape
         pad = self.padding if self.padding is not None else max(1, min(h, w) // 8)
         dev = xf.device
-        oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
-        ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(dev)
-        flip = (torch.rand((b,), generator=generator) < self.flip_p).to(dev)
+        oy = _to_device(torch.randint(0, 2 * pad + 1, (b,), generator=generator), dev)
+        ox = _to_device(torch.randint(0, 2 * pad + 1, (b,), generator=generator), dev)
+        flip = _to_device(torch.rand((b,), generator=generator) < self.flip_p, dev)
         padded = nn.functional.pad(xf, (pad, pad, pad, pad))
         ar_h = torch.arange(h, device=dev)
         ar_w = torch.arange(w, device=dev)
@@ -324,9 +332,9 @@ def random_crop_flip(
     if size > min(h, w):
         raise ValueError(f"cannot crop {size} pixels out of {h}x{w} images")
     dev = x.device
-    oy = torch.randint(0, h - size + 1, (b,), generator=generator).to(dev)
-    ox = torch.randint(0, w - size + 1, (b,), generator=generator).to(dev)
-    flip = (torch.rand((b,), generator=generator) < flip_p).to(dev)
+    oy = _to_device(torch.randint(0, h - size + 1, (b,), generator=generator), dev)
+    ox = _to_device(torch.randint(0, w - size + 1, (b,), generator=generator), dev)
+    flip = _to_device(torch.rand((b,), generator=generator) < flip_p, dev)
     ar = torch.arange(size, device=dev)
     rows = oy[:, None] + ar
     cols = ox[:, None] + torch.where(flip[:, None], size - 1 - ar, ar)

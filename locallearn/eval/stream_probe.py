@@ -45,8 +45,11 @@ Batches = Callable[[torch.Tensor | None, int], Iterator[tuple[torch.Tensor, torc
 
 
 @torch.no_grad()
-def _features(net: BlockNet, x: torch.Tensor, pools: list[int]) -> torch.Tensor:
-    return torch.cat([pool_flat(h, p) for h, p in zip(net.features(x), pools)], 1)
+def _features(net: BlockNet, x: torch.Tensor, pools: list[int], bf16: bool) -> torch.Tensor:
+    """Pooled features of all blocks (the encoder under bf16 autocast with ``bf16``), fp32."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        feats = [pool_flat(h, p) for h, p in zip(net.features(x), pools)]
+    return torch.cat(feats, 1).float()
 
 
 def run_stream_probe(
@@ -90,7 +93,7 @@ def run_stream_probe(
     total = total_sq = None
     count = 0
     for images, _ in train_batches(None, bs):
-        f = _features(net, transform(center_crop(images, side)), pools).double()
+        f = _features(net, transform(center_crop(images, side)), pools, settings.bf16).double()
         total = f.sum(0) if total is None else total + f.sum(0)
         total_sq = f.square().sum(0) if total_sq is None else total_sq + f.square().sum(0)
         count += f.shape[0]
@@ -118,17 +121,19 @@ def run_stream_probe(
 
     # 2. training epochs
     gen = torch.Generator().manual_seed(settings.seed)
-    correct = seen = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)  # read once, at the end
+    seen = 0
     bar = tqdm(range(settings.epochs), desc="probe", unit="epoch", disable=not progress,
                leave=False)
     for epoch in bar:
         order = torch.randperm(n_train, generator=gen)
         last = epoch == settings.epochs - 1
         for images, y in train_batches(order, settings.batch_size):
-            check(y, "probe training")
+            if epoch == 0:  # the labels are the same every epoch: checked once
+                check(y, "probe training")
             crops = (random_crop_flip(images, side, gen) if augment
                      else center_crop(images, side))
-            feats = (_features(net, transform(crops), pools) - mean) / std
+            feats = (_features(net, transform(crops), pools, settings.bf16) - mean) / std
             opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 outs = [logits_of(feats, k) for k in range(len(groups))]
@@ -136,35 +141,37 @@ def run_stream_probe(
                 loss.backward()
             opt.step()
             if last:
-                correct += int((outs[0].detach().argmax(1) == y).sum())
+                correct += (outs[0].detach().argmax(1) == y).sum()
                 seen += int(y.numel())
     bar.close()
     # 3. test
-    hits = [0] * len(groups)
+    hits = torch.zeros(len(groups), dtype=torch.long, device=device)
     n_test = 0
     with torch.no_grad():
         for images, y in test_batches(None, bs):
             check(y, "test")
-            feats = (_features(net, transform(center_crop(images, side)), pools) - mean) / std
+            feats = (_features(net, transform(center_crop(images, side)), pools,
+                               settings.bf16) - mean) / std
             for k in range(len(groups)):
-                hits[k] += int((logits_of(feats, k).argmax(1) == y).sum())
+                hits[k] += (logits_of(feats, k).argmax(1) == y).sum()
             n_test += int(y.numel())
     if n_test == 0:
         raise ValueError("probe: the test split has no images")
-    accs = [h / n_test for h in hits]
+    accs = [h / n_test for h in hits.tolist()]
     grid = layout.cells
     aug = "train-time random crop + flip" if augment else "centre crops"
     protocol = (
         f"linear probe on the concatenated average-pooled features of blocks 1-{len(dims)} "
         f"(grids {'-'.join(map(str, grid))}, pool sizes {'-'.join(map(str, pools))}, "
-        f"{sum(dims)} values, standardised), Adam lr {settings.lr:g}, weight decay "
+        f"{sum(dims)} values, standardised{', bf16 encoder' if settings.bf16 else ''}), "
+        f"Adam lr {settings.lr:g}, weight decay "
         f"{settings.weight_decay:g}, {settings.epochs} epochs, batch {settings.batch_size}, {aug}; "
         f"streamed: {count} training and {n_test} test images (test: centre crops); training "
         f"accuracy of the last epoch's minibatches{'; ' + description if description else ''}"
     )
     return ProbeResult(
         accuracy=accs[0],
-        train_accuracy=correct / max(seen, 1),
+        train_accuracy=int(correct) / max(seen, 1),
         protocol=protocol,
         block_accuracies=accs[1:] if settings.per_block else None,
         feature_dims=dims,

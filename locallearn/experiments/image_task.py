@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from locallearn.data.augment import ProbeAugment, SSLViews, normalize
+from locallearn.data.augment import ProbeAugment, SSLViews, to_unit_float
 from locallearn.data.images import ImageSet, dataset_info, load_images, subset_indices
 from locallearn.eval.image_probe import ProbeResult, ProbeSettings, run_probe
 from locallearn.nets.base import BlockNet
@@ -57,6 +57,9 @@ class ImageTask:
         self.subset_seed = cfg.seed if d.subset_seed is None else d.subset_seed
         info = dataset_info(d.name)
         self.mean, self.std = info.mean, info.std
+        # on the device once: a tensor made from a list per batch is a copy the host waits for
+        self._mean_std = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
+                          torch.tensor(self.std, device=device).view(1, 3, 1, 1))
         self.stream = None
         if d.streams():  # decoded batch by batch (ImageNet, large folders)
             from locallearn.experiments.image_stream import init_stream
@@ -116,7 +119,8 @@ class ImageTask:
 
     def transform(self, images: torch.Tensor) -> torch.Tensor:
         """Clean preprocessing: scale to [0, 1] and normalise with the dataset's constants."""
-        return normalize(images, None, self.mean, self.std)
+        mean, std = self._mean_std
+        return (to_unit_float(images) - mean) / std
 
     # ------------------------------------------------------------------ the Task protocol
     def build_net(self) -> BlockNet:

@@ -57,6 +57,24 @@ class BlockNet(nn.Module):
             raise ValueError("this network has no read-out; use encode() or features()")
         return self.readout(self.encode(x).flatten(1))
 
+    def compile_blocks(self, backend: str = "inductor") -> None:
+        """``torch.compile`` every block in place.
+
+        Blocks of one class share one ``forward`` code object, and torch compiles at most
+        ``recompile_limit`` (8 by default) variants of a code object, then runs the rest eagerly.
+        Each block is a variant for each input width, dtype (fp32 input, bf16 under autocast)
+        and grad mode (the probes and contexts run without gradients), so the limit is raised to
+        four variants per block.
+        """
+        import torch._dynamo.config as dynamo_config
+
+        need = 4 * len(self.blocks)
+        for name in ("recompile_limit", "cache_size_limit"):  # the name changed across versions
+            if getattr(dynamo_config, name, need) < need:
+                setattr(dynamo_config, name, need)
+        for block in self.blocks:
+            block.compile(backend=backend)
+
     def encoder_parameters(self) -> list[nn.Parameter]:
         """Parameters of the blocks (not of the read-out)."""
         return list(self.blocks.parameters())

@@ -19,9 +19,7 @@ from locallearn.rules.image_ssl import ImageSSLRule
 from locallearn.rules.ssl_pairs import (
     PairTerms,
     PredictionGrads,
-    early_images,
     image_parts,
-    pair_terms,
 )
 
 __all__ = ["FFRule", "LocalImageRule", "TopLossBackprop"]
@@ -157,7 +155,7 @@ class LocalImageRule(ImageSSLRule):
         neg = self.negative_index(n, batch, x.device)
         top = self.top_context(net, x)
         ranges = image_parts(n, self.micro_batches)
-        early = early_images(neg, ranges)
+        early = self.pair_plan(n, neg, ranges)[1]
         rows = torch.cat([early, early + n])
         return {
             "n": n,
@@ -184,11 +182,11 @@ class LocalImageRule(ImageSSLRule):
                 with torch.no_grad():
                     for level in range(start, stop):
                         early = net.blocks[level](early)
-                        stores[level][carry["early_rows"]] = pool_flat(early, self.pools[level])
+                        pooled = pool_flat(early, self.pools[level])
+                        stores[level][carry["early_rows"]] = pooled.to(stores[level].dtype)
         b_grads = PredictionGrads()  # B's three-factor updates, one product per B per batch
         values: list[torch.Tensor] = []  # per part and block, read once at the end
-        for k, (a, b) in enumerate(ranges):
-            terms = pair_terms(n, neg, a, b)
+        for k, terms in enumerate(self.pair_plan(n, neg, ranges)[0]):
             h = parts[k]
             pending: list[torch.Tensor] = []
             for level in range(start, stop):

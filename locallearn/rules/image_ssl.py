@@ -157,6 +157,25 @@ class ImageSSLRule(Rule):
         self.score_norm = score_norm
         self.pools: list[int] = []
         self.dims: list[int] = []
+        self._plans: dict[tuple, tuple[list[PairTerms], torch.Tensor]] = {}
+
+    def pair_plan(
+        self, n: int, neg: torch.Tensor, ranges: list[tuple[int, int]]
+    ) -> tuple[list[PairTerms], torch.Tensor]:
+        """Each part's :class:`PairTerms` and the :func:`early_images` of a batch of ``n``
+        images with negatives ``neg``, split into ``ranges``.
+
+        With ``next`` negatives (the paper's pairing or the same view) they are the same for
+        every batch of ``n`` images: made once and kept on the device, so that a step does not
+        wait for the device to find them (their sizes depend on the values of ``neg``).
+        """
+        key = (n, tuple(ranges), str(neg.device))
+        plan = self._plans.get(key) if self.negatives == "next" else None
+        if plan is None:
+            plan = ([pair_terms(n, neg, a, b) for a, b in ranges], early_images(neg, ranges))
+            if self.negatives == "next":
+                self._plans[key] = plan
+        return plan
 
     def resolve(self, net: BlockNet, sample_input: torch.Tensor) -> None:
         """Find each block's pool size and pooled size ``D_l`` for inputs like ``sample_input``."""
@@ -214,8 +233,11 @@ class ImageSSLRule(Rule):
         u_neg = (p[terms.neg_row] * pred[terms.neg_anchor]).sum(1) * s
         if B is not None and b_grads is not None and B.requires_grad:
             g_pos, g_neg = losses.score_loss_grads(u_pos.detach(), u_neg.detach(), self.f)
-            q = p.detach() * (s / (2 * n))
-            post = torch.zeros_like(pred)
+            # at least fp32 whatever autocast made of the scores (on CUDA its sums are fp32,
+            # its products bf16): B's gradient is never gathered in bf16
+            dtype = torch.promote_types(torch.promote_types(p.dtype, pred.dtype), torch.float32)
+            q = p.detach().to(dtype) * (s / (2 * n))
+            post = torch.zeros(pred.shape, dtype=dtype, device=pred.device)
             post[:rows] = g_pos[:, None] * q
             post.index_add_(0, terms.neg_anchor, g_neg[:, None] * q[terms.neg_row])
             b_grads.add(B, terms.anchors, post, ctx)
@@ -228,7 +250,7 @@ class ImageSSLRule(Rule):
         same block), with the rows of :func:`early_images` filled in by a forward pass without
         gradients; the parts fill in their own rows as they run."""
         store = [x.new_empty(x.shape[0], d) for d in self.dims]
-        early = early_images(neg, ranges)
+        early = self.pair_plan(x.shape[0] // 2, neg, ranges)[1]
         if early.numel():
             n = x.shape[0] // 2
             rows = torch.cat([early, early + n])
@@ -254,8 +276,7 @@ class ImageSSLRule(Rule):
         ranges = image_parts(n, self.micro_batches)
         contexts = self.pooled_stores(net, x, neg, ranges)[-1]
         values: list[torch.Tensor] = []
-        for start, stop in ranges:
-            terms = pair_terms(n, neg, start, stop)
+        for (start, stop), terms in zip(ranges, self.pair_plan(n, neg, ranges)[0]):
             p = pool_flat(net.encode(self.part_views(x, n, start, stop)), self.pools[-1])
             contexts[terms.rows] = p.detach().to(contexts.dtype)
             loss = loss_fn(p, contexts, terms, n)
