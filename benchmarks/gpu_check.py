@@ -65,10 +65,9 @@ class SyntheticCifar:
 
     def transform(self, images: torch.Tensor) -> torch.Tensor:
         """As the image task's: the constants stay on the device (no copy per step)."""
-        from locallearn.data.augment import to_unit_float
+        from locallearn.data.augment import normalize
 
-        mean, std = self._mean_std
-        return (to_unit_float(images) - mean) / std
+        return normalize(images, None, *self._mean_std)
 
     def build_net(self):
         from locallearn.nets.vgg import vgg6

@@ -143,19 +143,24 @@ def test_compiled_blocks_stay_compiled_in_every_mode():
     # every block in fp32 and under bf16 autocast, with and without gradients: 24 variants of
     # one forward, more than torch's default limit of 8 compiled variants
     import torch._dynamo as dynamo
+    import torch._dynamo.config as dynamo_config
     from torch._dynamo.utils import counters
 
     from locallearn.nets.vgg import vgg6
 
+    limit = dynamo_config.recompile_limit
     dynamo.reset()
     counters.clear()
-    net = vgg6(0.0625)
-    net.compile_blocks(backend="eager")
-    x = torch.randn(2, 3, 32, 32)
-    for grad in (True, False):
-        for bf16 in (False, True):
-            with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, bf16):
-                net.encode(x)
-    frames = dict(counters["frames"])
-    dynamo.reset()
+    try:
+        net = vgg6(0.0625)
+        net.compile_blocks(backend="eager")
+        x = torch.randn(2, 3, 32, 32)
+        for grad in (True, False):
+            for bf16 in (False, True):
+                with torch.set_grad_enabled(grad), torch.autocast("cpu", torch.bfloat16, bf16):
+                    net.encode(x)
+        frames = dict(counters["frames"])
+    finally:
+        dynamo.reset()
+        dynamo_config.recompile_limit = limit
     assert frames["total"] > 8 and frames["ok"] == frames["total"]

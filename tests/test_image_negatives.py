@@ -103,7 +103,8 @@ def test_fixed_pairings_plan_once_random_negatives_every_batch():
     rnd = build_rule(cfg.rule, 0)
     gen = torch.Generator().manual_seed(0)
     batch = Batch(torch.zeros(n, 1), None, None, gen)
-    plans = [rnd.pair_plan(n, rnd.negative_index(n, batch, torch.device("cpu")), ranges)
-             for _ in range(4)]
+    negs = [rnd.negative_index(n, batch, torch.device("cpu")) for _ in range(4)]
+    plans = [rnd.pair_plan(n, neg, ranges) for neg in negs]
     assert plans[0][0] is not plans[1][0]
+    assert rnd.pair_plan(n, negs[-1], ranges) is plans[-1]  # once per batch, not per use
     assert len({tuple(p[0][0].neg_row.tolist()) for p in plans}) > 1  # drawn anew

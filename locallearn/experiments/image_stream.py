@@ -8,8 +8,9 @@ part of each global batch and the parts are gathered (:func:`locallearn.distribu
 so every rank holds the same global batch, draws the same views from the same random state and the
 loop shards it as for in-memory data: the result is that of one process with the global batch.
 
-The task-side functions here (:func:`init_stream`, :func:`stream_batches`, :func:`stream_probe`)
-are called by :class:`locallearn.experiments.image_task.ImageTask` when ``data.streaming`` is on.
+The task-side functions here (:func:`init_stream`, :func:`stream_batches`, :func:`stream_probe`,
+:func:`stream_probe_data`) are called by :class:`locallearn.experiments.image_task.ImageTask`
+when ``data.streaming`` is on.
 """
 
 from __future__ import annotations
@@ -176,6 +177,9 @@ def stream_probe_data(task: Any, d: Any, salt: int, batch_size: int = 256
                                                                   salt + 1)):
         src = _probe_source(task, d, split, size, s)
         parts = list(src.batches(None, batch_size))
+        if not parts:
+            raise ValueError(f"{d.name}: the {split} subset of {len(src)} images is smaller than "
+                             f"the {src.world} ranks; use a larger probe.curve_train/curve_test")
         out.append(torch.cat([center_crop(x, task.side) for x, _ in parts]))
         out.append(torch.cat([y for _, y in parts]))
     return out[0], out[1], out[2], out[3]

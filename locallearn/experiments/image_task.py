@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from locallearn.data.augment import ProbeAugment, SSLViews, to_unit_float
+from locallearn.data.augment import ProbeAugment, SSLViews, normalize
 from locallearn.data.images import ImageSet, dataset_info, load_images, subset_indices
 from locallearn.eval.image_probe import ProbeResult, ProbeSettings, run_probe
 from locallearn.nets.base import BlockNet
@@ -119,8 +119,7 @@ class ImageTask:
 
     def transform(self, images: torch.Tensor) -> torch.Tensor:
         """Clean preprocessing: scale to [0, 1] and normalise with the dataset's constants."""
-        mean, std = self._mean_std
-        return (to_unit_float(images) - mean) / std
+        return normalize(images, None, *self._mean_std)
 
     # ------------------------------------------------------------------ the Task protocol
     def build_net(self) -> BlockNet:

@@ -24,7 +24,6 @@ SIZE_AXIS = "data.train_size"
 DATASET_AXES = ("dataset", "data", "data.name")
 
 
-
 @dataclass
 class Run:
     """One recorded run as the report sees it."""

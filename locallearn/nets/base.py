@@ -60,15 +60,15 @@ class BlockNet(nn.Module):
     def compile_blocks(self, backend: str = "inductor") -> None:
         """``torch.compile`` every block in place.
 
-        Blocks of one class share one ``forward`` code object, and torch compiles at most
-        ``recompile_limit`` (8 by default) variants of a code object, then runs the rest eagerly.
-        Each block is a variant for each input width, dtype (fp32 input, bf16 under autocast)
-        and grad mode (the probes and contexts run without gradients), so the limit is raised to
-        four variants per block.
+        Compiled modules share code objects, and torch compiles at most ``recompile_limit``
+        (8 by default) variants of a code object, then runs the rest eagerly. Each block is a
+        variant for each input width, dtype (fp32 input, bf16 under autocast), grad mode (the
+        probes and contexts run without gradients) and, once, batch size (then it is marked
+        dynamic), so the limit is raised to eight variants per block.
         """
         import torch._dynamo.config as dynamo_config
 
-        need = 4 * len(self.blocks)
+        need = 8 * len(self.blocks)
         for name in ("recompile_limit", "cache_size_limit"):  # the name changed across versions
             if getattr(dynamo_config, name, need) < need:
                 setattr(dynamo_config, name, need)

@@ -158,6 +158,7 @@ class ImageSSLRule(Rule):
         self.pools: list[int] = []
         self.dims: list[int] = []
         self._plans: dict[tuple, tuple[list[PairTerms], torch.Tensor]] = {}
+        self._last_plan: tuple[torch.Tensor, tuple, tuple] | None = None  # (neg, key, plan)
 
     def pair_plan(
         self, n: int, neg: torch.Tensor, ranges: list[tuple[int, int]]
@@ -167,15 +168,27 @@ class ImageSSLRule(Rule):
 
         With ``next`` negatives (the paper's pairing or the same view) they are the same for
         every batch of ``n`` images: made once and kept on the device, so that a step does not
-        wait for the device to find them (their sizes depend on the values of ``neg``).
+        wait for the device to find them (their sizes depend on the values of ``neg``). Random
+        negatives are planned once per batch (the last plan is kept for the same ``neg``); on a
+        GPU that costs one wait per batch.
         """
         key = (n, tuple(ranges), str(neg.device))
-        plan = self._plans.get(key) if self.negatives == "next" else None
-        if plan is None:
-            plan = ([pair_terms(n, neg, a, b) for a, b in ranges], early_images(neg, ranges))
-            if self.negatives == "next":
-                self._plans[key] = plan
+        if self.negatives == "next":
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._plans[key] = self._new_plan(n, neg, ranges)
+            return plan
+        last = self._last_plan
+        if last is not None and last[0] is neg and last[1] == key:
+            return last[2]
+        plan = self._new_plan(n, neg, ranges)
+        self._last_plan = (neg, key, plan)
         return plan
+
+    @staticmethod
+    def _new_plan(n: int, neg: torch.Tensor, ranges: list[tuple[int, int]]
+                  ) -> tuple[list[PairTerms], torch.Tensor]:
+        return [pair_terms(n, neg, a, b) for a, b in ranges], early_images(neg, ranges)
 
     def resolve(self, net: BlockNet, sample_input: torch.Tensor) -> None:
         """Find each block's pool size and pooled size ``D_l`` for inputs like ``sample_input``."""
