@@ -60,14 +60,12 @@ class SyntheticCifar:
         info = dataset_info("cifar10")
         self.mean, self.std = info.mean, info.std
         self.views = SSLViews("cifar10", mean=self.mean, std=self.std).to(device)
-        self._mean_std = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
-                          torch.tensor(self.std, device=device).view(1, 3, 1, 1))
 
     def transform(self, images: torch.Tensor) -> torch.Tensor:
         """As the image task's: the constants stay on the device (no copy per step)."""
         from locallearn.data.augment import normalize
 
-        return normalize(images, None, *self._mean_std)
+        return normalize(images, None, self.views.mean, self.views.std)
 
     def build_net(self):
         from locallearn.nets.vgg import vgg6

@@ -90,9 +90,10 @@ def test_fixed_pairings_plan_once_random_negatives_every_batch():
     n, ranges = 6, image_parts(6, 3)
     rule = build_rule(load_config(IMAGES / "clapp++.yaml").rule, 0)
     neg = rule.negative_index(n, Batch(torch.zeros(n, 1), None, None, None), torch.device("cpu"))
-    terms, early = rule.pair_plan(n, neg, ranges)
+    plan = rule.pair_plan(n, neg, ranges)
+    terms, early = plan.terms, plan.early
     again = rule.pair_plan(n, neg, ranges)
-    assert again[0] is terms and again[1] is early  # made once for every batch of n images
+    assert again.terms is terms and again.early is early  # made once for every batch of n
     for (a, b), t in zip(ranges, terms):
         fresh = pair_terms(n, neg, a, b)
         assert all(torch.equal(getattr(t, k), getattr(fresh, k)) for k in
@@ -105,6 +106,9 @@ def test_fixed_pairings_plan_once_random_negatives_every_batch():
     batch = Batch(torch.zeros(n, 1), None, None, gen)
     negs = [rnd.negative_index(n, batch, torch.device("cpu")) for _ in range(4)]
     plans = [rnd.pair_plan(n, neg, ranges) for neg in negs]
-    assert plans[0][0] is not plans[1][0]
-    assert rnd.pair_plan(n, negs[-1], ranges) is plans[-1]  # once per batch, not per use
-    assert len({tuple(p[0][0].neg_row.tolist()) for p in plans}) > 1  # drawn anew
+    assert plans[0].terms is not plans[1].terms
+    assert len({tuple(p.terms[0].neg_row.tolist()) for p in plans}) > 1  # drawn anew
+    # each piece is made once, where it is read: the early images never build the terms
+    plan = rnd.pair_plan(n, negs[0], ranges)
+    assert torch.equal(plan.early, early_images(negs[0], ranges)) and "terms" not in vars(plan)
+    assert plan.terms is plan.terms

@@ -57,9 +57,6 @@ class ImageTask:
         self.subset_seed = cfg.seed if d.subset_seed is None else d.subset_seed
         info = dataset_info(d.name)
         self.mean, self.std = info.mean, info.std
-        # on the device once: a tensor made from a list per batch is a copy the host waits for
-        self._mean_std = (torch.tensor(self.mean, device=device).view(1, 3, 1, 1),
-                          torch.tensor(self.std, device=device).view(1, 3, 1, 1))
         self.stream = None
         if d.streams():  # decoded batch by batch (ImageNet, large folders)
             from locallearn.experiments.image_stream import init_stream
@@ -118,8 +115,9 @@ class ImageTask:
                               enabled=self.cfg.precision == "bf16")
 
     def transform(self, images: torch.Tensor) -> torch.Tensor:
-        """Clean preprocessing: scale to [0, 1] and normalise with the dataset's constants."""
-        return normalize(images, None, *self._mean_std)
+        """Clean preprocessing: scale to [0, 1] and normalise with the dataset's constants (the
+        views' device copies: a tensor made from a list per batch is a copy the host waits for)."""
+        return normalize(images, None, self.views.mean, self.views.std)
 
     # ------------------------------------------------------------------ the Task protocol
     def build_net(self) -> BlockNet:

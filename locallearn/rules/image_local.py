@@ -155,7 +155,7 @@ class LocalImageRule(ImageSSLRule):
         neg = self.negative_index(n, batch, x.device)
         top = self.top_context(net, x)
         ranges = image_parts(n, self.micro_batches)
-        early = self.pair_plan(n, neg, ranges)[1]
+        early = self.pair_plan(n, neg, ranges).early
         rows = torch.cat([early, early + n])
         return {
             "n": n,
@@ -186,7 +186,7 @@ class LocalImageRule(ImageSSLRule):
                         stores[level][carry["early_rows"]] = pooled.to(stores[level].dtype)
         b_grads = PredictionGrads()  # B's three-factor updates, one product per B per batch
         values: list[torch.Tensor] = []  # per part and block, read once at the end
-        for k, terms in enumerate(self.pair_plan(n, neg, ranges)[0]):
+        for k, terms in enumerate(self.pair_plan(n, neg, ranges).terms):
             h = parts[k]
             pending: list[torch.Tensor] = []
             for level in range(start, stop):

@@ -95,12 +95,11 @@ from locallearn.rules.image_options import check_choice, check_micro_batches
 from locallearn.rules.image_upgrade import reorder_channel_major_b
 from locallearn.rules.layerwise import NEGATIVES, pick_negatives
 from locallearn.rules.ssl_pairs import (
+    PairPlan,
     PairTerms,
     PredictionGrads,
-    early_images,
     image_parts,
     negative_rows,
-    pair_terms,
     paper_negative_rows,
 )
 
@@ -157,38 +156,24 @@ class ImageSSLRule(Rule):
         self.score_norm = score_norm
         self.pools: list[int] = []
         self.dims: list[int] = []
-        self._plans: dict[tuple, tuple[list[PairTerms], torch.Tensor]] = {}
-        self._last_plan: tuple[torch.Tensor, tuple, tuple] | None = None  # (neg, key, plan)
+        self._plans: dict[tuple, PairPlan] = {}
 
-    def pair_plan(
-        self, n: int, neg: torch.Tensor, ranges: list[tuple[int, int]]
-    ) -> tuple[list[PairTerms], torch.Tensor]:
-        """Each part's :class:`PairTerms` and the :func:`early_images` of a batch of ``n``
-        images with negatives ``neg``, split into ``ranges``.
+    def pair_plan(self, n: int, neg: torch.Tensor, ranges: list[tuple[int, int]]) -> PairPlan:
+        """The index tensors of a batch of ``n`` images with negatives ``neg``, split into
+        ``ranges`` (:class:`PairPlan`: each part's terms, the early images).
 
         With ``next`` negatives (the paper's pairing or the same view) they are the same for
         every batch of ``n`` images: made once and kept on the device, so that a step does not
         wait for the device to find them (their sizes depend on the values of ``neg``). Random
-        negatives are planned once per batch (the last plan is kept for the same ``neg``); on a
-        GPU that costs one wait per batch.
+        negatives get a new plan per batch; on a GPU each of its parts costs one wait.
         """
+        if self.negatives != "next":
+            return PairPlan(n, neg, ranges)
         key = (n, tuple(ranges), str(neg.device))
-        if self.negatives == "next":
-            plan = self._plans.get(key)
-            if plan is None:
-                plan = self._plans[key] = self._new_plan(n, neg, ranges)
-            return plan
-        last = self._last_plan
-        if last is not None and last[0] is neg and last[1] == key:
-            return last[2]
-        plan = self._new_plan(n, neg, ranges)
-        self._last_plan = (neg, key, plan)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = PairPlan(n, neg, ranges)
         return plan
-
-    @staticmethod
-    def _new_plan(n: int, neg: torch.Tensor, ranges: list[tuple[int, int]]
-                  ) -> tuple[list[PairTerms], torch.Tensor]:
-        return [pair_terms(n, neg, a, b) for a, b in ranges], early_images(neg, ranges)
 
     def resolve(self, net: BlockNet, sample_input: torch.Tensor) -> None:
         """Find each block's pool size and pooled size ``D_l`` for inputs like ``sample_input``."""
@@ -263,7 +248,7 @@ class ImageSSLRule(Rule):
         same block), with the rows of :func:`early_images` filled in by a forward pass without
         gradients; the parts fill in their own rows as they run."""
         store = [x.new_empty(x.shape[0], d) for d in self.dims]
-        early = self.pair_plan(x.shape[0] // 2, neg, ranges)[1]
+        early = self.pair_plan(x.shape[0] // 2, neg, ranges).early
         if early.numel():
             n = x.shape[0] // 2
             rows = torch.cat([early, early + n])
@@ -289,7 +274,7 @@ class ImageSSLRule(Rule):
         ranges = image_parts(n, self.micro_batches)
         contexts = self.pooled_stores(net, x, neg, ranges)[-1]
         values: list[torch.Tensor] = []
-        for (start, stop), terms in zip(ranges, self.pair_plan(n, neg, ranges)[0]):
+        for (start, stop), terms in zip(ranges, self.pair_plan(n, neg, ranges).terms):
             p = pool_flat(net.encode(self.part_views(x, n, start, stop)), self.pools[-1])
             contexts[terms.rows] = p.detach().to(contexts.dtype)
             loss = loss_fn(p, contexts, terms, n)

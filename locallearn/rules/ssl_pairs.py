@@ -20,11 +20,12 @@ are processed in order and the contexts of :func:`early_images` computed beforeh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
-__all__ = ["PairTerms", "PredictionGrads", "early_images", "image_parts", "negative_rows",
-           "pair_terms", "paper_negative_rows"]
+__all__ = ["PairPlan", "PairTerms", "PredictionGrads", "early_images", "image_parts",
+           "negative_rows", "pair_terms", "paper_negative_rows"]
 
 
 @dataclass(frozen=True)
@@ -169,3 +170,20 @@ class PredictionGrads:
                 else:  # in place: no temporary of the size of B
                     B.grad.addmm_(post.t(), pre)
         self._items.clear()
+
+
+class PairPlan:
+    """The index tensors of a batch of ``n`` images with negatives ``neg`` (as for
+    :func:`pair_terms`) split into ``ranges``: each part's :class:`PairTerms` (``terms``) and the
+    :func:`early_images` (``early``), each made when it is first read."""
+
+    def __init__(self, n: int, neg: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+        self.n, self.neg, self.ranges = n, neg, list(ranges)
+
+    @cached_property
+    def terms(self) -> list[PairTerms]:
+        return [pair_terms(self.n, self.neg, a, b) for a, b in self.ranges]
+
+    @cached_property
+    def early(self) -> torch.Tensor:
+        return early_images(self.neg, self.ranges)
