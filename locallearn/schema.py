@@ -6,6 +6,7 @@ top-level training keys. Every preset in ``configs/`` is an instance of :class:`
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,62 @@ DEFAULT_SPLITS: dict[str, tuple[str, str, str]] = {
 
 
 @dataclass
+class ImageViewsConfig:
+    """The augmentations that make the two SSL views of an image (``data.views``).
+
+    Every key left ``null`` takes the paper's value (:class:`locallearn.data.augment.SSLViews`):
+    random resized crop of area ``crop_scale`` (CIFAR-10 0.25-1, other datasets 0.08-1) and
+    aspect ratio ``crop_ratio`` (3/4-4/3), horizontal flip (``flip_p`` 0.5), colour jitter of
+    strengths ``jitter`` (brightness, contrast, saturation, hue: 0.8, 0.8, 0.8, 0.2) with
+    probability ``jitter_p`` (0.8), grayscale (``gray_p`` 0.2), Gaussian blur (``blur_p`` 0.5,
+    ``blur_sigma`` 0.1-2 pixels, kernel ``blur_fraction`` 0.1 of the side). A probability of 0
+    removes its stage, e.g. ``data.views.blur_p=0``.
+    """
+
+    crop_scale: list[float] | None = None
+    crop_ratio: list[float] | None = None
+    flip_p: float | None = None
+    jitter: list[float] | None = None
+    jitter_p: float | None = None
+    gray_p: float | None = None
+    blur_p: float | None = None
+    blur_sigma: list[float] | None = None
+    blur_fraction: float | None = None
+
+    def validate(self) -> None:
+        for key, n in (("crop_scale", 2), ("crop_ratio", 2), ("jitter", 4), ("blur_sigma", 2)):
+            value = getattr(self, key)
+            if value is not None and len(value) != n:
+                raise ValueError(f"data.views.{key}={value} is invalid: give {n} numbers")
+        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"data.views.crop_scale={self.crop_scale} is invalid: must satisfy "
+                             "0 < min <= max <= 1")
+        for key in ("crop_ratio", "blur_sigma"):
+            value = getattr(self, key)
+            if value is not None and not 0 < value[0] <= value[1]:
+                raise ValueError(f"data.views.{key}={value} is invalid: must satisfy "
+                                 "0 < min <= max")
+        for key in ("flip_p", "jitter_p", "gray_p", "blur_p"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"data.views.{key}={value} is invalid: must lie in [0, 1]")
+        if self.jitter is not None and min(self.jitter) < 0:
+            raise ValueError(f"data.views.jitter={self.jitter} is invalid: strengths must be >= 0")
+        if self.blur_fraction is not None and not 0 < self.blur_fraction <= 1:
+            raise ValueError(f"data.views.blur_fraction={self.blur_fraction} is invalid: must "
+                             "lie in (0, 1]")
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keys that are set, as keyword arguments of ``SSLViews``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = tuple(value) if isinstance(value, list) else value
+        return out
+
+
+@dataclass
 class ImageDataConfig:
     """An image dataset for self-supervised training and its linear probe.
 
@@ -96,6 +153,8 @@ class ImageDataConfig:
         workers: streamed data: decoding worker processes (0: the training process decodes;
             default 4).
         prefetch: streamed data: batches each worker decodes ahead (default 2).
+        views: the augmentations of the SSL views (:class:`ImageViewsConfig`; default: the
+            paper's).
 
     How the probe trains (epochs, augmentation, per-block probes, pooling grid) is set in the
     ``probe`` section (:class:`ProbeConfig`); the data section says which images it sees.
@@ -125,6 +184,7 @@ class ImageDataConfig:
     load_size: int | None = None
     workers: int | None = None
     prefetch: int | None = None
+    views: ImageViewsConfig = field(default_factory=ImageViewsConfig)
 
     def streams(self) -> bool:
         """Whether the images are decoded batch by batch (``streaming``, default per dataset)."""

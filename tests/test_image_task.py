@@ -178,6 +178,11 @@ def test_bad_rule_options_fail_before_the_data_loads(tmp_path, capsys):
         ({"probe.batch_size": 0}, "probe.batch_size=0 is invalid"),
         ({"probe.grid": [4, 0]}, r"probe.grid=\[4, 0\] is invalid"),
         ({"data.probe_augment": True}, "unknown config key 'data.probe_augment'"),
+        ({"data.views.blur": 0}, "unknown config key 'data.views.blur'; valid keys under "
+                                 "data.views: crop_scale"),
+        ({"data.views.blur_p": 1.5}, r"data.views.blur_p=1.5 is invalid: must lie in \[0, 1\]"),
+        ({"data.views.crop_scale": [0.5, 0.2]}, r"data.views.crop_scale=\[0.5, 0.2\] is invalid"),
+        ({"data.views.jitter": [0.4, 0.4]}, r"data.views.jitter=\[0.4, 0.4\] is invalid: give 4"),
     ],
 )
 def test_bad_input_is_a_one_line_error_with_exit_2(tmp_path, image_root, capsys, extra, match):
@@ -202,6 +207,29 @@ def test_batches_give_two_normalised_views(tmp_path, image_root):
     assert abs(float(b.x.mean())) < 3
     with pytest.raises(ValueError, match="views of kind"):
         next(task.batches(torch.Generator(), 4, "synonyms"))
+
+
+
+def test_data_views_set_the_augmentations(tmp_path, image_root):
+    """``data.views`` reaches the task's views; unset keys keep the paper's values, so the
+    default draws the same views as an explicit paper setting."""
+    def first_views(**extra):
+        cfg = load_config(folder_config(tmp_path, image_root, **extra))
+        task = ImageTask(cfg, torch.device("cpu"))
+        torch.manual_seed(3)
+        return task, next(iter(task.batches(torch.Generator().manual_seed(0), 8, "ssl"))).views
+
+    paper, v_paper = first_views()
+    assert (paper.views.blur_p, paper.views.crop_scale) == (0.5, (0.08, 1.0))  # folder data
+    same, v_same = first_views(**{"data.views": {"blur_p": 0.5, "jitter": [0.8, 0.8, 0.8, 0.2]}})
+    assert all(torch.equal(a, b) for a, b in zip(v_paper, v_same))
+    light, v_light = first_views(**{"data.views": {"blur_p": 0, "crop_scale": [0.5, 1],
+                                                   "jitter": [0.4, 0.4, 0.4, 0.1]}})
+    assert light.views.blur_p == 0.0 and light.views.crop_scale == (0.5, 1.0)
+    assert light.views.jitter == (0.4, 0.4, 0.4, 0.1)
+    stages = [type(m).__name__ for m in light.views._pipeline(16, 16)]
+    assert "RandomGaussianBlur" not in stages and "ColorJitter" in stages
+    assert not torch.equal(v_paper[0], v_light[0])
 
 
 @pytest.mark.realdata

@@ -110,7 +110,8 @@ def init_stream(task: Any) -> None:
     task.side = side
     task.stream = StreamSource(data, task.device, *d.decoding(), persistent=True)
     task.classes = list(full.classes)
-    task.views = SSLViews(d.name, mean=task.mean, std=task.std, size=side).to(task.device)
+    task.views = SSLViews(d.name, mean=task.mean, std=task.std, size=side,
+                         **d.views.kwargs()).to(task.device)
     task.chance = 1.0 / max(len(task.classes), 1)
     task.rule_info = {}
     task._curve_data = None

@@ -78,7 +78,7 @@ class ImageTask:
         self.train_images = images.to(device)
         self.train_labels = labels.to(device)
         self._full_train = train  # kept for the probe when it uses the same split
-        self.views = SSLViews(d.name, mean=self.mean, std=self.std).to(device)
+        self.views = SSLViews(d.name, mean=self.mean, std=self.std, **d.views.kwargs()).to(device)
         self.chance = 1.0 / max(len(self.classes), 1)
         self.rule_info: dict[str, Any] = {}
         self._curve_data: tuple[torch.Tensor, ...] | None = None
