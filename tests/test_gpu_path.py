@@ -6,6 +6,9 @@ The CPU tests check that the options run and what they change; the GPU test skip
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +55,18 @@ def test_gpu_check_says_no_gpu_in_one_line(monkeypatch, capsys):
     assert module.main([]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "no CUDA GPU" in out[0]
+
+
+
+def test_gpu_all_says_no_gpu_in_one_line(tmp_path):
+    """``benchmarks/gpu_all.sh`` (every GPU check in one command) exits 0 without a GPU."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_all.sh"), str(tmp_path / "o")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA GPU" in lines[0]
+    assert not (tmp_path / "o").exists()  # nothing ran
 
 
 def test_gpu_check_runs_its_code_on_the_cpu(capsys):

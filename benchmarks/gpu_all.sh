@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Every GPU check of the image path, in one command, on a machine with one CUDA GPU:
+#
+#   bash benchmarks/gpu_all.sh OUT [CIFAR10_ROOT] [EPOCHS]
+#
+# 1. the GPU-only tests (tests/test_gpu_path.py: bf16 and compile on CUDA);
+# 2. benchmarks/gpu_check.py: every paper preset at full width in fp32 and bf16 (pairs/s, peak
+#    memory, whether the loss falls, projected hours of 300 epochs), then clapp++ with
+#    compile=true against eager;
+# 3. where CIFAR10_ROOT holds the CIFAR-10 (official pickles or train/ + test/ image trees), the
+#    clapp++ paper preset on it in bf16 for EPOCHS epochs (default 5; the k-NN curve every epoch;
+#    the final probe on clean features, 30 epochs, all 50,000 training images), and the random
+#    encoder (epochs=0) under the same probe.
+#
+# Logs go to OUT/*.log, the runs to OUT/runs/. Without a CUDA GPU it says so and exits 0. Every
+# step runs even when an earlier one fails; the exit status is that of the first failure.
+set -uo pipefail
+out=${1:?usage: bash benchmarks/gpu_all.sh OUT [CIFAR10_ROOT] [EPOCHS]}
+data=${2:-data/cifar10}
+epochs=${3:-5}
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python}
+export PYTHONUNBUFFERED=1
+if ! "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+    echo "gpu_all: no CUDA GPU here (torch.cuda.is_available() is false); nothing to check"
+    exit 0
+fi
+mkdir -p "$out/runs"
+status=0
+step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, keep the first failure
+    local name=$1
+    shift
+    echo "== $name: $*"
+    local t0=$SECONDS
+    "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/$name.log"
+    if [ "$rc" -ne 0 ] && [ "$status" -eq 0 ]; then status=$rc; fi
+}
+"$py" -c 'import torch; print("gpu_all:", torch.__version__, torch.cuda.get_device_name(0))' \
+    | tee "$out/device.log"
+step tests "$py" -m pytest -q tests/test_gpu_path.py
+step gpu_check "$py" benchmarks/gpu_check.py --steps 300 --warmup 20
+step gpu_compile "$py" benchmarks/gpu_check.py --presets clapp++ --precision bf16 --compile \
+    --steps 300 --warmup 30
+if [ -d "$data" ]; then
+    real=(data.root="$data" device=cuda precision=bf16 progress=false probe_every=1
+          probe.epochs=30 probe.augment=false)
+    step cifar_clapp++ "$py" -m locallearn run configs/images/clapp++.yaml "${real[@]}" \
+        epochs="$epochs" --out "$out/runs/clapp++"
+    step cifar_random "$py" -m locallearn run configs/images/clapp++.yaml "${real[@]}" \
+        epochs=0 --out "$out/runs/random"
+    for run in clapp++ random; do
+        [ -f "$out/runs/$run/summary.json" ] && cp "$out/runs/$run/summary.json" \
+            "$out/summary_$run.json"
+    done
+else
+    echo "gpu_all: no CIFAR-10 at $data; the real-data runs are left out"
+fi
+exit $status
