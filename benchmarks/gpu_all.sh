@@ -3,26 +3,35 @@
 #
 #   bash benchmarks/gpu_all.sh OUT [CIFAR10_ROOT] [EPOCHS]
 #
-# 1. the GPU-only tests (tests/test_gpu_path.py: bf16 and compile on CUDA);
-# 2. benchmarks/gpu_check.py: every paper preset at full width in fp32 and bf16 (pairs/s, peak
-#    memory, whether the loss falls, projected hours of 300 epochs), then clapp++ with
-#    compile=true against eager;
-# 3. where CIFAR10_ROOT holds the CIFAR-10 (official pickles or train/ + test/ image trees), the
-#    clapp++ paper preset on it in bf16 for EPOCHS epochs (default 5; the k-NN curve every epoch;
-#    the final probe on clean features, 30 epochs, all 50,000 training images), and the random
-#    encoder (epochs=0) under the same probe.
+# 1. the GPU-only test (tests/test_gpu_path.py: bf16 and compile on CUDA, every preset);
+# 2. benchmarks/gpu_check.py: every paper preset at full width in fp32 and bf16 ($STEPS timed
+#    steps, default 200: pairs/s, peak memory, whether the loss falls, projected hours of 300
+#    epochs), then clapp++ in bf16 with compile=true against eager;
+# 3. where CIFAR10_ROOT holds CIFAR-10 (cifar-10-batches-py/, or train/ + test/ image trees:
+#    extract the archives first), the clapp++ paper preset on it in bf16 for EPOCHS epochs
+#    (default 2; the k-NN curve every epoch; the final probe on clean features, 30 epochs, all
+#    50,000 training images), and the random encoder (epochs=0) under the same probe.
 #
-# Logs go to OUT/*.log, the runs to OUT/runs/. Without a CUDA GPU it says so and exits 0. Every
-# step runs even when an earlier one fails; the exit status is that of the first failure.
+# About 6-10 minutes on one recent GPU (an estimate: not yet measured). Logs go to OUT/*.log, the
+# runs to OUT/runs/. Without a CUDA GPU it says so in one line and exits 0. Every step runs even
+# when an earlier one fails; the exit status is that of the first failure.
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_all.sh OUT [CIFAR10_ROOT] [EPOCHS]}
 data=${2:-data/cifar10}
-epochs=${3:-5}
+epochs=${3:-2}
+steps=${STEPS:-200}
+mkdir -p "$out" && out=$(cd "$out" && pwd)           # absolute: the script moves to the repository
+case $data in /*) ;; *) data=$PWD/$data ;; esac
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python}
 export PYTHONUNBUFFERED=1
-if ! "$py" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+if ! cuda=$("$py" -c 'import torch; print(torch.cuda.is_available())'); then
+    echo "gpu_all: $py cannot import torch" >&2
+    exit 1
+fi
+if [ "$cuda" != True ]; then
     echo "gpu_all: no CUDA GPU here (torch.cuda.is_available() is false); nothing to check"
+    rmdir "$out" 2>/dev/null
     exit 0
 fi
 mkdir -p "$out/runs"
@@ -39,11 +48,11 @@ step() {  # step NAME COMMAND...: run, log to OUT/NAME.log, keep the first failu
 }
 "$py" -c 'import torch; print("gpu_all:", torch.__version__, torch.cuda.get_device_name(0))' \
     | tee "$out/device.log"
-step tests "$py" -m pytest -q tests/test_gpu_path.py
-step gpu_check "$py" benchmarks/gpu_check.py --steps 300 --warmup 20
+step tests "$py" -m pytest -q tests/test_gpu_path.py -k on_the_gpu
+step gpu_check "$py" benchmarks/gpu_check.py --steps "$steps" --warmup 20
 step gpu_compile "$py" benchmarks/gpu_check.py --presets clapp++ --precision bf16 --compile \
-    --steps 300 --warmup 30
-if [ -d "$data" ]; then
+    --steps "$steps" --warmup 30
+if [ -d "$data/train" ] || [ -d "$data/cifar-10-batches-py" ]; then
     real=(data.root="$data" device=cuda precision=bf16 progress=false probe_every=1
           probe.epochs=30 probe.augment=false)
     step cifar_clapp++ "$py" -m locallearn run configs/images/clapp++.yaml "${real[@]}" \
@@ -55,6 +64,7 @@ if [ -d "$data" ]; then
             "$out/summary_$run.json"
     done
 else
-    echo "gpu_all: no CIFAR-10 at $data; the real-data runs are left out"
+    echo "gpu_all: no CIFAR-10 at $data (cifar-10-batches-py/ or train/ + test/); the real-data" \
+        "runs are left out"
 fi
 exit $status

@@ -7,6 +7,7 @@ top-level training keys. Every preset in ``configs/`` is an instance of :class:`
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,8 +111,10 @@ class ImageViewsConfig:
             value = getattr(self, key)
             if value is not None and not 0 <= value <= 1:
                 raise ValueError(f"data.views.{key}={value} is invalid: must lie in [0, 1]")
-        if self.jitter is not None and min(self.jitter) < 0:
-            raise ValueError(f"data.views.jitter={self.jitter} is invalid: strengths must be >= 0")
+        if self.jitter is not None and not (all(0 <= v < math.inf for v in self.jitter)
+                                            and self.jitter[3] <= 0.5):
+            raise ValueError(f"data.views.jitter={self.jitter} is invalid: brightness, contrast, "
+                             "saturation >= 0 and hue in [0, 0.5]")
         if self.blur_fraction is not None and not 0 < self.blur_fraction <= 1:
             raise ValueError(f"data.views.blur_fraction={self.blur_fraction} is invalid: must "
                              "lie in (0, 1]")
@@ -525,6 +528,9 @@ def migrate_config(raw: dict[str, Any]) -> dict[str, Any]:
             if old in data:
                 probe.setdefault(new, data.pop(old))
     name = data.get("name", "rhm") if isinstance(data, dict) else "rhm"
+    if DATA_CONFIGS.get(name) is ImageDataConfig and isinstance(data, dict):
+        # saved before data.views existed: those runs used the paper's views (every key null)
+        data.setdefault("views", {f.name: None for f in dataclasses.fields(ImageViewsConfig)})
     if name in DATA_CONFIGS:
         for section, keys in _foreign_keys(DATA_CONFIGS[name]).items():
             if isinstance(raw.get(section), dict):

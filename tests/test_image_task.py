@@ -183,6 +183,7 @@ def test_bad_rule_options_fail_before_the_data_loads(tmp_path, capsys):
         ({"data.views.blur_p": 1.5}, r"data.views.blur_p=1.5 is invalid: must lie in \[0, 1\]"),
         ({"data.views.crop_scale": [0.5, 0.2]}, r"data.views.crop_scale=\[0.5, 0.2\] is invalid"),
         ({"data.views.jitter": [0.4, 0.4]}, r"data.views.jitter=\[0.4, 0.4\] is invalid: give 4"),
+        ({"data.views.jitter": [0.8, 0.8, 0.8, 0.6]}, r"hue in \[0, 0.5\]"),
     ],
 )
 def test_bad_input_is_a_one_line_error_with_exit_2(tmp_path, image_root, capsys, extra, match):
@@ -230,6 +231,24 @@ def test_data_views_set_the_augmentations(tmp_path, image_root):
     stages = [type(m).__name__ for m in light.views._pipeline(16, 16)]
     assert "RandomGaussianBlur" not in stages and "ColorJitter" in stages
     assert not torch.equal(v_paper[0], v_light[0])
+
+
+
+def test_a_run_saved_before_data_views_resumes_only_with_the_paper_views(tmp_path, image_root,
+                                                                          capsys):
+    out = tmp_path / "run"
+    config = folder_config(tmp_path, image_root)
+    assert cli.main(["run", str(config), "--out", str(out)]) == 0
+    raw = yaml.safe_load((out / "config.yaml").read_text())
+    del raw["data"]["views"]  # as written before the key existed
+    (out / "config.yaml").write_text(yaml.safe_dump(raw))
+    (out / "summary.json").unlink()  # not finished: the run goes on from its checkpoint
+    capsys.readouterr()
+    code = cli.main(["run", str(config), "--out", str(out), "data.views.blur_p=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "differs at data.views.blur_p" in err, err
+    assert cli.main(["run", str(config), "--out", str(out), "epochs=2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
 
 
 @pytest.mark.realdata
