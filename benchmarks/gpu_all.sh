@@ -20,7 +20,8 @@ out=${1:?usage: bash benchmarks/gpu_all.sh OUT [CIFAR10_ROOT] [EPOCHS]}
 data=${2:-data/cifar10}
 epochs=${3:-2}
 steps=${STEPS:-200}
-mkdir -p "$out" && out=$(cd "$out" && pwd)           # absolute: the script moves to the repository
+# absolute paths: the script moves to the repository
+case $out in /*) ;; *) out=$PWD/$out ;; esac
 case $data in /*) ;; *) data=$PWD/$data ;; esac
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python}
@@ -31,7 +32,6 @@ if ! cuda=$("$py" -c 'import torch; print(torch.cuda.is_available())'); then
 fi
 if [ "$cuda" != True ]; then
     echo "gpu_all: no CUDA GPU here (torch.cuda.is_available() is false); nothing to check"
-    rmdir "$out" 2>/dev/null
     exit 0
 fi
 mkdir -p "$out/runs"

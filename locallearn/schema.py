@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from locallearn.config import deep_merge, from_dict, load_yaml, parse_overrides
+from locallearn.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
 
 _P_STAR = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*?\s*P\*\s*$")
 
@@ -530,7 +530,7 @@ def migrate_config(raw: dict[str, Any]) -> dict[str, Any]:
     name = data.get("name", "rhm") if isinstance(data, dict) else "rhm"
     if DATA_CONFIGS.get(name) is ImageDataConfig and isinstance(data, dict):
         # saved before data.views existed: those runs used the paper's views (every key null)
-        data.setdefault("views", {f.name: None for f in dataclasses.fields(ImageViewsConfig)})
+        data.setdefault("views", to_dict(ImageViewsConfig()))
     if name in DATA_CONFIGS:
         for section, keys in _foreign_keys(DATA_CONFIGS[name]).items():
             if isinstance(raw.get(section), dict):

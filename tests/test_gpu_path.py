@@ -57,7 +57,6 @@ def test_gpu_check_says_no_gpu_in_one_line(monkeypatch, capsys):
     assert len(out) == 1 and "no CUDA GPU" in out[0]
 
 
-
 def test_gpu_all_says_no_gpu_in_one_line(tmp_path):
     """``benchmarks/gpu_all.sh`` (every GPU check in one command) exits 0 without a GPU."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}

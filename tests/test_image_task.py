@@ -210,7 +210,6 @@ def test_batches_give_two_normalised_views(tmp_path, image_root):
         next(task.batches(torch.Generator(), 4, "synonyms"))
 
 
-
 def test_data_views_set_the_augmentations(tmp_path, image_root):
     """``data.views`` reaches the task's views; unset keys keep the paper's values, so the
     default draws the same views as an explicit paper setting."""
@@ -231,7 +230,6 @@ def test_data_views_set_the_augmentations(tmp_path, image_root):
     stages = [type(m).__name__ for m in light.views._pipeline(16, 16)]
     assert "RandomGaussianBlur" not in stages and "ColorJitter" in stages
     assert not torch.equal(v_paper[0], v_light[0])
-
 
 
 def test_a_run_saved_before_data_views_resumes_only_with_the_paper_views(tmp_path, image_root,
