@@ -65,9 +65,16 @@ class StreamSource:
         n = len(self)
         order = torch.arange(n) if order is None else order.cpu()
         chunks = [order[s:s + batch_size] for s in range(0, n, batch_size)]
-        chunks = [c for c in chunks if c.numel() >= max(min_batch, self.world)]
+        chunks = [c for c in chunks if c.numel() >= min_batch]
         mine = [ddp.shard(c, self.rank, self.world).tolist() for c in chunks]
-        for chunk, (images, labels) in zip(chunks, self.loader.batches(mine)):
+        # a chunk smaller than the number of ranks leaves some ranks nothing to decode: they
+        # take part in the gather with no rows (the loader is given only non-empty parts)
+        decoded = iter(self.loader.batches([part for part in mine if part]))
+        side = self.dataset.load_size
+        nothing = (torch.empty(0, 3, side, side, dtype=torch.uint8),
+                   torch.empty(0, dtype=torch.int64))
+        for chunk, part in zip(chunks, mine):
+            images, labels = next(decoded) if part else nothing
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             if self.world > 1:
@@ -179,8 +186,8 @@ def stream_probe_data(task: Any, d: Any, salt: int, batch_size: int = 256
         src = _probe_source(task, d, split, size, s)
         parts = list(src.batches(None, batch_size))
         if not parts:
-            raise ValueError(f"{d.name}: the {split} subset of {len(src)} images is smaller than "
-                             f"the {src.world} ranks; use a larger probe.curve_train/curve_test")
+            raise ValueError(f"{d.name}: the {split} subset is empty; use a larger "
+                             "probe.curve_train/curve_test")
         out.append(torch.cat([center_crop(x, task.side) for x, _ in parts]))
         out.append(torch.cat([y for _, y in parts]))
     return out[0], out[1], out[2], out[3]
