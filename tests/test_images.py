@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from locallearn.data import images as I
+from locallearn.data import image_files as F
 from locallearn.data.download import extract, verify
 from locallearn.data.images import (
     CIFAR10_CLASSES,
@@ -434,7 +434,7 @@ def test_folder_errors(tmp_path):
 def test_folder_decoding_with_worker_pool(tmp_path, monkeypatch):
     _write_folder(tmp_path / "train", per_class=(7, 9))
     serial = load_images("folder", tmp_path, "train", cache=False, workers=1)
-    monkeypatch.setattr(I, "_POOL_MIN_FILES", 1)
+    monkeypatch.setattr(F, "_POOL_MIN_FILES", 1)
     pooled = load_images("folder", tmp_path, "train", cache=False, workers=2)
     assert torch.equal(serial.images, pooled.images)
     assert torch.equal(serial.labels, pooled.labels)
@@ -447,14 +447,14 @@ def test_folder_decoding_with_worker_pool(tmp_path, monkeypatch):
 def test_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     t = _write_tiny(tmp_path)
     first = load_images("tiny-imagenet", tmp_path, "val")
-    cache_dir = t / I.CACHE_DIRNAME
+    cache_dir = t / F.CACHE_DIRNAME
     files = list(cache_dir.glob("tiny-imagenet-val-*.pt"))
     assert len(files) == 1
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded although a valid cache exists")
 
-    monkeypatch.setattr(I, "_decode_files", no_decoding)
+    monkeypatch.setattr(F, "_decode_files", no_decoding)
     second = load_images("tiny-imagenet", tmp_path, "val")
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert second.classes == first.classes and second.class_descriptions is not None
@@ -477,13 +477,13 @@ def test_cache_dir_and_no_cache(tmp_path):
     _write_folder(tmp_path / "data" / "train")
     load_images("folder", tmp_path / "data", "train", cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("folder-train-*.pt"))) == 1
-    assert not (tmp_path / "data" / "train" / I.CACHE_DIRNAME).exists()
+    assert not (tmp_path / "data" / "train" / F.CACHE_DIRNAME).exists()
     load_images("folder", tmp_path / "data", "train", cache=False)
-    assert not (tmp_path / "data" / "train" / I.CACHE_DIRNAME).exists()
+    assert not (tmp_path / "data" / "train" / F.CACHE_DIRNAME).exists()
     # the default cache folder is hidden, so it is never taken for a class
     load_images("folder", tmp_path / "data", "train")
     s = load_images("folder", tmp_path / "data", "train")
-    assert (tmp_path / "data" / "train" / I.CACHE_DIRNAME).is_dir() and s.classes == ["cat", "dog"]
+    assert (tmp_path / "data" / "train" / F.CACHE_DIRNAME).is_dir() and s.classes == ["cat", "dog"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -522,12 +522,12 @@ def test_real_cifar10_test_set(tmp_path, monkeypatch):
     mean, _ = channel_stats(s.images)
     assert torch.allclose(mean.float(), torch.tensor(DATASETS["cifar10"].mean), atol=0.01)
     # the second load reads the cache written by the first: no file is decoded again
-    assert len(list(tmp_path.rglob(f"{I.CACHE_DIRNAME}/cifar10-test-*.pt"))) == 1
+    assert len(list(tmp_path.rglob(f"{F.CACHE_DIRNAME}/cifar10-test-*.pt"))) == 1
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("the second load decoded the JPEGs instead of reading the cache")
 
-    monkeypatch.setattr(I, "_decode_files", no_decoding)
+    monkeypatch.setattr(F, "_decode_files", no_decoding)
     again = load_images("cifar10", tmp_path, "test")
     assert torch.equal(again.images, s.images)
 

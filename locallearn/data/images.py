@@ -38,47 +38,35 @@ Files within a class are ordered by natural sort (``img_2`` before ``img_10``), 
 images, and hence of labels, is deterministic.
 
 Decoding image trees is slow (about 0.1 ms per small JPEG), so the decoded tensor is cached as a
-``.pt`` file, by default in ``<data folder>/.locallearn-cache/``; the cache key hashes the dataset
-name, split, classes and every file's relative path, size and modification time, so any change to
-the files rebuilds it. Decoding uses a pool of worker processes when there are many files.
+``.pt`` file, by default in ``<data folder>/.locallearn-cache/``, and rebuilt when any file
+changes; listing, decoding and the cache are in :mod:`locallearn.data.image_files`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import pickle
-import re
-import warnings
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from locallearn.data.image_files import (
+    DecodeOptions,
+    decode_cached,
+    image_files,
+    list_classes,
+)
+
 __all__ = [
     "DATASETS",
-    "IMAGE_EXTENSIONS",
     "DatasetInfo",
     "ImageSet",
     "dataset_info",
     "load_images",
     "channel_stats",
 ]
-
-#: Bump when the layout of cache files or the decoding changes, to invalidate old caches.
-_CACHE_VERSION = 1
-#: Name of the default cache folder, created inside the dataset folder.
-CACHE_DIRNAME = ".locallearn-cache"
-#: File extensions treated as images by the tree readers (compared case-insensitively).
-IMAGE_EXTENSIONS: tuple[str, ...] = (
-    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp",
-)
-#: Below this many files, trees are decoded in the calling process (a pool would cost more).
-_POOL_MIN_FILES = 2000
 
 CIFAR10_CLASSES: tuple[str, ...] = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -315,7 +303,7 @@ def load_images(
         raise ValueError(
             f"{key}: unknown split {split!r}; valid splits: {', '.join(info.splits)}"
         )
-    opts = _DecodeOptions(
+    opts = DecodeOptions(
         cache=cache,
         cache_dir=Path(cache_dir).expanduser() if cache_dir is not None else None,
         workers=workers,
@@ -333,14 +321,6 @@ def load_images(
             "(locallearn.data.streaming.open_stream)"
         )
     return _load_folder(root_path, split, opts)
-
-
-@dataclass(frozen=True)
-class _DecodeOptions:
-    cache: bool
-    cache_dir: Path | None
-    workers: int | None
-    progress: bool
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,13 +370,13 @@ def _cifar_pickle_dir(root: Path) -> Path | None:
     return None
 
 
-def _load_cifar10(root: Path, split: str, opts: _DecodeOptions) -> ImageSet:
+def _load_cifar10(root: Path, split: str, opts: DecodeOptions) -> ImageSet:
     pdir = _cifar_pickle_dir(root)
     if pdir is not None:
         return _load_cifar10_pickles(pdir, split)
     tree = root / split
     if tree.is_dir() and any(p.is_dir() for p in tree.iterdir()):
-        classes = _list_classes(tree)
+        classes = list_classes(tree)
         if tuple(classes) != CIFAR10_CLASSES:
             raise ValueError(
                 f"cifar10: class folders of {tree} are {classes}, expected the official "
@@ -526,7 +506,7 @@ def _tiny_dir(root: Path) -> Path | None:
     return None
 
 
-def _load_tiny_imagenet(root: Path, split: str, opts: _DecodeOptions) -> ImageSet:
+def _load_tiny_imagenet(root: Path, split: str, opts: DecodeOptions) -> ImageSet:
     tdir = _tiny_dir(root)
     if tdir is None:
         raise ValueError(
@@ -547,7 +527,7 @@ def _load_tiny_imagenet(root: Path, split: str, opts: _DecodeOptions) -> ImageSe
             idir = tdir / "train" / w / "images"
             if not idir.is_dir():
                 raise ValueError(f"tiny-imagenet: missing training folder {idir}")
-            found = _image_files(idir, recursive=False)
+            found = image_files(idir, recursive=False)
             if not found:
                 raise ValueError(f"tiny-imagenet: training folder {idir} holds no images")
             files += [f"train/{w}/images/{f}" for f in found]
@@ -570,7 +550,7 @@ def _load_tiny_imagenet(root: Path, split: str, opts: _DecodeOptions) -> ImageSe
                     "from wnids.txt"
                 )
             ann[fields[0].strip()] = index[fields[1].strip()]
-        found = _image_files(idir, recursive=False)
+        found = image_files(idir, recursive=False)
         names = set(found)
         missing = sorted(set(ann) - names)
         extra = sorted(names - set(ann))
@@ -590,11 +570,11 @@ def _load_tiny_imagenet(root: Path, split: str, opts: _DecodeOptions) -> ImageSe
         idir = tdir / "test" / "images"
         if not idir.is_dir():
             raise ValueError(f"tiny-imagenet: missing test folder {idir}")
-        files = [f"test/images/{f}" for f in _image_files(idir, recursive=False)]
+        files = [f"test/images/{f}" for f in image_files(idir, recursive=False)]
         labels = [-1] * len(files)
     if not files:
         raise ValueError(f"tiny-imagenet: split {split!r} under {tdir} holds no images")
-    return _decode_cached("tiny-imagenet", tdir, split, wnids, files, labels, opts, descriptions)
+    return _image_set("tiny-imagenet", tdir, split, wnids, files, labels, opts, descriptions)
 
 
 def _tiny_descriptions(tdir: Path, wnids: list[str]) -> list[str] | None:
@@ -615,7 +595,7 @@ def _tiny_descriptions(tdir: Path, wnids: list[str]) -> list[str] | None:
 # generic trees
 
 
-def _load_folder(root: Path, split: str, opts: _DecodeOptions) -> ImageSet:
+def _load_folder(root: Path, split: str, opts: DecodeOptions) -> ImageSet:
     if (root / split).is_dir() and not split.startswith("."):
         base = root / split
     elif split == "all":
@@ -626,14 +606,10 @@ def _load_folder(root: Path, split: str, opts: _DecodeOptions) -> ImageSet:
             f"folder: no split folder {split!r} in {root}; valid splits: "
             f"{', '.join(subs + ['all'])} ('all' reads {root}/<class>/...)"
         )
-    classes = _list_classes(base)
+    classes = list_classes(base)
     if not classes:
         raise ValueError(f"folder: {base} has no class sub-folders (expected <class>/<images>)")
     return _load_tree("folder", base, split, classes, None, opts)
-
-
-def _list_classes(base: Path) -> list[str]:
-    return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _load_tree(
@@ -642,203 +618,34 @@ def _load_tree(
     split: str,
     classes: list[str],
     descriptions: list[str] | None,
-    opts: _DecodeOptions,
+    opts: DecodeOptions,
 ) -> ImageSet:
     files: list[str] = []  # paths relative to base
     labels: list[int] = []
     for i, c in enumerate(classes):
-        found = _image_files(base / c, recursive=True)
+        found = image_files(base / c, recursive=True)
         if not found:
             raise ValueError(f"{name}: class folder {base / c} holds no images")
         files += [f"{c}/{f}" for f in found]
         labels += [i] * len(found)
-    return _decode_cached(name, base, split, classes, files, labels, opts, descriptions)
+    return _image_set(name, base, split, classes, files, labels, opts, descriptions)
 
 
-_DIGITS = re.compile(r"(\d+)")
-
-
-def _natural_key(text: str) -> tuple:
-    parts = _DIGITS.split(text)
-    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
-
-
-def _image_files(folder: Path, recursive: bool) -> list[str]:
-    """Image files in ``folder`` (hidden entries skipped) as paths relative to it with ``/``
-    separators, in natural order. Plain strings: pathlib is slow for 100,000 files."""
-    out: list[str] = []
-    if recursive:
-        top = str(folder)
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            rel = os.path.relpath(dirpath, top).replace(os.sep, "/")
-            prefix = "" if rel == "." else rel + "/"
-            out += [prefix + f for f in filenames
-                    if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
-    else:
-        with os.scandir(folder) as it:
-            out = [e.name for e in it
-                   if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTENSIONS)
-                   and e.is_file()]
-    return sorted(out, key=_natural_key)
-
-
-# ----------------------------------------------------------------------------------------------
-# decoding and caching
-
-
-def _decode_cached(
+def _image_set(
     name: str,
     base: Path,
     split: str,
     classes: list[str],
     files: Sequence[str],
     labels: Sequence[int],
-    opts: _DecodeOptions,
+    opts: DecodeOptions,
     descriptions: list[str] | None,
 ) -> ImageSet:
-    """Decode ``files`` (relative to ``base``) into one tensor, through the cache if enabled."""
-    label_tensor = torch.tensor(labels, dtype=torch.int64)
-    cache_file: Path | None = None
-    key = ""
-    if opts.cache:
-        key = _cache_key(name, base, split, classes, files, labels)
-        cache_dir = opts.cache_dir if opts.cache_dir is not None else base / CACHE_DIRNAME
-        safe_split = re.sub(r"[^A-Za-z0-9_.+-]", "_", split)
-        cache_file = cache_dir / f"{name}-{safe_split}-{key[:20]}.pt"
-        cached = _read_cache(cache_file, key, len(files))
-        if cached is not None:
-            return ImageSet(images=cached, labels=label_tensor, classes=list(classes),
-                            name=name, split=split, class_descriptions=descriptions)
-    paths = [os.path.join(base, f) for f in files]
-    images = _decode_files(paths, opts.workers, opts.progress, desc=f"{name} {split}")
-    if cache_file is not None:
-        _write_cache(cache_file, key, images)
-    return ImageSet(images=images, labels=label_tensor, classes=list(classes), name=name,
-                    split=split, class_descriptions=descriptions)
-
-
-def _cache_key(
-    name: str,
-    base: Path,
-    split: str,
-    classes: list[str],
-    files: Sequence[str],
-    labels: Sequence[int],
-) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([_CACHE_VERSION, name, split, classes]).encode())
-    top = str(base)
-    for rel, label in zip(files, labels):
-        st = os.stat(os.path.join(top, rel))
-        h.update(f"\n{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{label}".encode())
-    return h.hexdigest()
-
-
-def _read_cache(path: Path, key: str, n: int) -> torch.Tensor | None:
-    if not path.is_file():
-        return None
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        images = blob["images"]
-        ok = (blob.get("key") == key and isinstance(images, torch.Tensor)
-              and images.dtype == torch.uint8 and images.dim() == 4 and images.shape[0] == n
-              and images.shape[1] == 3)
-    except Exception:  # an unreadable cache is rebuilt, never trusted
-        return None
-    return images if ok else None
-
-
-def _write_cache(path: Path, key: str, images: torch.Tensor) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"key": key, "images": images}, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        warnings.warn(f"could not write image cache {path}: {exc}", RuntimeWarning, stacklevel=4)
-        return
-    # Remove stale caches of the same dataset and split (older file listings).
-    prefix = path.name[: path.name.rfind("-") + 1]
-    stale = re.compile(re.escape(prefix) + r"[0-9a-f]{20}\.pt")
-    for old in path.parent.glob(f"{prefix}*.pt"):
-        if old != path and stale.fullmatch(old.name):
-            old.unlink(missing_ok=True)
-
-
-def _decode_one(path: str) -> np.ndarray:
-    from PIL import Image  # Pillow is a dependency of matplotlib
-
-    try:
-        with Image.open(path) as im:
-            if im.mode != "RGB":
-                im = im.convert("RGB")
-            arr = np.asarray(im, dtype=np.uint8)
-    except Exception as exc:  # Pillow raises several types for broken files
-        raise ValueError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
-    return arr
-
-
-def _decode_chunk(paths: list[str], shape: tuple[int, int]) -> np.ndarray:
-    """Decode ``paths`` into ``(n, 3, H, W)`` uint8, all of spatial size ``shape``."""
-    out = np.empty((len(paths), 3, shape[0], shape[1]), dtype=np.uint8)
-    for i, p in enumerate(paths):
-        arr = _decode_one(p)
-        if arr.shape[:2] != shape:
-            raise ValueError(
-                f"image {p} is {arr.shape[1]}x{arr.shape[0]}, but the first image of the set is "
-                f"{shape[1]}x{shape[0]}; all images must have the same size"
-            )
-        out[i] = arr.transpose(2, 0, 1)
-    return out
-
-
-def _decode_files(
-    paths: Sequence[str], workers: int | None, progress: bool, desc: str
-) -> torch.Tensor:
-    """Decode image files into one ``(N, 3, H, W)`` uint8 tensor."""
-    from tqdm.auto import tqdm
-
-    paths = list(paths)
-    first = _decode_one(paths[0])
-    shape = (int(first.shape[0]), int(first.shape[1]))
-    out = np.empty((len(paths), 3, shape[0], shape[1]), dtype=np.uint8)
-    if workers is None:
-        workers = min(os.cpu_count() or 1, 8)
-    use_pool = (workers > 1 and len(paths) >= _POOL_MIN_FILES
-                and "fork" in _mp_start_methods())
-    n_chunks = max(1, workers * 8) if use_pool else max(1, len(paths) // 1000)
-    size = -(-len(paths) // n_chunks)
-    chunks = [(i, paths[i:i + size]) for i in range(0, len(paths), size)]
-    bar = tqdm(total=len(paths), desc=f"decoding {desc}", unit="img", disable=not progress)
-    try:
-        if use_pool:
-            import multiprocessing as mp
-
-            # Workers are forked: they inherit the loaded modules and only run Pillow and numpy,
-            # so no module is imported again (spawned workers would each import torch).
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-                with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
-                    results = ex.map(_decode_chunk, [c for _, c in chunks],
-                                     [shape] * len(chunks))
-                    for (start, chunk), arr in zip(chunks, results):
-                        out[start:start + len(chunk)] = arr
-                        bar.update(len(chunk))
-        else:
-            for start, chunk in chunks:
-                out[start:start + len(chunk)] = _decode_chunk(chunk, shape)
-                bar.update(len(chunk))
-    finally:
-        bar.close()
-    return torch.from_numpy(out)
-
-
-def _mp_start_methods() -> list[str]:
-    import multiprocessing as mp
-
-    return mp.get_all_start_methods()
+    """The :class:`ImageSet` of ``files`` (relative to ``base``), decoded through the cache."""
+    images = decode_cached(name, base, split, classes, files, labels, opts)
+    return ImageSet(images=images, labels=torch.tensor(labels, dtype=torch.int64),
+                    classes=list(classes), name=name, split=split,
+                    class_descriptions=descriptions)
 
 
 def subset_indices(n: int, size: int | None, seed: int, salt: int) -> torch.Tensor | None:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from locallearn.data.images import _image_files, _list_classes, _natural_key
+from locallearn.data.image_files import image_files, list_classes, natural_key
 
 __all__ = ["StreamLoader", "StreamSet", "decode_square", "open_stream"]
 
@@ -222,7 +222,7 @@ def _tree(name: str, split: str, base: Path, classes: list[str], load_size: int,
     files: list[str] = []
     counts: list[int] = []
     for c in classes:
-        found = _image_files(base / c, recursive=recursive)
+        found = image_files(base / c, recursive=recursive)
         if not found:
             raise ValueError(f"{name}: class folder {base / c} holds no images")
         files += [f"{c}/{f}" for f in found]
@@ -237,12 +237,12 @@ def _folder(root: Path, split: str, load_size: int) -> StreamSet:
     elif split == "all":
         base = root
     else:
-        subs = _list_classes(root)
+        subs = list_classes(root)
         raise ValueError(
             f"folder: no split folder {split!r} in {root}; valid splits: "
             f"{', '.join(subs + ['all'])}"
         )
-    classes = _list_classes(base)
+    classes = list_classes(base)
     if not classes:
         raise ValueError(f"folder: {base} has no class sub-folders (expected <class>/<images>)")
     return _tree("folder", split, base, classes, load_size)
@@ -265,7 +265,7 @@ def _imagenet(root: Path, split: str, load_size: int) -> StreamSet:
             f"imagenet: no ImageNet data under {root}; expected train/<wnid>/*.JPEG and val/ "
             "(or ILSVRC/Data/CLS-LOC/train and val)"
         )
-    wnids = _list_classes(idir / "train")
+    wnids = list_classes(idir / "train")
     if not wnids:
         raise ValueError(f"imagenet: {idir / 'train'} has no class folders")
     if split == "train":
@@ -273,7 +273,7 @@ def _imagenet(root: Path, split: str, load_size: int) -> StreamSet:
     vdir = idir / "val"
     if not vdir.is_dir():
         raise ValueError(f"imagenet: missing validation folder {vdir}")
-    subs = _list_classes(vdir)
+    subs = list_classes(vdir)
     if subs:
         unknown = sorted(set(subs) - set(wnids))
         if unknown:
@@ -285,14 +285,14 @@ def _imagenet(root: Path, split: str, load_size: int) -> StreamSet:
         labels: list[int] = []
         index = {w: i for i, w in enumerate(wnids)}
         for w in subs:
-            found = _image_files(vdir / w, recursive=False)
+            found = image_files(vdir / w, recursive=False)
             files += [f"{w}/{f}" for f in found]
             labels += [index[w]] * len(found)
         if not files:
             raise ValueError(f"imagenet: {vdir} holds no images")
         return StreamSet("imagenet", split, vdir, PathList(files),
                          np.asarray(labels, dtype=np.int64), wnids, load_size)
-    found = _image_files(vdir, recursive=False)
+    found = image_files(vdir, recursive=False)
     if not found:
         raise ValueError(f"imagenet: {vdir} holds no images")
     by_stem = _val_labels(root, idir, found)
@@ -333,7 +333,7 @@ def _val_labels(root: Path, idir: Path, files: list[str]) -> dict[str, str]:
     if truth and meta:
         ids = [int(x) for x in truth[0].read_text().split()]
         id_to_wnid = _devkit_wnids(meta[0])
-        stems = sorted((os.path.splitext(f)[0] for f in files), key=_natural_key)
+        stems = sorted((os.path.splitext(f)[0] for f in files), key=natural_key)
         if len(ids) != len(stems):
             raise ValueError(
                 f"imagenet: {truth[0]} lists {len(ids)} labels for {len(stems)} validation images"
