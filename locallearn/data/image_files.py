@@ -47,7 +47,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 _POOL_MIN_FILES = 2000
 
 
-
 @dataclass(frozen=True)
 class DecodeOptions:
     """How :func:`decode_cached` works: through the cache or not, where it is kept (``None``:
@@ -68,6 +67,7 @@ _DIGITS = re.compile(r"(\d+)")
 
 
 def natural_key(text: str) -> tuple:
+    """Sort key that orders the digit runs of ``text`` as numbers (``img_2`` before ``img_10``)."""
     parts = _DIGITS.split(text)
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
 
