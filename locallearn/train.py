@@ -85,6 +85,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def saved_cuda_rng(saved: Any, device: torch.device) -> torch.Tensor | None:
+    """The CUDA random state a checkpoint holds for a run on ``device`` (``None``: nothing to
+    restore). Checkpoints hold the run's GPU's state; older ones hold a list of every GPU that
+    was visible, of which the run's own (its index, else the first) is taken."""
+    if saved is None or device.type != "cuda":
+        return None
+    if isinstance(saved, (list, tuple)):
+        if not saved:
+            return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return saved[index] if index < len(saved) else saved[0]
+    return saved
 
 
 def peak_rss_mib() -> float:
@@ -158,7 +170,9 @@ class Trainer:
             "scheduler": None if self.sched is None else self.sched.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            # the run's own GPU only: a run resumes where fewer or other GPUs are visible
+            "cuda_rng": (torch.cuda.get_rng_state(self.device)
+                         if self.device.type == "cuda" else None),
             "history": self.history,
             "first_loss": self.first_loss,
         }
@@ -187,8 +201,9 @@ class Trainer:
                 self.sched.load_state_dict(state["scheduler"])
             self.generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
-            if state.get("cuda_rng") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            cuda_rng = saved_cuda_rng(state.get("cuda_rng"), self.device)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, self.device)
             self.epoch = int(state["epoch"])
             self.step = int(state.get("step", 0))
             self.seconds = state["seconds"]

@@ -16,7 +16,7 @@ from locallearn.errors import RunError
 from locallearn.experiments.runs import run
 from locallearn.experiments.tasks import build_task
 from locallearn.schema import load_config, resolve_size
-from locallearn.train import Trainer
+from locallearn.train import Trainer, saved_cuda_rng
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -120,6 +120,19 @@ def test_finished_run_is_not_trained_again(tmp_path):
     second = run(cfg, tmp_path)
     assert second["test_accuracy"] == first["test_accuracy"]
     assert second["seconds"] == first["seconds"]
+
+
+def test_checkpoints_keep_the_run_device_cuda_state_only(tmp_path):
+    """A CPU run saves no CUDA state; a GPU run restores its own GPU's state, also from an
+    older checkpoint listing every GPU then visible, and where fewer GPUs are visible now."""
+    run(tiny("epochs=1"), tmp_path)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["cuda_rng"] is None
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(3)]
+    assert saved_cuda_rng(states[1], torch.device("cuda:0")) is states[1]
+    assert saved_cuda_rng(states, torch.device("cuda:2")) is states[2]
+    assert saved_cuda_rng(states[:1], torch.device("cuda:1")) is states[0]
+    assert saved_cuda_rng(states, torch.device("cpu")) is None
+    assert saved_cuda_rng(None, torch.device("cuda:0")) is None
 
 
 def test_other_config_in_same_directory_is_refused(tmp_path):
