@@ -89,15 +89,22 @@ def score_loss_grads(
     return f_prime(u_pos, kind), -f_prime(-u_neg, kind)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
     """Symmetric InfoNCE between two batches of embeddings ``(N, D)``, cosine similarity.
 
     Row ``i`` of ``z1`` is positive with row ``i`` of ``z2``; every other row of ``z2`` is a
-    negative. Mean over the batch and both directions.
+    negative. Mean over the batch and both directions. The similarities are computed in fp32
+    even under autocast: in bf16 a cosine near 1 is rounded by about 0.004, which the
+    temperature magnifies tenfold in the logits.
     """
-    a = F.normalize(z1.flatten(1), dim=1)
-    b = F.normalize(z2.flatten(1), dim=1)
-    logits = a @ b.t() / temperature
+    a = F.normalize(_at_least_fp32(z1.flatten(1)), dim=1)
+    b = F.normalize(_at_least_fp32(z2.flatten(1)), dim=1)
+    with torch.autocast(a.device.type, enabled=False):
+        logits = a @ b.t() / temperature
     target = torch.arange(a.shape[0], device=a.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from locallearn import losses
 
@@ -67,6 +68,25 @@ def test_info_nce_by_hand_and_as_a_direct_log_softmax():
     rows = (cos.diag() - torch.logsumexp(cos, 1)).mean()
     cols = (cos.diag() - torch.logsumexp(cos, 0)).mean()
     assert losses.info_nce(a, b, 0.1).item() == pytest.approx(-0.5 * float(rows + cols), rel=1e-5)
+
+
+def test_info_nce_keeps_fp32_similarities_under_bf16_autocast():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(16, 64, generator=g)
+    b = a + 0.05 * torch.randn(16, 64, generator=g)  # positives with cosines near 1
+    target = torch.arange(16)
+
+    def plain(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = F.normalize(x, dim=1) @ F.normalize(y, dim=1).t() / 0.1
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+    exact = losses.info_nce(a, b, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = losses.info_nce(a, b, 0.1)
+        rounded = plain(a, b)  # the matmul in bf16
+    assert exact.item() == pytest.approx(plain(a, b).item(), rel=1e-6)
+    assert mixed.item() == pytest.approx(exact.item(), rel=1e-6)
+    assert abs(rounded.item() - exact.item()) > 1e-4 * exact.item()
 
 
 def test_vicreg_terms_by_hand():
