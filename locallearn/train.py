@@ -387,6 +387,7 @@ class Trainer:
     def final_metrics(self) -> dict[str, Any]:
         """The task's metrics of the final network (e.g. the linear probe of image encoders),
         once at the end; they join the summary (with the updated ``eval_seconds``)."""
+        self.opt.zero_grad(set_to_none=True)  # training is over: the probe gets their memory
         self.net.eval()
         t0 = time.perf_counter()
         out = self.task.final_metrics(self.net, self.rule, self.out)

@@ -141,13 +141,19 @@ def encoder_features(
     pools: list[int],
     batch_size: int = 512,
 ) -> torch.Tensor:
-    """Concatenated pooled features ``(N, D)`` of ``transform(images)``, in chunks, no gradients."""
-    out = []
-    for start in range(0, images.shape[0], batch_size):
+    """Concatenated pooled features ``(N, D)`` of ``transform(images)``, in chunks, no gradients.
+
+    Written chunk by chunk into one tensor: the peak is the features and one chunk (at full
+    width, CIFAR-10's 50,000 training images have 6.1 GiB of features)."""
+    n = images.shape[0]
+    out: torch.Tensor | None = None
+    for start in range(0, n, batch_size):
         x = transform(images[start : start + batch_size])
-        feats = net.features(x)
-        out.append(torch.cat([pool_flat(h, p).float() for h, p in zip(feats, pools)], 1))
-    return torch.cat(out) if out else images.new_zeros((0, 0), dtype=torch.float32)
+        feats = torch.cat([pool_flat(h, p).float() for h, p in zip(net.features(x), pools)], 1)
+        if out is None:
+            out = feats.new_empty((n, feats.shape[1]))
+        out[start : start + feats.shape[0]] = feats
+    return out if out is not None else images.new_zeros((0, 0), dtype=torch.float32)
 
 
 def _check_labels(labels: torch.Tensor, n_classes: int, what: str) -> None:
@@ -204,7 +210,8 @@ def run_probe(
         test = encoder_features(net, test_images, transform, pools, fb)
     mean = clean.mean(0)
     std = clean.std(0, unbiased=False).clamp_min(1e-6)
-    silent = silent_fractions(clean.abs().amax(0), slices)
+    # the largest |feature| per column without a temporary of the features' size
+    silent = silent_fractions(torch.maximum(clean.amax(0), clean.amin(0).neg()), slices)
     groups = [slice(0, clean.shape[1])] + (slices if settings.per_block else [])
 
     if settings.epochs == 0:
@@ -231,9 +238,10 @@ def run_probe(
         def logits_of(z: torch.Tensor, k: int) -> torch.Tensor:
             return z[:, groups[k]] @ params[2 * k].t() + params[2 * k + 1]
 
-        # standardise once (clean features); augmented batches are standardised as they come
-        clean = (clean - mean) / std
-        test = (test - mean) / std
+        # standardise once, in place (clean features); augmented batches are standardised as
+        # they come
+        clean.sub_(mean).div_(std)
+        test.sub_(mean).div_(std)
 
         n = clean.shape[0]
         bar = tqdm(range(settings.epochs), desc="probe", unit="epoch", disable=not progress,
