@@ -190,6 +190,17 @@ def test_a_refused_rule_fails_before_the_data_loads(tmp_path, capsys, monkeypatc
     assert "context=top learns from the top block's output" in err and str(missing) not in err
 
 
+def test_a_probe_inside_an_epoch_is_refused():
+    cfg = load_config(ROOT / "configs" / "images" / "clapp++-cpu.yaml",
+                      ["parallel.stages=2", "probe_every=0.5"])
+    with pytest.raises(ValueError, match=r"probe_every=0.5 would probe inside an epoch.*"
+                                         r"whole epochs \(0, 1, 2, ...\)"):
+        check_pipeline(cfg, LocalImageRule(context="same"), 6, 2)
+    check_pipeline(load_config(ROOT / "configs" / "images" / "clapp++-cpu.yaml",
+                               ["parallel.stages=2", "probe_every=2"]),
+                   LocalImageRule(context="same"), 6, 2)
+
+
 def test_top_block_context_is_refused():
     cfg = load_config(RHM_CONFIG, [*RHM_ARGS, "parallel.stages=2"])
     for context in ("top", "both"):
@@ -243,7 +254,8 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
     def rows(path: Path) -> list[dict]:
         lines = (path / "metrics.jsonl").read_text().splitlines()
-        return [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in lines]
+        timings = ("seconds", "curve_seconds")
+        return [{k: v for k, v in json.loads(r).items() if k not in timings} for r in lines]
 
     assert rows(a) == rows(b)
     ja = json.loads((a / "summary.json").read_text())
@@ -282,7 +294,8 @@ def _write_images(root: Path) -> None:
 
 
 def test_three_stages_match_one_process_images(tmp_path, monkeypatch):
-    """CLAPP++ (same-block context), micro-batches and random negatives, split 2-1-3."""
+    """CLAPP++ (same-block context), micro-batches and random negatives, split 2-1-3, with
+    the per-step warm-up cosine schedule and a learning curve probed between evaluations."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     _write_images(tmp_path / "images")
     raw = {
@@ -290,12 +303,21 @@ def test_three_stages_match_one_process_images(tmp_path, monkeypatch):
         "net": {"kind": "vgg6", "width_mult": 1 / 32, "bias": True},
         "rule": {"name": "clapp-image", "negatives": "random",
                  "options": {"context": "same", "micro_batches": 2}},
-        "optim": {"name": "adamw", "lr": 2e-3},
-        "probe": {"epochs": 2},
-        "epochs": 2, "batch_size": 8, "checkpoint_every": 1, "progress": False, "threads": 1,
+        "optim": {"name": "adamw", "lr": 2e-3, "schedule": "cosine", "warmup_epochs": 0.5},
+        "probe": {"epochs": 2, "curve_train": 8, "curve_test": 4, "curve_k": 3},
+        "epochs": 3, "batch_size": 8, "checkpoint_every": 1, "progress": False, "threads": 1,
+        "eval_every": 2, "probe_every": 1,
     }
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
+    # the curve's probe reports a fingerprint of the network it is given (the forked stages
+    # inherit this): a k-NN accuracy on these easy images would not see stale blocks
+    from locallearn.experiments.image_task import ImageTask
+
+    def fingerprint(self, net):
+        return {"probe_accuracy": float(sum(p.detach().double().sum() for p in net.parameters()))}
+
+    monkeypatch.setattr(ImageTask, "curve_probe", fingerprint)
     run(load_config(config), tmp_path / "one")
     _start(3, str(config), ["parallel.stages=3", "parallel.split=[2,1,3]"], tmp_path / "three")
     _assert_same_run(tmp_path / "one", tmp_path / "three")

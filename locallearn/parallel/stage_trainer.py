@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,10 @@ def check_pipeline(cfg: RunConfig, rule, n_blocks: int, world: int) -> None:
     if cfg.align_every:
         raise ValueError(f"align_every={cfg.align_every} needs every block in one process; "
                          "valid with parallel.stages > 1: align_every=0")
+    if not float(cfg.probe_every).is_integer():
+        raise ValueError(f"probe_every={cfg.probe_every:g} would probe inside an epoch, while "
+                         "the stages are at different steps; valid with parallel.stages > 1: "
+                         "whole epochs (0, 1, 2, ...)")
     if world != k:
         raise ValueError(
             f"parallel.stages={k} needs {k} processes, one per stage (torchrun "
@@ -137,7 +142,10 @@ class PipelineTrainer(Trainer):
             raise ValueError(f"parallel.stages={self.stages} cannot pipeline rule "
                              f"{self.rule.name}: some of its parameters belong to no one block")
         self.params = owned[self.rank]
-        opt, self.sched = build_optimizer(cfg, self.params)
+        steps = getattr(task, "steps_per_epoch", None)
+        opt, self.sched = build_optimizer(  # per optimiser step, as in one process
+            cfg, self.params, steps(cfg.batch_size) if steps is not None else 1
+        )
         self.opt = StageOptimizer(opt, [where[id(p)] for p in self.params], len(everything))
         self.first = self.rank == 0
         self.last = self.rank == self.stages - 1
@@ -206,6 +214,19 @@ class PipelineTrainer(Trainer):
         dist.broadcast_object_list(box, 0)
         return box[0]
 
+    def curve_probe(self) -> dict[str, Any]:
+        """The learning curve's probe of the gathered network, on rank 0; the row goes to
+        every rank (the probe's seconds count on every rank, as the stages wait for it)."""
+        self.gather_blocks()
+        t0 = time.perf_counter()
+        box: list[Any] = [super().curve_probe() if self.main else None]
+        dist.broadcast_object_list(box, 0)
+        if not self.main:
+            spent = time.perf_counter() - t0
+            self.eval_seconds += spent
+            self._epoch_probe += spent
+        return box[0]
+
     def save_checkpoint(self) -> None:
         self.gather_blocks()
         box: list[Any] = [self.first_loss]  # of the whole loss: the last stage's
@@ -257,8 +278,6 @@ class PipelineTrainer(Trainer):
                 count += n
                 if not self.last:
                     messages.send((n, carry), nxt)
-        if self.sched is not None:
-            self.sched.step()
         mine = {key: value / max(count, 1) for key, value in sums.items()
                 if key != "loss" or self.last}
         parts: list[Any] = [None] * self.world
@@ -282,6 +301,8 @@ class PipelineTrainer(Trainer):
                 f"{self._kept()}"
             )
         self.opt.step()
+        if self.sched is not None:  # per optimiser step, as in one process
+            self.sched.step()
         self.step += 1
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value * n
