@@ -362,8 +362,9 @@ class Trainer:
                 last = self.epoch == cfg.epochs
                 if self.epoch % cfg.eval_every == 0 or last:
                     row = self.evaluate(self.epoch, train_metrics)
-                else:
-                    row = {"epoch": self.epoch, **train_metrics}
+                else:  # not evaluated: the training metrics, and where on the time axis
+                    row = {"epoch": self.epoch, **train_metrics,
+                           "seconds": round(self.seconds, 3)}
                 row["step"] = self.step
                 if self._probe_due(self.epoch - 1 / self._batches_per_epoch(), self.epoch):
                     row.update(self.curve_probe())
@@ -399,8 +400,14 @@ class Trainer:
         if thr is None or not self.history:
             return False
         row = self.history[-1]
-        # the task's training loss where it reports one (the RHM read-out), else the rule's own
-        loss = row.get("train_loss", row.get("loss"))
+        # the task's training loss where it reports one (the RHM read-out), else the rule's own;
+        # an epoch left without evaluation (eval_every > 1) waits for the next evaluation
+        if "train_loss" in row:
+            loss = row["train_loss"]
+        elif any("train_loss" in r for r in self.history):
+            return False
+        else:
+            loss = row.get("loss")
         return loss is not None and loss < thr
 
     # ------------------------------------------------------------------ probes during training

@@ -201,6 +201,17 @@ def test_a_probe_inside_an_epoch_is_refused():
                    LocalImageRule(context="same"), 6, 2)
 
 
+def test_streamed_data_is_refused_before_it_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    missing = tmp_path / "no-such-folder"
+    args = ["run", str(ROOT / "configs" / "images" / "clapp++-cpu.yaml"), "--out",
+            str(tmp_path / "x"), "data.name=folder", "data.streaming=true", "probe_every=1",
+            f"data.root={missing}", "parallel.stages=2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "parallel.stages > 1 cannot stream its data" in err and str(missing) not in err
+
+
 def test_top_block_context_is_refused():
     cfg = load_config(RHM_CONFIG, [*RHM_ARGS, "parallel.stages=2"])
     for context in ("top", "both"):
@@ -295,7 +306,8 @@ def _write_images(root: Path) -> None:
 
 def test_three_stages_match_one_process_images(tmp_path, monkeypatch):
     """CLAPP++ (same-block context), micro-batches and random negatives, split 2-1-3, with
-    the per-step warm-up cosine schedule and a learning curve probed between evaluations."""
+    the per-step warm-up cosine schedule, a learning curve probed between evaluations, and
+    bf16 autocast."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     _write_images(tmp_path / "images")
     raw = {
@@ -306,7 +318,7 @@ def test_three_stages_match_one_process_images(tmp_path, monkeypatch):
         "optim": {"name": "adamw", "lr": 2e-3, "schedule": "cosine", "warmup_epochs": 0.5},
         "probe": {"epochs": 2, "curve_train": 8, "curve_test": 4, "curve_k": 3},
         "epochs": 3, "batch_size": 8, "checkpoint_every": 1, "progress": False, "threads": 1,
-        "eval_every": 2, "probe_every": 1,
+        "eval_every": 2, "probe_every": 1, "precision": "bf16",
     }
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))

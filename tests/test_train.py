@@ -174,10 +174,28 @@ def test_divergence_from_the_cli_exits_1(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1 and "diverged at epoch 1" in err
 
 
-def test_stop_at_train_loss_threshold(tmp_path):
-    summary = run(tiny("epochs=50", "optim.lr=3e-2", "stop_train_loss=0.5"), tmp_path)
+@pytest.mark.parametrize("every", [1, 3])
+def test_stop_at_train_loss_threshold(tmp_path, every):
+    """The threshold is tested on the evaluated training loss: with eval_every > 1 the run
+    stops after an evaluated epoch, and its summary keeps the evaluation's numbers."""
+    summary = run(tiny("epochs=50", "optim.lr=3e-2", "stop_train_loss=0.5",
+                       f"eval_every={every}"), tmp_path)
     assert summary["stopped_early"] and summary["epochs"] < 50
-    assert summary["train_loss"] < 0.5
+    assert summary["epochs"] % every == 0
+    assert summary["train_loss"] < 0.5 and summary["test_accuracy"] is not None
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("seconds" in row for row in rows)  # evaluated or not, on the time axis
+
+
+def test_stop_threshold_waits_for_an_evaluated_epoch(tmp_path):
+    cfg = tiny("stop_train_loss=0.5")
+    trainer = Trainer(cfg, build_task(cfg), tmp_path)
+    trainer.history = [{"epoch": 0, "train_loss": 0.9}, {"epoch": 1, "loss": 0.1}]
+    assert not trainer._reached_stop()  # the rule's own loss is not the task's training loss
+    trainer.history.append({"epoch": 2, "loss": 0.1, "train_loss": 0.4})
+    assert trainer._reached_stop()
+    trainer.history = [{"epoch": 0, "loss": 0.9}, {"epoch": 1, "loss": 0.1}]
+    assert trainer._reached_stop()  # a task without a training loss: the rule's
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from locallearn import distributed as ddp
 from locallearn.config import load_yaml
 from locallearn.experiments.tasks import build_task
 from locallearn.nets.base import BlockNet
-from locallearn.parallel.stage_trainer import PipelineTrainer, check_rule
+from locallearn.parallel.stage_trainer import PipelineTrainer, check_rule, check_settings
 from locallearn.rules import build_rule
 from locallearn.rules.base import Rule
 from locallearn.runfiles import CHECKPOINT, CONFIG, SUMMARY, check_out_dir, read_metrics
@@ -44,6 +44,7 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
         if cfg.parallel.stages > 1:  # blocks on separate processes, pipelined
             trainer_class = PipelineTrainer
             check_rule(cfg, rule)  # before the data loads too
+            check_settings(cfg)
         torch.manual_seed(cfg.seed)
         task = build_task(cfg)
         return trainer_class(cfg, task, out_dir).run()

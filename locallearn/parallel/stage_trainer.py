@@ -51,6 +51,23 @@ def check_rule(cfg: RunConfig, rule) -> None:
                          f"{reason}; valid: parallel.stages=1")
 
 
+def check_settings(cfg: RunConfig) -> None:
+    """One-line ValueErrors for settings a pipeline cannot honour (known before data loads)."""
+    if cfg.align_every:
+        raise ValueError(f"align_every={cfg.align_every} needs every block in one process; "
+                         "valid with parallel.stages > 1: align_every=0")
+    streams = getattr(cfg.data, "streams", None)  # image data; the RHM never streams
+    if streams is not None and streams():
+        raise ValueError("parallel.stages > 1 cannot stream its data (every stage would decode "
+                         "a part of each batch that only stage 0 uses); valid with streamed "
+                         "data: parallel.stages=1 (data parallel: torchrun without "
+                         "parallel.stages)")
+    if not float(cfg.probe_every).is_integer():
+        raise ValueError(f"probe_every={cfg.probe_every:g} would probe inside an epoch, while "
+                         "the stages are at different steps; valid with parallel.stages > 1: "
+                         "whole epochs (0, 1, 2, ...)")
+
+
 def check_pipeline(cfg: RunConfig, rule, n_blocks: int, world: int) -> None:
     """One-line ValueErrors for a pipeline that cannot run (in the order a user meets them)."""
     k = cfg.parallel.stages
@@ -60,13 +77,7 @@ def check_pipeline(cfg: RunConfig, rule, n_blocks: int, world: int) -> None:
                          f"valid: 1 to {n_blocks}")
     if cfg.parallel.split is not None:
         check_split(cfg.parallel.split, n_blocks)
-    if cfg.align_every:
-        raise ValueError(f"align_every={cfg.align_every} needs every block in one process; "
-                         "valid with parallel.stages > 1: align_every=0")
-    if not float(cfg.probe_every).is_integer():
-        raise ValueError(f"probe_every={cfg.probe_every:g} would probe inside an epoch, while "
-                         "the stages are at different steps; valid with parallel.stages > 1: "
-                         "whole epochs (0, 1, 2, ...)")
+    check_settings(cfg)
     if world != k:
         raise ValueError(
             f"parallel.stages={k} needs {k} processes, one per stage (torchrun "
@@ -290,7 +301,8 @@ class PipelineTrainer(Trainer):
     def _step(self, carry: dict[str, Any], n: int, sums: dict[str, float]) -> dict[str, Any]:
         """Train this stage's blocks on one batch; return what the next stage receives."""
         self.opt.zero_grad(set_to_none=True)
-        metrics, carry = self.rule.blocks_grads(self.net, carry, self.start, self.stop)
+        with self.autocast():  # precision=bf16, as in one process
+            metrics, carry = self.rule.blocks_grads(self.net, carry, self.start, self.stop)
         loss = metrics["loss"]  # the total of every block up to this stage's last
         if self.last:  # the whole loss, as in one process
             self._check_loss(loss)
