@@ -164,7 +164,9 @@ def average_grads(params: Iterable[torch.nn.Parameter], count: int | None = None
     for (dtype, device), tensors in groups.items():
         weight = 1.0 if count is None else float(count)
         flat = torch.cat([t.reshape(-1) for t in tensors]
-                         + [torch.ones(1, dtype=dtype, device=device)]) * weight
+                         + [torch.ones(1, dtype=dtype, device=device)])
+        # a rank with no samples (a last batch smaller than the world) adds nothing, not NaN
+        flat = flat.mul_(weight) if weight else flat.zero_()
         dist.all_reduce(flat)
         total = float(flat[-1]) if count is not None else float(world)
         if total <= 0:
@@ -183,12 +185,26 @@ def average_metrics(metrics: dict[str, float], count: int | None = None) -> dict
         return metrics
     keys = sorted(metrics)
     w = 1.0 if count is None else float(count)
-    t = torch.tensor([metrics[k] * w for k in keys] + [w], dtype=torch.float64)
+    # a rank with no samples adds nothing (its metrics of an empty part are NaN)
+    t = torch.tensor([metrics[k] * w if w else 0.0 for k in keys] + [w], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t)
     total = float(t[-1])
     return {k: float(t[i]) / total for i, k in enumerate(keys)}
+
+
+def sync_generator(generator: torch.Generator, src: int = 0) -> None:
+    """Give every rank rank ``src``'s state of ``generator`` (no-op on one rank).
+
+    Ranks whose parts of a batch differ in size draw different amounts of random numbers (random
+    negatives, masks); without this their copies of the run's generator drift apart, and with
+    them every later permutation of the data."""
+    if not is_initialized():
+        return
+    box = [generator.get_state()]
+    dist.broadcast_object_list(box, src)
+    generator.set_state(box[0])
 
 
 def gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -458,6 +458,8 @@ class Trainer:
             if self.world > 1:
                 ddp.average_grads(self.params, batch.x.shape[0])
                 metrics = ddp.average_metrics(metrics, batch.x.shape[0])
+                if n % self.world:  # uneven parts may have drawn unevenly from the generator
+                    ddp.sync_generator(self.generator)
             loss = metrics["loss"]
             self._check_loss(loss)
             self.opt.step()

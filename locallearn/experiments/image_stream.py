@@ -47,8 +47,8 @@ class StreamSource:
         return len(self.dataset)
 
     def min_batch(self) -> int:
-        """Smallest batch kept: two images (a negative each) and one per rank."""
-        return max(2, self.world)
+        """Smallest batch trained on: two images (a negative each) for every rank."""
+        return 2 * self.world
 
     def steps(self, batch_size: int) -> int:
         n = len(self)

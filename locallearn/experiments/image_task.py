@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from locallearn import distributed as ddp
 from locallearn.data.augment import ProbeAugment, SSLViews, normalize
 from locallearn.data.images import ImageSet, dataset_info, load_images, subset_indices
 from locallearn.eval.image_probe import ProbeResult, ProbeSettings, run_probe
@@ -141,11 +142,16 @@ class ImageTask:
             return self.transform(center_crop(self.stream.sample(2), self.side))
         return self.transform(self.train_images[:2])
 
+    @staticmethod
+    def min_batch() -> int:
+        """The smallest batch trained on: two images (a negative each) for every rank."""
+        return 2 * ddp.world_size()
+
     def steps_per_epoch(self, batch_size: int) -> int:
         if self.stream is not None:
             return self.stream.steps(batch_size)
         n = self.train_images.shape[0]
-        return n // batch_size + (1 if n % batch_size >= 2 else 0)
+        return n // batch_size + (1 if n % batch_size >= self.min_batch() else 0)
 
     def check_rule(self, rule: Rule) -> None:
         from locallearn.rules.image_ssl import RULES, VIEW_KIND
@@ -163,6 +169,10 @@ class ImageTask:
 
         if view_kind not in (None, VIEW_KIND):
             raise ValueError(f"image tasks supply views of kind {VIEW_KIND!r}, not {view_kind!r}")
+        if batch_size < self.min_batch():
+            raise ValueError(f"batch_size={batch_size} leaves some of the {ddp.world_size()} "
+                             f"ranks fewer than 2 images (no negative); valid: batch_size >= "
+                             f"{self.min_batch()}")
         if self.stream is not None:
             from locallearn.experiments.image_stream import stream_batches
 
@@ -173,7 +183,7 @@ class ImageTask:
         labelled = bool((self.train_labels >= 0).all())
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
-            if idx.numel() < 2:  # a lone image has no negative
+            if idx.numel() < self.min_batch():  # a lone image (per rank) has no negative
                 break
             images = self.train_images[idx]
             views = self.views.two_views(images) if view_kind is not None else None
