@@ -53,14 +53,15 @@ def test_cpu_study_sweeps_give_every_rule_the_same_budget(name, epochs):
     assert budgets == {(epochs, None, 0.125, 32)}
     # each preset's rate is its best of the grid; the grid itself gives every rule every rate
     best = {r.values["preset"]: r.raw["optim"]["lr"] for r in trained}
-    assert best["clapp++"] == best["clapp++dfb"] == best["bp-clapp++"] == 5e-4
+    assert best["clapp++"] == best["bp-clapp++"] == best["bp-infonce"] == 5e-4
+    assert best["clapp++dfb"] == best["ff"] == 2.5e-4
     assert best["clapp"] == 1e-3
     grid = expand(load_sweep(sweeps / f"{name}.yaml", overrides=["data.root=/x"],
-                             grid=["optim.lr=5e-4,1e-3,2e-3"], seeds="0"))
+                             grid=["optim.lr=2.5e-4,5e-4,1e-3,2e-3"], seeds="0"))
     rates = {}
     for r in grid:
         rates.setdefault(r.values["preset"], set()).add(r.raw["optim"]["lr"])
-    assert all(v == {5e-4, 1e-3, 2e-3} for v in rates.values()) and len(rates) == 8
+    assert all(v == {2.5e-4, 5e-4, 1e-3, 2e-3} for v in rates.values()) and len(rates) == 8
     random = [r for r in runs if r.values["preset"] == "random"]
     assert len(random) == 2 and all(r.raw["epochs"] == 0 for r in random)
     assert all(r.raw["probe"]["per_block"] and r.raw["probe_every"] > 0 for r in runs)
