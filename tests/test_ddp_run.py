@@ -11,11 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
+from image_folder import write_dataset
 
 from locallearn.experiments.runs import run
 from locallearn.experiments.tasks import build_task
@@ -62,17 +61,6 @@ def test_two_processes_match_one(tmp_path, rule):
 # uneven parts: batches that do not split evenly over the ranks
 
 
-def _write_images(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("test", 4)):
-        for cls, color in (("blue", (40, 60, 200)), ("red", (200, 50, 40))):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                img = np.asarray(color) + rng.integers(-40, 40, (16, 16, 3))
-                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
-
-
 def _uneven_main(rank: int, world: int, port: int, config: str, args: list[str], out: str):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -102,7 +90,7 @@ def test_uneven_parts_keep_the_ranks_together(tmp_path, monkeypatch, case):
                 "data.test_size=40", "net.width=12", "batch_size=15", "epochs=3",
                 "rule.negatives=random", "progress=false", "threads=1"]
     else:
-        _write_images(tmp_path / "images")
+        write_dataset(tmp_path / "images", {"train": 12, "test": 4})
         config = str(ROOT / "configs" / "images" / "clapp++-cpu.yaml")
         args = ["data.name=folder", f"data.root={tmp_path / 'images'}", "net.width_mult=0.03125",
                 "batch_size=7", "epochs=3", "rule.negatives=random",

@@ -13,12 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 import yaml
-from PIL import Image
+from image_folder import write_dataset
 
 from locallearn.cli import main
 from locallearn.data.rhm import RHM
@@ -293,23 +292,12 @@ def test_two_stages_match_one_process_rhm(tmp_path, monkeypatch):
     assert _moved(tmp_path / "one", init)  # every block learned: not a comparison of inits
 
 
-def _write_images(root: Path) -> None:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("test", 4)):
-        for cls, color in (("blue", (40, 60, 200)), ("red", (200, 50, 40))):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                img = np.asarray(color) + rng.integers(-40, 40, (16, 16, 3))
-                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
-
-
 def test_three_stages_match_one_process_images(tmp_path, monkeypatch):
     """CLAPP++ (same-block context), micro-batches and random negatives, split 2-1-3, with
     the per-step warm-up cosine schedule, a learning curve probed between evaluations, and
     bf16 autocast."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    _write_images(tmp_path / "images")
+    write_dataset(tmp_path / "images", {"train": 12, "test": 4})
     raw = {
         "data": {"name": "folder", "root": str(tmp_path / "images")},
         "net": {"kind": "vgg6", "width_mult": 1 / 32, "bias": True},
