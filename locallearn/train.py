@@ -141,10 +141,7 @@ class Trainer:
                 )
         self.params = self.rule.trained_parameters(self.net)
         ddp.broadcast_params(list(self.params) + list(self.rule.buffers()))
-        steps = getattr(task, "steps_per_epoch", None)
-        self.opt, self.sched = build_optimizer(
-            cfg, self.params, steps(cfg.batch_size) if steps is not None else 1
-        )
+        self.opt, self.sched = build_optimizer(cfg, self.params, self._batches_per_epoch())
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
         self.step = 0  # optimiser steps so far
@@ -422,12 +419,23 @@ class Trainer:
             return False
         return math.floor(after / every + 1e-9) > math.floor(before / every + 1e-9)
 
+    def optimizer_step(self) -> None:
+        """Step the optimiser and the (per-step) schedule (locallearn.optim); count the step."""
+        self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
+        self.step += 1
+
+    def curve_metrics(self) -> dict[str, Any]:
+        """The task's probe of the current encoder."""
+        return dict(self.task.curve_probe(self.net))  # type: ignore[attr-defined]
+
     def curve_probe(self) -> dict[str, Any]:
-        """The task's probe of the current encoder, with its cost in ``curve_seconds``."""
+        """:meth:`curve_metrics` in eval mode, with its cost in ``curve_seconds``."""
         t0 = time.perf_counter()
         was_training = self.net.training
         self.net.eval()
-        metrics = dict(self.task.curve_probe(self.net))  # type: ignore[attr-defined]
+        metrics = self.curve_metrics()
         self.net.train(was_training)
         spent = time.perf_counter() - t0
         self.eval_seconds += spent
@@ -462,10 +470,7 @@ class Trainer:
                     ddp.sync_generator(self.generator)
             loss = metrics["loss"]
             self._check_loss(loss)
-            self.opt.step()
-            if self.sched is not None:  # per optimiser step (locallearn.optim)
-                self.sched.step()
-            self.step += 1
+            self.optimizer_step()
             count += n
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value * n

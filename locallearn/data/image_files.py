@@ -92,7 +92,6 @@ def image_files(folder: Path, recursive: bool) -> list[str]:
     return sorted(out, key=natural_key)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # decoding and caching
 

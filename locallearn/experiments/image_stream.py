@@ -46,14 +46,6 @@ class StreamSource:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def min_batch(self) -> int:
-        """Smallest batch trained on: two images (a negative each) for every rank."""
-        return 2 * self.world
-
-    def steps(self, batch_size: int) -> int:
-        n = len(self)
-        return n // batch_size + (1 if n % batch_size >= self.min_batch() else 0)
-
     def sample(self, n: int) -> torch.Tensor:
         """The first ``n`` images, decoded here (``uint8``, on the device)."""
         return torch.stack([self.dataset[i][0] for i in range(min(n, len(self)))]).to(self.device)
@@ -140,7 +132,7 @@ def stream_batches(task: Any, generator: torch.Generator, batch_size: int,
     """The task's batches from the stream: the generator draws the epoch's order."""
     src: StreamSource = task.stream
     order = torch.randperm(len(src), generator=generator)
-    for images, labels in src.batches(order, batch_size, src.min_batch()):
+    for images, labels in src.batches(order, batch_size, task.min_batch()):
         views = task.views.two_views(images) if view_kind is not None else None
         y = labels if src.labelled else None
         yield Batch(task.transform(center_crop(images, task.side)), y, views, generator)

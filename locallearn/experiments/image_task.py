@@ -148,9 +148,7 @@ class ImageTask:
         return 2 * ddp.world_size()
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        if self.stream is not None:
-            return self.stream.steps(batch_size)
-        n = self.train_images.shape[0]
+        n = len(self.stream) if self.stream is not None else self.train_images.shape[0]
         return n // batch_size + (1 if n % batch_size >= self.min_batch() else 0)
 
     def check_rule(self, rule: Rule) -> None:

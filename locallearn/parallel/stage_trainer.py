@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -153,10 +152,8 @@ class PipelineTrainer(Trainer):
             raise ValueError(f"parallel.stages={self.stages} cannot pipeline rule "
                              f"{self.rule.name}: some of its parameters belong to no one block")
         self.params = owned[self.rank]
-        steps = getattr(task, "steps_per_epoch", None)
-        opt, self.sched = build_optimizer(  # per optimiser step, as in one process
-            cfg, self.params, steps(cfg.batch_size) if steps is not None else 1
-        )
+        # per optimiser step, as in one process
+        opt, self.sched = build_optimizer(cfg, self.params, self._batches_per_epoch())
         self.opt = StageOptimizer(opt, [where[id(p)] for p in self.params], len(everything))
         self.first = self.rank == 0
         self.last = self.rank == self.stages - 1
@@ -225,17 +222,12 @@ class PipelineTrainer(Trainer):
         dist.broadcast_object_list(box, 0)
         return box[0]
 
-    def curve_probe(self) -> dict[str, Any]:
-        """The learning curve's probe of the gathered network, on rank 0; the row goes to
-        every rank (the probe's seconds count on every rank, as the stages wait for it)."""
+    def curve_metrics(self) -> dict[str, Any]:
+        """The learning curve's probe of the gathered network, on rank 0; the metrics go to
+        every rank (each counts the wait as probe time, not training time)."""
         self.gather_blocks()
-        t0 = time.perf_counter()
-        box: list[Any] = [super().curve_probe() if self.main else None]
+        box: list[Any] = [super().curve_metrics() if self.main else None]
         dist.broadcast_object_list(box, 0)
-        if not self.main:
-            spent = time.perf_counter() - t0
-            self.eval_seconds += spent
-            self._epoch_probe += spent
         return box[0]
 
     def save_checkpoint(self) -> None:
@@ -312,10 +304,7 @@ class PipelineTrainer(Trainer):
                 f"{self.start + 1}-{self.stop}): the loss is {loss}; lower optim.lr; "
                 f"{self._kept()}"
             )
-        self.opt.step()
-        if self.sched is not None:  # per optimiser step, as in one process
-            self.sched.step()
-        self.step += 1
+        self.optimizer_step()  # and the schedule, per step as in one process
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value * n
         return carry
