@@ -142,6 +142,7 @@ def test_folder_names_are_sanitised_and_deterministic():
         ({"seeds": "0,x"}, r"seed 'x' is invalid"),
         ({"overrides": ["data.bogus=1"]}, r"unknown config key 'data\.bogus'"),
         ({"grid": ["rule.name=backprop,telepathy"]}, r"rule\.name='telepathy' is unknown"),
+        ({"grid": ["optim.lr=1e-3,0.001"]}, r"lr=1e-3,.* and .*lr=0\.001,.* have the same config"),
     ],
 )
 def test_bad_input_is_one_line_value_error_and_starts_nothing(tmp_path, kwargs, match):

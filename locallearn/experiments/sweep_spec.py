@@ -395,6 +395,7 @@ def expand(spec: SweepSpec, threads: int = 1) -> list[RunSpec]:
     overrides = parse_overrides(spec.overrides)
     runs: list[RunSpec] = []
     names: dict[str, RunSpec] = {}
+    configs: dict[str, str] = {}  # the whole config, as text -> the name of its run
     sizes: dict[tuple, Any] = {}
     choices = [[(a, v) for v in a.values] for a in spec.axes]
     # seeds outermost: a sweep stopped half-way has whole grids of the first seeds
@@ -437,6 +438,12 @@ def expand(spec: SweepSpec, threads: int = 1) -> list[RunSpec]:
         run = RunSpec(name, run_values, raw, cpus, gpus)
         if name in names:
             raise ValueError(f"two runs of the sweep get the folder name {name!r}")
+        same = configs.setdefault(json.dumps(raw, sort_keys=True, default=str), name)
+        if same != name:
+            raise ValueError(
+                f"runs {same} and {name} have the same config: the grid gives one value in two "
+                "spellings (e.g. 1e-3 and 0.001) or two variants that set the same; keep one"
+            )
         names[name] = run
         runs.append(run)
     return runs
