@@ -73,6 +73,20 @@ def test_filters(store):
         store.rows({"nope": "1"})
 
 
+def test_a_number_matches_in_any_spelling(tmp_path):
+    """A grid value ``5e-4`` is stored as text (YAML 1.1 reads it so), ``2.5e-4`` as a number;
+    a filter finds either however the number is written, and text stays text."""
+    with ResultsStore(tmp_path) as s:
+        s.set_axes([("optim.lr", "values")])
+        for name, lr in (("a", "5e-4"), ("b", 2.5e-4), ("c", "1e-3"), ("d", "fast")):
+            s.record(f"runs/{name}", {"optim.lr": lr, "seed": 0}, summary(0.5, 512), "v1")
+        found = {q: [r["run_dir"] for r in s.rows({"optim.lr": q})]
+                 for q in ("5e-4", "0.0005", "5E-4", "2.5e-4", "0.00025", "0.001", "fast", "0")}
+    assert found == {"5e-4": ["runs/a"], "0.0005": ["runs/a"], "5E-4": ["runs/a"],
+                     "2.5e-4": ["runs/b"], "0.00025": ["runs/b"], "0.001": ["runs/c"],
+                     "fast": ["runs/d"], "0": []}
+
+
 def test_table_and_csv(store, tmp_path):
     columns, rows, axes = read_results(tmp_path)
     shown = table_columns(columns, rows, axes)

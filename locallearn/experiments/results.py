@@ -263,19 +263,41 @@ class ResultsStore:
         return first + rest + tail
 
     def rows(self, filters: dict[str, str] | None = None) -> list[dict[str, Any]]:
-        """Recorded runs (oldest first) matching every ``column=value`` filter."""
+        """Recorded runs (oldest first) matching every ``column=value`` filter.
+
+        A value matches as written or as the number it spells: ``optim.lr=0.0005`` finds the
+        runs of a grid written ``5e-4`` (which YAML reads as text) and the other way round.
+        """
         cols = self.columns()
-        clauses, params = [], []
-        for key, raw in (filters or {}).items():
+        for key in filters or {}:
             if key not in cols:
                 shown = [c for c in self.ordered_columns() if c != "recorded_at"]
                 raise ValueError(f"filter key {key!r} is not a column; valid: {', '.join(shown)}")
-            clauses.append(f"(CAST({quote(key)} AS TEXT) = ? OR {quote(key)} = ?)")
-            params += [raw, _parse_scalar(raw)]
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        cur = self.db.execute(f"SELECT * FROM runs{where} ORDER BY id", params)
+        cur = self.db.execute("SELECT * FROM runs ORDER BY id")
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, row)) for row in cur.fetchall()]
+        rows = [dict(zip(names, row)) for row in cur.fetchall()]
+        return [row for row in rows
+                if all(_matches(row.get(k), raw) for k, raw in (filters or {}).items())]
+
+
+def _number(value: Any) -> float | None:
+    """The number a cell or a filter value spells (``5e-4``, ``0.0005``, 3), else None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _matches(cell: Any, raw: str) -> bool:
+    """Whether a stored cell equals a ``--filter`` value (as text, as YAML, or as a number)."""
+    if cell is None:
+        return False
+    if str(cell) == raw or cell == _parse_scalar(raw):
+        return True
+    a, b = _number(cell), _number(raw)
+    return a is not None and b is not None and a == b
 
 
 def _parse_scalar(text: str) -> Any:
