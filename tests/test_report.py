@@ -136,6 +136,29 @@ def test_image_table(tmp_path):
     assert "| bp-infonce | 81.0 ± 1.4 (n=2) | 79.0 ± 1.4 (n=2) |" in text
 
 
+def test_trained_runs_against_the_untrained_encoder_of_their_seed(tmp_path):
+    """Each trained run is compared with the epochs=0 run of the same seed and network (not
+    another seed's, not another width's); the table gives mean ± std of the differences."""
+    net = {"width_mult": 0.125}
+    with ResultsStore(tmp_path) as store:
+        store.set_axes([("preset", "variants")])
+        runs = [("random", 0, 0.50, 0.40, 0, net), ("random", 1, 0.52, 0.44, 0, net),
+                ("clapp++", 0, 0.58, 0.47, 3, net), ("clapp++", 1, 0.61, 0.49, 3, net),
+                ("ff", 0, 0.47, None, 3, net),
+                ("wide", 0, 0.70, 0.60, 3, {"width_mult": 1.0})]  # no untrained of its width
+        for preset, seed, acc, top, epochs, net_cfg in runs:
+            summary = {"rule": preset, "probe_accuracy": acc, "seconds": 1.0}
+            if top is not None:
+                summary["probe_top_accuracy"] = top
+            _run(tmp_path, store, f"{preset}-{seed}", {"preset": preset, "seed": seed}, summary,
+                 {"epochs": epochs, "net": net_cfg, "data": {"name": "cifar10"}}, [])
+    text = write_report(tmp_path).read_text()
+    section = text.split("## Against the untrained encoder")[1].split("\n## ")[0]
+    assert "| clapp++ | 0, 1 | +8.50 ± 0.71 | +6.00 ± 1.41 |" in section
+    assert "| ff | 0 | -3.00 | - |" in section
+    assert "| random |" not in section and "| wide |" not in section
+
+
 def test_report_errors_and_command(tmp_path, capsys):
     with pytest.raises(ValueError, match="holds no results"):
         write_report(tmp_path)

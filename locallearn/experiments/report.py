@@ -10,7 +10,9 @@ Written to ``DIR/report.md`` with figures in ``DIR/figures/``:
   spread over seeds ("not reached" when the largest ``P`` does not reach it);
 - RHM sweeps over several depths ``data.L``: the sample complexity against ``L`` per rule, with
   the scalings ``v m^3`` and ``n_c m^L`` drawn (:mod:`locallearn.experiments.depth_figure`);
-- image sweeps (runs with ``probe_accuracy``): the rule x dataset table of linear-probe accuracy;
+- image sweeps (runs with ``probe_accuracy``): the rule x dataset table of linear-probe accuracy,
+  and each trained run against the untrained encoder (``epochs=0``) of its seed, network and
+  data (the same initial weights): the probes' differences in points;
 - learning curves from each run's ``metrics.jsonl`` (mean over seeds), per-layer alignment where a
   run folder holds ``alignment.json`` (rows ``{block, cosine_mean, cosine_std}``), and the PNGs of
   run folders that hold ``analysis.json`` (embedded as they are);
@@ -24,6 +26,7 @@ none, the summary's ``rule``; the "size" axis is ``data.train_size``; a "dataset
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +42,7 @@ from locallearn.experiments.report_runs import (
     fmt_mean_std,
     layout,
     load_runs,
+    mean_std,
     ordered,
     read_alignment,
     read_curve,
@@ -168,6 +172,7 @@ def write_report(
     probed = [r for r in runs if r.get("probe_accuracy") is not None]
     if probed:
         md += _image_table(lay, probed, order)
+        md += _against_untrained(lay, probed, rule_labels, section_labels)
 
     # ---- learning curves
     md += ["## Learning curves", ""]
@@ -349,6 +354,62 @@ def _probe_curve_sections(
                f"training seconds{note} ({section or 'all runs'}):", "",
                f"![probe curves]({rel(path)})", ""]
     return md
+
+
+def _untrained(run: Run) -> bool:
+    return isinstance(run.config, dict) and run.config.get("epochs") == 0
+
+
+def _start_key(run: Run) -> tuple[int, str, str]:
+    """What two runs share when they start from the same weights: the seed, the network, the
+    data set."""
+    config = run.config if isinstance(run.config, dict) else {}
+    data = config.get("data") or {}
+    return (run.seed, json.dumps(config.get("net"), sort_keys=True, default=str),
+            str(data.get("name") if isinstance(data, dict) else data))
+
+
+def _points(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:+.2f}" + (f" ± {std:.2f}" if len(values) > 1 else "")
+
+
+def _against_untrained(
+    lay: Layout, runs: Sequence[Run], rule_labels: list[str], section_labels: list[str]
+) -> list[str]:
+    """Each trained encoder against the untrained one (``epochs=0``) of its seed, network and
+    data: the same initial weights, so the difference is what training added."""
+    start = {}
+    for run in runs:
+        if _untrained(run):
+            start.setdefault(_start_key(run), run)
+    groups: dict[tuple[str, ...], list[tuple[Run, Run]]] = {}
+    def position(run: Run) -> tuple[int, int]:
+        return _rule_pos(lay, run, rule_labels), section_labels.index(lay.section_label(run))
+
+    for run in sorted(runs, key=position):
+        base = start.get(_start_key(run))
+        if base is None or _untrained(run):
+            continue
+        label = (lay.rule_label(run), lay.section_label(run),
+                 run.values[lay.dataset] if lay.dataset else "")
+        groups.setdefault(label, []).append((run, base))
+    if not groups:
+        return []
+    rows = []
+    for (rule, section, dataset), pairs in groups.items():
+        cells = []
+        for key in ("probe_accuracy", "probe_top_accuracy"):
+            diffs = [100 * (float(r.get(key)) - float(b.get(key))) for r, b in pairs
+                     if r.get(key) is not None and b.get(key) is not None]
+            cells.append(_points(diffs) if diffs else "-")
+        name = " / ".join(v for v in (rule, section, dataset) if v)
+        rows.append([name, ", ".join(str(r.seed) for r, _ in pairs)] + cells)
+    return ["## Against the untrained encoder", "",
+            "Each trained run's linear probe minus that of the untrained encoder (`epochs=0`) of "
+            "the same seed, network and data (the same initial weights), in points; mean ± std "
+            "over the seeds that have both.", "",
+            md_table(["run", "seeds", "all blocks", "top block"], rows), ""]
 
 
 def _image_table(lay: Layout, runs: Sequence[Run], order: dict[str, list[str]]) -> list[str]:
