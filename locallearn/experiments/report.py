@@ -379,14 +379,15 @@ def _against_untrained(
 ) -> list[str]:
     """Each trained encoder against the untrained one (``epochs=0``) of its seed, network and
     data: the same initial weights, so the difference is what training added."""
-    start = {}
+    start: dict[tuple[int, str, str], Run] = {}
     for run in runs:
         if _untrained(run):
             start.setdefault(_start_key(run), run)
-    groups: dict[tuple[str, ...], list[tuple[Run, Run]]] = {}
+
     def position(run: Run) -> tuple[int, int]:
         return _rule_pos(lay, run, rule_labels), section_labels.index(lay.section_label(run))
 
+    groups: dict[tuple[str, ...], list[tuple[Run, Run]]] = {}
     for run in sorted(runs, key=position):
         base = start.get(_start_key(run))
         if base is None or _untrained(run):

@@ -273,11 +273,14 @@ class ResultsStore:
             if key not in cols:
                 shown = [c for c in self.ordered_columns() if c != "recorded_at"]
                 raise ValueError(f"filter key {key!r} is not a column; valid: {', '.join(shown)}")
+        # each filter value as written, as YAML, as a number: parsed once, not once per row
+        wanted = [(key, raw, _parse_scalar(raw), _number(raw))
+                  for key, raw in (filters or {}).items()]
         cur = self.db.execute("SELECT * FROM runs ORDER BY id")
         names = [d[0] for d in cur.description]
         rows = [dict(zip(names, row)) for row in cur.fetchall()]
         return [row for row in rows
-                if all(_matches(row.get(k), raw) for k, raw in (filters or {}).items())]
+                if all(_matches(row.get(key), *forms) for key, *forms in wanted)]
 
 
 def _number(value: Any) -> float | None:
@@ -290,14 +293,15 @@ def _number(value: Any) -> float | None:
         return None
 
 
-def _matches(cell: Any, raw: str) -> bool:
-    """Whether a stored cell equals a ``--filter`` value (as text, as YAML, or as a number)."""
+def _matches(cell: Any, raw: str, parsed: Any, number: float | None) -> bool:
+    """Whether a stored cell equals a ``--filter`` value ``raw`` (as text, as YAML: ``parsed``,
+    or as a number: ``number``)."""
     if cell is None:
         return False
-    if str(cell) == raw or cell == _parse_scalar(raw):
+    if str(cell) == raw or cell == parsed:
         return True
-    a, b = _number(cell), _number(raw)
-    return a is not None and b is not None and a == b
+    value = _number(cell)
+    return value is not None and number is not None and value == number
 
 
 def _parse_scalar(text: str) -> Any:
