@@ -12,7 +12,8 @@ from locallearn.rules import build_rule
 from locallearn.schema import load_config
 
 IMAGES = Path(__file__).resolve().parents[1] / "configs" / "images"
-RULES = ("clapp", "clapp++", "clapp++dfb", "clapp++both", "bp-clapp++", "bp-infonce", "ff")
+RULES = ("clapp", "clapp++", "clapp++dfb", "clapp++both", "bp-clapp++", "bp-infonce", "ff",
+         "infonce")
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -46,7 +47,7 @@ def test_cpu_study_sweeps_give_every_rule_the_same_budget(name, epochs):
 
     sweeps = IMAGES.parent / "sweeps"
     runs = expand(load_sweep(sweeps / f"{name}.yaml", overrides=["data.root=/x"]))
-    assert len(runs) == 16 and {r.seed for r in runs} == {0, 1}
+    assert len(runs) == 18 and {r.seed for r in runs} == {0, 1}
     trained = [r for r in runs if r.values["preset"] != "random"]
     budgets = {(r.raw["epochs"], r.raw["data"]["subset"], r.raw["net"]["width_mult"],
                 r.raw["batch_size"]) for r in trained}
@@ -61,7 +62,7 @@ def test_cpu_study_sweeps_give_every_rule_the_same_budget(name, epochs):
     rates = {}
     for r in grid:
         rates.setdefault(r.values["preset"], set()).add(r.raw["optim"]["lr"])
-    assert all(v == {2.5e-4, 5e-4, 1e-3, 2e-3} for v in rates.values()) and len(rates) == 8
+    assert all(v == {2.5e-4, 5e-4, 1e-3, 2e-3} for v in rates.values()) and len(rates) == 9
     random = [r for r in runs if r.values["preset"] == "random"]
     assert len(random) == 2 and all(r.raw["epochs"] == 0 for r in random)
     assert all(r.raw["probe"]["per_block"] and r.raw["probe_every"] > 0 for r in runs)

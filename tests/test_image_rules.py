@@ -306,7 +306,7 @@ def test_infonce_loss_and_gradients():
 
 
 def test_rules_are_registered_and_label_free():
-    for name in ("clapp-image", "ff", "bp-ssl"):
+    for name in ("clapp-image", "ff", "bp-ssl", "infonce-image"):
         assert name in registered()
         rule = build_rule(RuleConfig(name=name))
         assert rule.name == name

@@ -30,6 +30,7 @@ from locallearn.parallel.split import balanced_split, check_split, predicted_spe
 from locallearn.parallel.stage_trainer import check_pipeline
 from locallearn.rules import build_rule
 from locallearn.rules.base import Batch
+from locallearn.rules.image_infonce import LayerwiseInfoNCE
 from locallearn.rules.image_local import FFRule, LocalImageRule
 from locallearn.rules.layerwise import Layerwise
 from locallearn.schema import load_config
@@ -80,7 +81,9 @@ def _image_case(rule_cls, **options):
 
     def build():
         net = vgg6(1 / 32, bias=True, seed=0).to(memory_format=torch.channels_last)
-        rule = rule_cls(negatives="random", pool="global", **options)
+        # random negatives, except for InfoNCE (its negatives are the whole batch)
+        drawn = {} if rule_cls is LayerwiseInfoNCE else {"negatives": "random"}
+        rule = rule_cls(pool="global", **drawn, **options)
         rule.setup(net, images)
         with torch.no_grad():
             for b in rule.parameters():
@@ -97,6 +100,7 @@ CASES = {
     "vicreg-mask": lambda: _rhm_case("mask", "vicreg"),
     "clapp++-micro": lambda: _image_case(LocalImageRule, micro_batches=2),
     "ff-summed": lambda: _image_case(FFRule, step="summed"),
+    "infonce-image": lambda: _image_case(LayerwiseInfoNCE, step="block"),
 }
 
 

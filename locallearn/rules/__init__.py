@@ -14,6 +14,7 @@ from locallearn.rules.backprop import Backprop, BackpropNoMask
 from locallearn.rules.base import SETTING_KEYS, Batch, NoOptions, Rule
 from locallearn.rules.feedback import DirectFeedback
 from locallearn.rules.image_bp import BPSSL
+from locallearn.rules.image_infonce import LayerwiseInfoNCE
 from locallearn.rules.image_local import FFRule, LocalImageRule
 from locallearn.rules.latent import LatentPrediction
 from locallearn.rules.latent_stacked import LatentStacked
@@ -35,6 +36,7 @@ _RULES: dict[str, type[Rule]] = {
     "clapp-image": LocalImageRule,
     "ff": FFRule,
     "bp-ssl": BPSSL,
+    "infonce-image": LayerwiseInfoNCE,
     "latent-prediction": LatentPrediction,
     "latent-stacked": LatentStacked,
     "token-prediction": TokenPrediction,
