@@ -35,7 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PRESETS = ("clapp", "clapp++", "clapp++dfb", "clapp++both", "bp-clapp++", "bp-infonce", "ff")
+PRESETS = ("clapp", "clapp++", "clapp++dfb", "clapp++both", "bp-clapp++", "bp-infonce", "ff",
+           "infonce")
 CIFAR_TRAIN = 50_000
 PAPER_EPOCHS = 300
 

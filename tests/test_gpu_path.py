@@ -19,7 +19,8 @@ from locallearn.schema import load_config
 from locallearn.train import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESETS = ("clapp", "clapp++", "clapp++dfb", "clapp++both", "bp-clapp++", "bp-infonce", "ff")
+PRESETS = ("clapp", "clapp++", "clapp++dfb", "clapp++both", "bp-clapp++", "bp-infonce", "ff",
+           "infonce")
 
 
 def _gpu_check():

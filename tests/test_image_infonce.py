@@ -150,6 +150,9 @@ def test_presets_build_the_rule_as_bp_infonce_pools_and_projects():
     assert top == [(1024, 1024)]  # BP-InfoNCE's projection
     cpu = load_config(IMAGES / "infonce-cpu.yaml")
     assert cpu.rule == cfg.rule and cpu.net.width_mult == 0.125
+    with pytest.raises(ValueError, match="at least 2 images"):
+        one = Batch(torch.zeros(1, 3, 32, 32), None, (torch.zeros(1, 3, 32, 32),) * 2, None)
+        rule.compute_grads(net, one)
 
 
 def test_a_run_trains_probes_and_resumes_as_finished(tmp_path, capsys):

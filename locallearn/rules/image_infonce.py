@@ -33,7 +33,7 @@ from locallearn.nets.base import BlockNet
 from locallearn.rules.base import Batch, Rule, TopLossReference, check_range
 from locallearn.rules.image_grid import pool_flat
 from locallearn.rules.image_options import check_choice, check_pool
-from locallearn.rules.image_ssl import ImageSSLRule
+from locallearn.rules.image_ssl import ImageRule
 
 __all__ = ["InfoNCEOptions", "LayerwiseInfoNCE"]
 
@@ -60,7 +60,7 @@ class InfoNCEOptions:
             check_range("rule.options.projection_dim", self.projection_dim, 1)
 
 
-class LayerwiseInfoNCE(ImageSSLRule):
+class LayerwiseInfoNCE(ImageRule):
     """BP-InfoNCE's loss on every block, each block trained from its own loss (see the module
     docstring).
 
@@ -89,8 +89,7 @@ class LayerwiseInfoNCE(ImageSSLRule):
         step: str = "block",
         seed: int = 0,
     ) -> None:
-        # the pair settings of the parent (f, negatives, score norm) are not read by this rule
-        super().__init__(pool, "hinge", "next", "none")
+        super().__init__(pool)
         check_range("rule.temperature", temperature, 0, low_open=True)
         check_choice("rule.options.step", step, ("block", "summed"))
         self.temperature = temperature
@@ -125,9 +124,7 @@ class LayerwiseInfoNCE(ImageSSLRule):
 
     def start_carry(self, net: BlockNet, batch: Batch) -> dict[str, Any]:
         """Both views of the batch (block 0's input); nothing is drawn at random."""
-        x, n = self.views(batch)
-        if n < 2:
-            raise ValueError("image SSL rules need batches of at least 2 images (negatives)")
+        x, _ = self.views(batch)
         return {"x": x, "loss": 0.0}
 
     def blocks_grads(

@@ -55,6 +55,12 @@ Registered rule names (``rule.name``):
     ``clapp-image`` (each part backpropagated through every block in turn); InfoNCE cannot be
     split (its negatives are inside the graph).
 
+``infonce-image``
+    BP-InfoNCE's loss on every block (global pooling by default, each block with its own
+    projection), each block trained from its own loss with its input detached: the loss of
+    ``bp-ssl`` with ``rule.loss=infonce``, the locality of ``clapp-image``
+    (:mod:`locallearn.rules.image_infonce`).
+
 Pooling (``rule.options.pool``): ``auto`` (default) pools every block onto the paper's grid of
 8, 4, 4, 4, 2, 2 cells per side, which gives pool sizes 4-4-4-2-2-1 on CIFAR-10 (32 px),
 12-12-12-6-6-3 on STL-10 (96 px) and 8-8-8-4-4-2 on Tiny ImageNet (64 px); ``global`` pools every
@@ -103,7 +109,7 @@ from locallearn.rules.ssl_pairs import (
     paper_negative_rows,
 )
 
-__all__ = ["ImageSSLRule", "RULES", "VIEW_KIND"]
+__all__ = ["ImageRule", "ImageSSLRule", "RULES", "VIEW_KIND"]
 
 #: The value of ``Rule.view_kind`` of these rules: the task supplies two SSL views.
 VIEW_KIND = "ssl"
@@ -114,12 +120,54 @@ RULES = ("clapp-image", "ff", "bp-ssl", "infonce-image")
 PAIRINGS = ("paper", "same-view")
 
 
-class ImageSSLRule(Rule):
-    """Common part of the image SSL rules: two views, pooling, the unified score loss."""
+class ImageRule(Rule):
+    """Common part of every image SSL rule: two views of each image, label-free, each block's
+    output pooled on a grid (``rule.options.pool``, resolved by :meth:`resolve`)."""
 
-    name = "image-ssl"
+    name = "image-rule"
     uses_labels = False
     view_kind = VIEW_KIND
+
+    def __init__(self, pool: list[int] | str) -> None:
+        super().__init__()
+        self.pool_spec = pool
+        self.pools: list[int] = []
+        self.dims: list[int] = []
+
+    def resolve(self, net: BlockNet, sample_input: torch.Tensor) -> None:
+        """Find each block's pool size and pooled size ``D_l`` for inputs like ``sample_input``."""
+        if sample_input.dim() != 4 or sample_input.shape[2] != sample_input.shape[3]:
+            raise ValueError(
+                f"image rules need square image batches (N, C, S, S), got "
+                f"{tuple(sample_input.shape)}"
+            )
+        with torch.no_grad():
+            feats = net.features(sample_input[:1])
+        # the maps' sides as the blocks make them (not only VGG's max-pools halving them)
+        self.pools = resolve_pools(self.pool_spec, [int(h.shape[-1]) for h in feats])
+        self.dims = [pool_flat(h, p).shape[1] for h, p in zip(feats, self.pools)]
+
+    def prediction_matrices(self) -> list[tuple[nn.Parameter, int, int]]:
+        """``(B, row block, column block)`` of every prediction matrix (none by default)."""
+        return []
+
+    @staticmethod
+    def views(batch: Batch) -> tuple[torch.Tensor, int]:
+        """Both views stacked ``(2N, C, H, W)`` and ``N`` (at least 2: each image needs another
+        image of the batch as its negative)."""
+        if batch.views is None:
+            raise ValueError("image SSL rules need two views in the batch (view_kind 'ssl')")
+        v1, v2 = batch.views
+        if v1.shape[0] < 2:
+            raise ValueError("image SSL rules need batches of at least 2 images (negatives)")
+        return torch.cat([v1, v2], 0), v1.shape[0]
+
+
+class ImageSSLRule(ImageRule):
+    """Common part of the image rules of the unified score loss (``clapp-image``, ``ff``,
+    ``bp-ssl``): negatives, pair terms, prediction matrices."""
+
+    name = "image-ssl"
 
     def __init__(
         self,
@@ -130,7 +178,7 @@ class ImageSSLRule(Rule):
         micro_batches: int = 1,
         pairing: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(pool)
         if pairing is None:  # the paper code's pairing where it is defined
             pairing = "paper" if negatives == "next" else "same-view"
         check_choice("rule.f", f, losses.F_KINDS)
@@ -149,13 +197,10 @@ class ImageSSLRule(Rule):
                 "each positive score with its negative); valid f: hinge, softplus, linear"
             )
         self.micro_batches = micro_batches
-        self.pool_spec = pool
         self.f = f
         self.negatives = negatives
         self.pairing = pairing
         self.score_norm = score_norm
-        self.pools: list[int] = []
-        self.dims: list[int] = []
         self._plans: dict[tuple, PairPlan] = {}
 
     def pair_plan(self, n: int, neg: torch.Tensor, ranges: list[tuple[int, int]]) -> PairPlan:
@@ -175,27 +220,13 @@ class ImageSSLRule(Rule):
             plan = self._plans[key] = PairPlan(n, neg, ranges)
         return plan
 
-    def resolve(self, net: BlockNet, sample_input: torch.Tensor) -> None:
-        """Find each block's pool size and pooled size ``D_l`` for inputs like ``sample_input``."""
-        if sample_input.dim() != 4 or sample_input.shape[2] != sample_input.shape[3]:
-            raise ValueError(
-                f"image rules need square image batches (N, C, S, S), got "
-                f"{tuple(sample_input.shape)}"
-            )
-        with torch.no_grad():
-            feats = net.features(sample_input[:1])
-        # the maps' sides as the blocks make them (not only VGG's max-pools halving them)
-        self.pools = resolve_pools(self.pool_spec, [int(h.shape[-1]) for h in feats])
-        self.dims = [pool_flat(h, p).shape[1] for h, p in zip(feats, self.pools)]
-
     def scale(self, d_z: int, d_c: int) -> float:
         """The score scale ``s``."""
         return losses.score_scale(self.score_norm, d_z, d_c)
 
     def negative_index(self, n: int, batch: Batch, device: torch.device) -> torch.Tensor:
-        """The negative row of each of the ``2N`` rows ``[view 1; view 2]`` (another image)."""
-        if n < 2:
-            raise ValueError("image SSL rules need batches of at least 2 images (negatives)")
+        """The negative row of each of the ``2N`` rows ``[view 1; view 2]`` (another image;
+        ``n >= 2``, as :meth:`views` checks)."""
         if self.pairing == "paper":
             return paper_negative_rows(n, device)
         return negative_rows(pick_negatives(n, self.negatives, batch.generator, device), n)
@@ -282,10 +313,6 @@ class ImageSSLRule(Rule):
             values.append(loss.detach())
         return float(torch.stack(values).cpu().double().sum())
 
-    def prediction_matrices(self) -> list[tuple[nn.Parameter, int, int]]:
-        """``(B, row block, column block)`` of every prediction matrix (none by default)."""
-        return []
-
     def upgrade_state(self, net: BlockNet, checkpoint_format: int) -> None:
         """Before format 2, pooled features were flattened channel-major: reorder ``B``."""
         if checkpoint_format < 2:
@@ -297,11 +324,3 @@ class ImageSSLRule(Rule):
         if start == 0 and stop == n:
             return x
         return torch.cat([x[start:stop], x[n + start : n + stop]])
-
-    @staticmethod
-    def views(batch: Batch) -> tuple[torch.Tensor, int]:
-        """Both views stacked ``(2N, C, H, W)`` and ``N``."""
-        if batch.views is None:
-            raise ValueError("image SSL rules need two views in the batch (view_kind 'ssl')")
-        v1, v2 = batch.views
-        return torch.cat([v1, v2], 0), v1.shape[0]
