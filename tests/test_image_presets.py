@@ -56,7 +56,7 @@ def test_cpu_study_sweeps_give_every_rule_the_same_budget(name, epochs):
     best = {r.values["preset"]: r.raw["optim"]["lr"] for r in trained}
     assert best["clapp++"] == best["bp-clapp++"] == best["bp-infonce"] == 5e-4
     assert best["clapp++dfb"] == best["clapp++both"] == best["ff"] == 2.5e-4
-    assert best["clapp"] == 1e-3
+    assert best["clapp"] == best["infonce"] == 1e-3
     grid = expand(load_sweep(sweeps / f"{name}.yaml", overrides=["data.root=/x"],
                              grid=["optim.lr=2.5e-4,5e-4,1e-3,2e-3"], seeds="0"))
     rates = {}
