@@ -6,9 +6,10 @@ Under ``torchrun`` every rank takes its contiguous part of each global batch
 rules a part's loss uses the part's own images as negatives (and, for VICReg, its own batch
 statistics), so two ranks equal one process that takes the same parts as separate sub-batches and
 averages their gradients by size; that is what is checked here, for a layer-wise RHM rule (CLAPP
-with synonym views, whose ``B`` is learnt by autograd) and the layer-wise image rule (CLAPP++ with
-both contexts, whose ``B`` gets its explicit gathered update) and the predictor-clusterer rule
-(whose prototypes are seeded on rank 0's part and broadcast), through a few optimiser steps.
+with synonym views, whose ``B`` is learnt by autograd), the layer-wise image rules (CLAPP++ with
+both contexts, whose ``B`` gets its explicit gathered update; layer-wise InfoNCE, whose negatives
+are the part's other images) and the predictor-clusterer rule (whose prototypes are seeded on
+rank 0's part and broadcast), through a few optimiser steps.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from locallearn.nets.clusterer import predictor_clusterer_net
 from locallearn.nets.hier_cnn import hier_cnn
 from locallearn.nets.vgg import vgg6
 from locallearn.rules.base import Batch
+from locallearn.rules.image_infonce import LayerwiseInfoNCE
 from locallearn.rules.image_local import LocalImageRule
 from locallearn.rules.latent_stacked import LatentStacked, StackedOptions
 from locallearn.rules.layerwise import Layerwise
@@ -49,11 +51,15 @@ def _rhm_setup():
     return net, rule, views
 
 
-def _image_setup():
+def _image_setup(infonce: bool = False):
     g = torch.Generator().manual_seed(2)
     v1 = torch.rand(GLOBAL_BATCH * STEPS, 3, 16, 16, generator=g)
     views = (v1, (v1 + 0.3 * torch.rand(v1.shape, generator=g)).clamp(0, 1))
     net = vgg6(1 / 32, seed=3)
+    if infonce:  # its projections start random (seeded), as in a run
+        rule = LayerwiseInfoNCE("auto", 0.1, None, "block", seed=4)
+        rule.setup(net, v1[:2])
+        return net, rule, views
     rule = LocalImageRule("both", [2, 4, 1, 2, 1, 1], "hinge", "next")
     rule.setup(net, v1[:2])
     with torch.no_grad():
@@ -79,7 +85,7 @@ def _latent_setup():
 
 
 SETUPS = {"layerwise-rhm": _rhm_setup, "clapp-image": _image_setup,
-          "latent-stacked": _latent_setup}
+          "infonce-image": lambda: _image_setup(infonce=True), "latent-stacked": _latent_setup}
 
 
 def _train(name: str, rank: int, world: int, emulate: int = 1) -> dict[str, torch.Tensor]:
