@@ -136,6 +136,24 @@ def test_image_table(tmp_path):
     assert "| bp-infonce | 81.0 ± 1.4 (n=2) | 79.0 ± 1.4 (n=2) |" in text
 
 
+def test_image_table_keeps_the_grid_points_of_other_axes_apart(tmp_path):
+    """A learning-rate grid: each rule's row is one rate, its seeds averaged, never the rates."""
+    with ResultsStore(tmp_path) as store:
+        store.set_axes([("preset", "variants"), ("optim.lr", "values")])
+        for preset, lr, seed, acc in (("clapp++", "5e-4", 0, 0.58), ("clapp++", "5e-4", 1, 0.60),
+                                      ("clapp++", "2e-3", 0, 0.50), ("ff", "5e-4", 0, 0.52)):
+            _run(tmp_path, store, f"{preset}-{lr}-{seed}",
+                 {"preset": preset, "optim.lr": lr, "seed": seed},
+                 {"rule": preset, "probe_accuracy": acc, "seconds": 5.0},
+                 {"data": {"name": "cifar10"}}, [])
+    text = write_report(tmp_path).read_text()
+    table = text.split("## Linear-probe accuracy (%), rule x dataset")[1].split("\n## ")[0]
+    assert "| clapp++ / optim.lr=5e-4 | 59.0 ± 1.4 (n=2) |" in table
+    assert "| clapp++ / optim.lr=2e-3 | 50.0 (n=1) |" in table
+    assert "| ff / optim.lr=5e-4 | 52.0 (n=1) |" in table
+    assert "(n=3)" not in table
+
+
 def test_trained_runs_against_the_untrained_encoder_of_their_seed(tmp_path):
     """Each trained run is compared with the epochs=0 run of the same seed and network (not
     another seed's, not another width's); the table gives mean ± std of the differences."""

@@ -171,7 +171,7 @@ def write_report(
     # ---- images: rule x dataset
     probed = [r for r in runs if r.get("probe_accuracy") is not None]
     if probed:
-        md += _image_table(lay, probed, order)
+        md += _image_table(lay, probed, order, rule_labels, section_labels)
         md += _against_untrained(lay, probed, rule_labels, section_labels)
 
     # ---- learning curves
@@ -413,25 +413,34 @@ def _against_untrained(
             md_table(["run", "seeds", "all blocks", "top block"], rows), ""]
 
 
-def _image_table(lay: Layout, runs: Sequence[Run], order: dict[str, list[str]]) -> list[str]:
+def _image_table(
+    lay: Layout, runs: Sequence[Run], order: dict[str, list[str]], rule_labels: list[str],
+    section_labels: list[str],
+) -> list[str]:
+    """Probe accuracy per rule (a row per rule and grid point of the other axes, e.g. each
+    learning rate of a grid: runs of different settings are never averaged) and dataset."""
     def dataset(run: Run) -> str:
         if lay.dataset is not None:
             return run.values[lay.dataset]
         d = run.config.get("data", {}) if isinstance(run.config, dict) else {}
         return str(d.get("name", "-"))
 
+    def position(run: Run) -> tuple[int, int]:
+        return _rule_pos(lay, run, rule_labels), section_labels.index(lay.section_label(run))
+
     names = ordered({dataset(r) for r in runs}, order.get(lay.dataset or ""))
-    rules = ordered({lay.rule_label(r) for r in runs},
-                     order.get(lay.rule[0]) if len(lay.rule) == 1 else None)
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in sorted(runs, key=position):
+        groups.setdefault((lay.rule_label(run), lay.section_label(run)), []).append(run)
     rows = []
-    for rule in rules:
-        row = [rule]
+    for (rule, section), group in groups.items():
+        row = [" / ".join(v for v in (rule, section) if v)]
         for name in names:
-            vals = [r.get("probe_accuracy") for r in runs
-                    if lay.rule_label(r) == rule and dataset(r) == name]
+            vals = [r.get("probe_accuracy") for r in group if dataset(r) == name]
             vals = [100 * float(v) for v in vals if v is not None]
             row.append(f"{fmt_mean_std(vals, 1)} (n={len(vals)})" if vals else "-")
         rows.append(row)
     return ["## Linear-probe accuracy (%), rule x dataset", "",
-            "Mean ± std over seeds of the linear probe on the frozen encoder.", "",
+            "Mean ± std over seeds of the linear probe on the frozen encoder"
+            + (", per grid point of the other axes." if any(section_labels) else "."), "",
             md_table(["rule"] + names, rows), ""]
