@@ -152,6 +152,8 @@ def test_image_table_keeps_the_grid_points_of_other_axes_apart(tmp_path):
     assert "| clapp++ / optim.lr=2e-3 | 50.0 (n=1) |" in table
     assert "| ff / optim.lr=5e-4 | 52.0 (n=1) |" in table
     assert "(n=3)" not in table
+    # the rates in the order of their values, not of their spelling
+    assert table.index("clapp++ / optim.lr=5e-4") < table.index("clapp++ / optim.lr=2e-3")
 
 
 def test_trained_runs_against_the_untrained_encoder_of_their_seed(tmp_path):

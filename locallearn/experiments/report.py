@@ -124,7 +124,7 @@ def write_report(
     order = value_order(sweep_axes)
     rule_labels = ordered({lay.rule_label(r) for r in runs},
                            order.get(lay.rule[0]) if len(lay.rule) == 1 else None)
-    section_labels = ordered({lay.section_label(r) for r in runs}, None)
+    section_labels = _section_labels(lay, runs)
     by_section: dict[str, list[Run]] = {s: [] for s in section_labels}
     for run in runs:
         by_section[lay.section_label(run)].append(run)
@@ -237,6 +237,23 @@ def write_report(
         md.append("")
     report.write_text("\n".join(md).rstrip() + "\n")
     return report
+
+
+def _section_labels(lay: Layout, runs: Sequence[Run]) -> list[str]:
+    """The sections' labels in the order of their axes' values, numbers by value (``5e-4``
+    before ``2e-3`` and ``0.001``, whatever their spelling), then the others by name."""
+    def value_key(value: Any) -> tuple[int, float, str]:
+        try:
+            return 0, float(value), ""
+        except (TypeError, ValueError):
+            return 1, 0.0, str(value)
+
+    labels: list[str] = []
+    for run in sorted(runs, key=lambda r: [value_key(r.values.get(a)) for a in lay.section]):
+        label = lay.section_label(run)
+        if label not in labels:
+            labels.append(label)
+    return labels
 
 
 def _rule_pos(lay: Layout, run: Run, labels: list[str]) -> int:
