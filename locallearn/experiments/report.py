@@ -256,6 +256,13 @@ def _section_labels(lay: Layout, runs: Sequence[Run]) -> list[str]:
     return labels
 
 
+def _position(
+    lay: Layout, run: Run, rule_labels: list[str], section_labels: list[str]
+) -> tuple[int, int]:
+    """Where a run's row goes in the tables of rules by grid point: its rule, then section."""
+    return _rule_pos(lay, run, rule_labels), section_labels.index(lay.section_label(run))
+
+
 def _rule_pos(lay: Layout, run: Run, labels: list[str]) -> int:
     label = lay.rule_label(run)
     return labels.index(label) if label in labels else len(labels)
@@ -401,11 +408,8 @@ def _against_untrained(
         if _untrained(run):
             start.setdefault(_start_key(run), run)
 
-    def position(run: Run) -> tuple[int, int]:
-        return _rule_pos(lay, run, rule_labels), section_labels.index(lay.section_label(run))
-
     groups: dict[tuple[str, ...], list[tuple[Run, Run]]] = {}
-    for run in sorted(runs, key=position):
+    for run in sorted(runs, key=lambda r: _position(lay, r, rule_labels, section_labels)):
         base = start.get(_start_key(run))
         if base is None or _untrained(run):
             continue
@@ -442,12 +446,9 @@ def _image_table(
         d = run.config.get("data", {}) if isinstance(run.config, dict) else {}
         return str(d.get("name", "-"))
 
-    def position(run: Run) -> tuple[int, int]:
-        return _rule_pos(lay, run, rule_labels), section_labels.index(lay.section_label(run))
-
     names = ordered({dataset(r) for r in runs}, order.get(lay.dataset or ""))
     groups: dict[tuple[str, str], list[Run]] = {}
-    for run in sorted(runs, key=position):
+    for run in sorted(runs, key=lambda r: _position(lay, r, rule_labels, section_labels)):
         groups.setdefault((lay.rule_label(run), lay.section_label(run)), []).append(run)
     rows = []
     for (rule, section), group in groups.items():

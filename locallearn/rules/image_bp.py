@@ -94,9 +94,6 @@ class BPSSL(ImageSSLRule):
                 torch.manual_seed(self.seed)
                 self.projection = nn.Linear(channels, out, bias=False).to(device)
 
-    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
-        return net.encoder_parameters() + list(self.parameters())
-
     def prediction_matrices(self) -> list[tuple[nn.Parameter, int, int]]:
         top = len(self.dims) - 1
         return [(B, top, top) for B in self.B]

@@ -32,7 +32,7 @@ from locallearn import losses
 from locallearn.nets.base import BlockNet
 from locallearn.rules.base import Batch, Rule, TopLossReference, check_range
 from locallearn.rules.image_grid import pool_flat
-from locallearn.rules.image_options import check_choice, check_pool
+from locallearn.rules.image_options import STEPS, check_choice, check_pool
 from locallearn.rules.image_ssl import ImageRule
 
 __all__ = ["InfoNCEOptions", "LayerwiseInfoNCE"]
@@ -91,7 +91,7 @@ class LayerwiseInfoNCE(ImageRule):
     ) -> None:
         super().__init__(pool)
         check_range("rule.temperature", temperature, 0, low_open=True)
-        check_choice("rule.options.step", step, ("block", "summed"))
+        check_choice("rule.options.step", step, STEPS)
         self.temperature = temperature
         self.projection_dim = projection_dim
         self.step = step
@@ -107,9 +107,6 @@ class LayerwiseInfoNCE(ImageRule):
                 self.projections.append(
                     nn.Linear(d, out, bias=False).to(sample_input.device)
                 )
-
-    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
-        return net.encoder_parameters() + list(self.parameters())
 
     def block_parameters(self, level: int) -> list[nn.Parameter]:
         return list(self.projections[level].parameters())

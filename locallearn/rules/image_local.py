@@ -14,7 +14,7 @@ from torch import nn
 from locallearn.nets.base import BlockNet
 from locallearn.rules.base import Batch, Rule, TopLossReference
 from locallearn.rules.image_grid import pool_flat
-from locallearn.rules.image_options import FFOptions, LocalOptions, check_choice
+from locallearn.rules.image_options import STEPS, FFOptions, LocalOptions, check_choice
 from locallearn.rules.image_ssl import ImageSSLRule
 from locallearn.rules.ssl_pairs import (
     PairTerms,
@@ -65,7 +65,7 @@ class LocalImageRule(ImageSSLRule):
     ) -> None:
         super().__init__(pool, f, negatives, score_norm, micro_batches, pairing)
         check_choice("rule.options.context", context, ("same", "top", "both"))
-        check_choice("rule.options.step", step, ("block", "summed"))
+        check_choice("rule.options.step", step, STEPS)
         if identity_b and context != "same":
             raise ValueError("B fixed to the identity needs rule.options.context=same")
         self.context = context
@@ -92,9 +92,6 @@ class LocalImageRule(ImageSSLRule):
                 self.B_same.append(nn.Parameter(torch.zeros(d, d, device=device)))
             if self.uses_top:
                 self.B_top.append(nn.Parameter(torch.zeros(d, self.dims[-1], device=device)))
-
-    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
-        return net.encoder_parameters() + list(self.parameters())
 
     def prediction_matrices(self) -> list[tuple[nn.Parameter, int, int]]:
         top = len(self.dims) - 1

@@ -9,7 +9,10 @@ from typing import Literal
 
 from locallearn.rules.base import check_range
 
-__all__ = ["BPOptions", "FFOptions", "LocalOptions", "SSLOptions"]
+__all__ = ["BPOptions", "FFOptions", "LocalOptions", "SSLOptions", "STEPS"]
+
+#: Values of ``rule.options.step`` of the layer-wise image rules.
+STEPS = ("block", "summed")
 
 
 @dataclass

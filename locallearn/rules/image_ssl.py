@@ -147,6 +147,10 @@ class ImageRule(Rule):
         self.pools = resolve_pools(self.pool_spec, [int(h.shape[-1]) for h in feats])
         self.dims = [pool_flat(h, p).shape[1] for h, p in zip(feats, self.pools)]
 
+    def trained_parameters(self, net: BlockNet) -> list[nn.Parameter]:
+        """The encoder's parameters and the rule's own (prediction matrices, projections)."""
+        return net.encoder_parameters() + list(self.parameters())
+
     def prediction_matrices(self) -> list[tuple[nn.Parameter, int, int]]:
         """``(B, row block, column block)`` of every prediction matrix (none by default)."""
         return []
