@@ -62,6 +62,15 @@ def world_size_from_env() -> int:
         raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
 
 
+def rank_from_env() -> int:
+    """``RANK`` from the environment (0 when unset): this process's rank under ``torchrun``,
+    also after the process group is torn down."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise ValueError(f"RANK={os.environ['RANK']!r} is not an integer") from None
+
+
 def init_from_env(device: str = "cpu") -> tuple[int, int]:
     """Join the process group torchrun describes; returns ``(rank, world_size)``.
 

@@ -43,6 +43,7 @@ def test_two_processes_match_one(tmp_path, rule):
            "--out", str(tmp_path / "ddp"), *ARGS]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("wrote") == 1, done.stdout  # rank 0 alone reports the run
     single = run(load_config(config, ARGS), tmp_path / "single")
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert ddp["epochs"] == single["epochs"] == 2

@@ -9,6 +9,7 @@ from pathlib import Path
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from locallearn import distributed as ddp
     from locallearn.experiments.runs import run
     from locallearn.schema import load_config
 
@@ -17,6 +18,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cfg.label = Path(args.config).stem
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     summary = run(cfg, out)
+    if ddp.rank_from_env() != 0:  # under torchrun rank 0 reports for every rank
+        return 0
     keys = ("label", "rule", "test_accuracy", "readout", "probe_accuracy", "chance", "epochs",
             "seconds")
     shown = {k: summary[k] for k in keys if summary.get(k) is not None}
