@@ -86,7 +86,7 @@ def init_from_env(device: str = "cpu") -> tuple[int, int]:
     for var in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise ValueError(f"WORLD_SIZE={world} but {var} is not set; launch with torchrun")
-    rank = int(os.environ["RANK"])
+    rank = rank_from_env()
     cuda = _uses_cuda(device)
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
