@@ -25,6 +25,17 @@ decay to zero over the remaining ``T - W`` steps (``T = epochs * steps_per_epoch
     factor(t) = (t + 1) / W                              for t < W
     factor(t) = 0.5 * (1 + cos(pi * (t - W) / (T - W)))  for t >= W
 
+``optim.schedule=exponential`` (per block, with ``optim.gamma`` and ``optim.period``): block
+``k``'s rate is multiplied by ``gamma_k ** floor((t_k + 1) / period_k)``, with ``t_k`` the steps
+since the block started training (step 0 of its window in a layer-wise schedule, else of the
+run). The ``+ 1`` is how the SCFF paper's public code counts its batches: its first decay comes
+after ``period - 1`` steps.
+
+Per-block settings (``optim.block_lr``, ``optim.block_weight_decay``): one parameter group per
+block of the network (its parameters and the rule's own parameters of that block), each with its
+own rate and decay. With Adam or AdamW, whose state is per parameter, one optimiser with a group
+per block is exactly one optimiser per block.
+
 The schedule is stepped after every optimiser step (per step, not per epoch) and saved in the
 checkpoint with its step count, so a resumed run continues it exactly.
 """
@@ -36,7 +47,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["LARS", "OPTIMIZERS", "build_optimizer", "lars_param_groups", "warmup_cosine"]
+__all__ = ["LARS", "OPTIMIZERS", "block_groups", "build_optimizer", "lars_param_groups",
+           "warmup_cosine"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
 
@@ -131,14 +143,76 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def build_optimizer(cfg: Any, params: list[torch.nn.Parameter], steps_per_epoch: int = 1):
+def block_groups(
+    o: Any, params: list[torch.nn.Parameter], blocks: list[list[torch.nn.Parameter]] | None
+) -> tuple[list[Any], list[int | None]]:
+    """The parameter groups of ``params``: one per block with ``optim.block_lr`` /
+    ``optim.block_weight_decay`` (then the parameters of no block in a last group), else
+    ``params`` itself; and the block of every group (``None``: no block)."""
+    if o.block_lr is None and o.block_weight_decay is None and o.schedule != "exponential":
+        return params, [None]
+    if blocks is None:
+        raise ValueError("optim.block_lr, optim.block_weight_decay and optim.schedule="
+                         "exponential need a network of blocks")
+    for key in ("block_lr", "block_weight_decay", "gamma", "period"):
+        value = getattr(o, key)
+        if value is not None and len(value) != len(blocks):
+            raise ValueError(f"optim.{key}={value} gives {len(value)} values for a network of "
+                             f"{len(blocks)} blocks; give one per block")
+    wanted = {id(p) for p in params}
+    groups: list[Any] = []
+    owners: list[int | None] = []
+    seen: set[int] = set()
+    for k, block in enumerate(blocks):
+        mine = [p for p in block if id(p) in wanted and id(p) not in seen]
+        seen.update(id(p) for p in mine)
+        if not mine:
+            continue
+        group: dict[str, Any] = {"params": mine}
+        if o.block_lr is not None:
+            group["lr"] = o.block_lr[k]
+        if o.block_weight_decay is not None:
+            group["weight_decay"] = o.block_weight_decay[k]
+        groups.append(group)
+        owners.append(k)
+    rest = [p for p in params if id(p) not in seen]
+    if rest:
+        groups.append({"params": rest})
+        owners.append(None)
+    return groups, owners
+
+
+def exponential_factor(gamma: float, period: int, start: int):
+    """The rate factor of step ``t`` of a block that starts training at step ``start`` (see the
+    module docstring)."""
+
+    def factor(t: int) -> float:
+        return gamma ** ((max(t - start, 0) + 1) // period)
+
+    return factor
+
+
+def build_optimizer(
+    cfg: Any,
+    params: list[torch.nn.Parameter],
+    steps_per_epoch: int = 1,
+    blocks: list[list[torch.nn.Parameter]] | None = None,
+    block_starts: list[int] | None = None,
+):
     """The optimiser of ``cfg.optim`` and its schedule (``None`` or a per-step
     :class:`torch.optim.lr_scheduler.LambdaLR`; call its ``step()`` after every optimiser step).
 
     ``steps_per_epoch``: optimiser steps in one epoch (the task's batches per epoch).
+    ``blocks``: the parameters of each block of the network (per-block settings);
+    ``block_starts``: the epoch at which each block starts training (a layer-wise schedule;
+    default 0).
     """
     o = cfg.optim
     fused: dict[str, Any] = {"fused": True} if o.fused else {}  # else torch's default
+    params, owners = block_groups(o, list(params), blocks)
+    if o.name == "lars" and owners != [None]:
+        raise ValueError("optim.name=lars does not take per-block settings; valid: adam, adamw, "
+                         "sgd")
     if o.name == "adam":
         opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, **fused)
     elif o.name == "adamw":
@@ -159,6 +233,14 @@ def build_optimizer(cfg: Any, params: list[torch.nn.Parameter], steps_per_epoch:
         total = max(cfg.epochs, 1) * steps
         warm = int(round(o.warmup_epochs * steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(total, warm))
+    elif o.schedule == "exponential":
+        steps = max(int(steps_per_epoch), 1)
+        starts = block_starts or [0] * len(blocks or [])
+        gammas, periods = o.gamma or [1.0] * len(starts), o.period or [1] * len(starts)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [
+            (lambda t: 1.0) if k is None
+            else exponential_factor(gammas[k], periods[k], starts[k] * steps)
+            for k in owners])
     elif o.warmup_epochs:
         raise ValueError(
             f"optim.warmup_epochs={o.warmup_epochs} needs optim.schedule=cosine "

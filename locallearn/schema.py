@@ -168,7 +168,8 @@ class ImageDataConfig:
         "net": {"width_mult": 1.0, "channels_last": True},
         "probe": {"lr": 1e-3, "epochs": 0, "augment": False, "per_block": False,
                   "batch_size": 256, "grid": None, "curve_train": 5000, "curve_test": 1000,
-                  "curve_k": 20},
+                  "curve_k": 20, "blocks": None, "standardize": "feature", "dropout": 0.0,
+                  "schedule": "none", "init": "zero", "init_scale": 0.11048543456039805},
     }
 
     name: Literal["cifar10", "stl10", "tiny-imagenet", "imagenet", "folder"] = "cifar10"
@@ -295,14 +296,33 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
-    schedule: Literal["none", "cosine"] = "none"
+    schedule: Literal["none", "cosine", "exponential"] = "none"
     warmup_epochs: float = 0.0
     trust_coefficient: float | None = None  # LARS only; None: 0.001
     fused: bool = False  # one fused kernel for all parameters (same update, faster)
+    #: per block of the network: its learning rate and weight decay (``None``: ``lr``,
+    #: ``weight_decay`` for all)
+    block_lr: list[float] | None = None
+    block_weight_decay: list[float] | None = None
+    #: ``schedule=exponential``: per block, the factor and the steps between decays
+    gamma: list[float] | None = None
+    period: list[int] | None = None
 
     def validate(self) -> None:
         if not self.lr > 0:
             raise ValueError(f"optim.lr={self.lr} is invalid: must be > 0")
+        if self.block_lr is not None and not all(v > 0 for v in self.block_lr):
+            raise ValueError(f"optim.block_lr={self.block_lr} is invalid: rates must be > 0")
+        if self.block_weight_decay is not None and not all(v >= 0
+                                                           for v in self.block_weight_decay):
+            raise ValueError(f"optim.block_weight_decay={self.block_weight_decay} is invalid: "
+                             "must be >= 0")
+        for key in ("gamma", "period"):
+            value = getattr(self, key)
+            if value is not None and self.schedule != "exponential":
+                raise ValueError(f"optim.{key} needs optim.schedule=exponential")
+            if value is not None and not all(v > 0 for v in value):
+                raise ValueError(f"optim.{key}={value} is invalid: must be > 0")
         if self.warmup_epochs < 0:
             raise ValueError(f"optim.warmup_epochs={self.warmup_epochs} is invalid: must be >= 0")
         if self.warmup_epochs and self.schedule != "cosine":
@@ -328,8 +348,10 @@ class ProbeConfig:
         weight_decay: of the probe's optimiser.
         lr: image probes: learning rate of minibatch Adam (default 1e-3).
         epochs: image probes: epochs of minibatch Adam; 0 (default): full-batch L-BFGS.
-        augment: image probes: train on padded random crops and flips (the paper's protocol;
-            features are recomputed every epoch) instead of fixed clean features.
+        augment: image probes: ``true`` trains on padded random crops and flips (the CLAPP
+            paper's protocol; features are recomputed every epoch) instead of fixed clean
+            features; ``flip``: on images flipped at random (probability 0.5), the features of
+            both versions computed once (the SCFF paper's probe).
         per_block: image probes: also probe every block on its own.
         batch_size: image probes: minibatch size (default 256).
         grid: image probes: cells per side of each block's pooling grid (default: the paper's
@@ -340,6 +362,17 @@ class ProbeConfig:
             for streamed data (6,000 images of 224 px: about 0.9 GB of ``uint8``).
         curve_k: neighbours of that probe (a weighted k-NN read-out, :mod:`locallearn.eval.knn`;
             default 20).
+        blocks: image probes: the blocks the probe reads, numbered from 1 (default: all).
+        standardize: image probes: ``feature`` (default: each feature by its mean and deviation
+            over the training images), ``sample`` (each image's features of each block by their
+            own mean and unbiased deviation: the SCFF paper's probe) or ``none`` (the SoftHebb
+            paper's).
+        dropout: image probes: dropout on the features while the probe trains (default 0).
+        schedule: image probes: ``none`` (default) or ``halving`` (the rate halves after 20, 35,
+            50, 60, 70, 80 and 90 % of the epochs: the SoftHebb and SCFF papers' probes).
+        init: image probes: the linear layer starts at ``zero`` (default) or ``uniform``
+            (weights ``init_scale * U(0, 1)``, biases ``U(-1/sqrt(D), 1/sqrt(D))``: the SoftHebb
+            paper's read-out, whose scale is the default ``init_scale``).
 
     The image-only keys are ``None`` until the config is built (see :class:`NetConfig`); RHM
     runs read ``steps`` and ``weight_decay`` (the read-out of label-free rules).
@@ -349,15 +382,27 @@ class ProbeConfig:
     weight_decay: float = 1e-4
     lr: float | None = None
     epochs: int | None = None
-    augment: bool | None = None
+    augment: bool | Literal["flip"] | None = None
     per_block: bool | None = None
     batch_size: int | None = None
     grid: list[int] | None = None
     curve_train: int | None = None
     curve_test: int | None = None
     curve_k: int | None = None
+    blocks: list[int] | None = None
+    standardize: Literal["feature", "sample", "none"] | None = None
+    dropout: float | None = None
+    schedule: Literal["none", "halving"] | None = None
+    init: Literal["zero", "uniform"] | None = None
+    init_scale: float | None = None
 
     def validate(self) -> None:
+        if self.blocks is not None and (not self.blocks or any(b < 1 for b in self.blocks)
+                                        or len(set(self.blocks)) != len(self.blocks)):
+            raise ValueError(f"probe.blocks={self.blocks} is invalid: give distinct block "
+                             "numbers from 1 (or null: all)")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ValueError(f"probe.dropout={self.dropout} is invalid: must lie in [0, 1)")
         for key in ("curve_train", "curve_test", "curve_k"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -366,6 +411,54 @@ class ProbeConfig:
             raise ValueError(f"probe.batch_size={self.batch_size} is invalid: must be >= 1")
         if self.grid is not None and any(g < 1 for g in self.grid):
             raise ValueError(f"probe.grid={self.grid} is invalid: cells must be >= 1")
+
+
+@dataclass
+class LayerwiseConfig:
+    """A layer-wise schedule: each block trains for its own number of epochs.
+
+    Attributes:
+        epochs: epochs of each block (``None``: every block trains for the whole run).
+        mode: ``greedy``: block 1 trains first, then block 2 with block 1 frozen, and so on
+            (each block's epochs follow the ones below); ``together``: every block trains from
+            the first epoch for its own number of epochs, then is frozen.
+
+    The run's ``epochs`` must be at least the schedule's length (the sum in ``greedy`` mode,
+    the last block's count in ``together`` mode, which must be the largest); beyond it the
+    last block trains on, so a finished run extended with more ``epochs`` trains its last block
+    longer, as a run started with that many epochs would. The rule must learn block by block
+    (as for ``parallel.stages``); the frozen blocks below the trained ones only pass their
+    output up.
+    """
+
+    epochs: list[int] | None = None
+    mode: Literal["greedy", "together"] = "greedy"
+
+    def validate(self) -> None:
+        if self.epochs is not None and (not self.epochs or any(e < 1 for e in self.epochs)):
+            raise ValueError(f"layerwise.epochs={self.epochs} is invalid: give one count >= 1 "
+                             "per block (or null: every block trains the whole run)")
+        if self.epochs is not None and self.mode == "together" and (
+                self.epochs[-1] < max(self.epochs)):
+            raise ValueError(f"layerwise.epochs={self.epochs} is invalid with layerwise.mode="
+                             "together: the last block's count must be the largest")
+
+    def length(self) -> int:
+        """The schedule's length in epochs (0: no schedule)."""
+        if self.epochs is None:
+            return 0
+        return sum(self.epochs) if self.mode == "greedy" else max(self.epochs)
+
+    def windows(self) -> list[tuple[int, float]]:
+        """``(first epoch, end epoch)`` of each block's training; the last block's has no end."""
+        assert self.epochs is not None
+        out: list[tuple[int, float]] = []
+        start = 0
+        for e in self.epochs:
+            out.append((start, start + e) if self.mode == "greedy" else (0, e))
+            start += e if self.mode == "greedy" else 0
+        out[-1] = (out[-1][0], float("inf"))
+        return out
 
 
 @dataclass
@@ -407,6 +500,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    layerwise: LayerwiseConfig = field(default_factory=LayerwiseConfig)
     seed: int = 0
     epochs: int = 60
     batch_size: int = 128
@@ -440,6 +534,12 @@ class RunConfig:
             )
         if self.device != "cpu" and not self.device.startswith(("cuda", "mps", "auto")):
             raise ValueError(f"device={self.device!r} is invalid; valid: cpu, cuda[:N], auto")
+        if self.layerwise.length() > self.epochs:
+            raise ValueError(
+                f"epochs={self.epochs} is shorter than the layer-wise schedule "
+                f"(layerwise.epochs={self.layerwise.epochs}, mode {self.layerwise.mode}: "
+                f"{self.layerwise.length()} epochs); give epochs >= {self.layerwise.length()}"
+            )
         if self.stop_loss_factor is not None and not self.stop_loss_factor > 1:
             raise ValueError(
                 f"stop_loss_factor={self.stop_loss_factor} is invalid: must be > 1 (or null: off)"

@@ -141,7 +141,10 @@ class Trainer:
                 )
         self.params = self.rule.trained_parameters(self.net)
         ddp.broadcast_params(list(self.params) + list(self.rule.buffers()))
-        self.opt, self.sched = build_optimizer(cfg, self.params, self._batches_per_epoch())
+        self.windows = self._layerwise_windows()
+        self.opt, self.sched = build_optimizer(
+            cfg, self.params, self._batches_per_epoch(), self.block_params(),
+            [int(w[0]) for w in self.windows] if self.windows else None)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
         self.step = 0  # optimiser steps so far
@@ -152,6 +155,49 @@ class Trainer:
         self.saved_epoch: int | None = None  # epoch of the checkpoint on disk
         self._epoch_t0 = time.perf_counter()
         self._epoch_probe = 0.0  # probe seconds inside the current epoch
+
+    # ------------------------------------------------------------------ blocks
+    def block_params(self) -> list[list[torch.nn.Parameter]]:
+        """The parameters of each block: the network's and the rule's own of that block."""
+        return [list(block.parameters()) + self.rule.block_parameters(k)
+                for k, block in enumerate(self.net.blocks)]
+
+    def _layerwise_windows(self) -> list[tuple[int, float]] | None:
+        """Each block's ``(first epoch, end epoch)`` under ``layerwise.epochs`` (``None``: no
+        layer-wise schedule); a rule that does not learn block by block is refused."""
+        lw = self.cfg.layerwise
+        if lw.epochs is None:
+            return None
+        n = len(self.net.blocks)
+        if len(lw.epochs) != n:
+            raise ValueError(f"layerwise.epochs={lw.epochs} gives {len(lw.epochs)} counts for a "
+                             f"network of {n} blocks; give one per block")
+        why = self.rule.pipeline_refusal()
+        if why is not None:
+            raise ValueError(f"layerwise.epochs needs a rule that learns block by block: {why}")
+        return lw.windows()
+
+    def active_blocks(self, epoch: int) -> list[int]:
+        """The blocks that train in ``epoch`` (0-based) of a layer-wise schedule."""
+        assert self.windows is not None
+        return [k for k, (a, b) in enumerate(self.windows) if a <= epoch < b]
+
+    def layerwise_grads(self, batch: Any) -> dict[str, float]:
+        """Fill ``.grad`` of the blocks that train in this epoch: the frozen blocks below them
+        only pass their output up, the others above the lowest trained block keep no gradient
+        (the optimiser skips parameters without one)."""
+        active = self.active_blocks(self.epoch)
+        lo, hi = min(active), max(active) + 1
+        carry = self.rule.start_carry(self.net, batch)
+        if lo > 0:
+            carry = self.rule.frozen_carry(self.net, carry, 0, lo)
+        metrics, _ = self.rule.blocks_grads(self.net, carry, lo, hi)
+        params = self.block_params()
+        for k in range(lo, hi):
+            if k not in active:
+                for p in params[k]:
+                    p.grad = None
+        return metrics
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
@@ -462,7 +508,10 @@ class Trainer:
                                          for p in batch.block_views]
             self.opt.zero_grad(set_to_none=True)
             with self.autocast():
-                metrics = self.rule.compute_grads(self.net, batch)
+                if self.windows is None:
+                    metrics = self.rule.compute_grads(self.net, batch)
+                else:
+                    metrics = self.layerwise_grads(batch)
             if self.world > 1:
                 ddp.average_grads(self.params, batch.x.shape[0])
                 metrics = ddp.average_metrics(metrics, batch.x.shape[0])

@@ -41,7 +41,7 @@ from torch import nn
 from locallearn.data.images import dataset_info
 
 __all__ = ["ProbeAugment", "SSLViews", "blur_kernel_size", "center_crop", "normalize",
-           "probe_transform", "random_crop_flip",
+           "probe_transform", "random_crop_flip", "random_flip",
            "to_unit_float"]
 
 
@@ -343,3 +343,13 @@ def random_crop_flip(
     cols = ox[:, None] + torch.where(flip[:, None], size - 1 - ar, ar)
     out = x.gather(2, rows[:, None, :, None].expand(b, c, size, w))
     return out.gather(3, cols[:, None, None, :].expand(b, c, size, size))
+
+
+def random_flip(
+    x: torch.Tensor, flip_p: float = 0.5, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Every image of ``x`` flipped horizontally with probability ``flip_p``, drawn per image
+    from ``generator`` (a CPU generator; default: the global one, as the SSL views draw)."""
+    _check_batch(x)
+    flip = _to_device(torch.rand((x.shape[0],), generator=generator) < flip_p, x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)

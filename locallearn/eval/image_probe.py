@@ -61,6 +61,18 @@ class ProbeSettings:
         feature_batch: images per forward pass when computing features.
         bf16: compute the encoder's features under bf16 autocast (the linear layer stays in
             float32).
+        blocks: the blocks whose features the probe reads (0-based; ``None``: all).
+        standardize: ``feature`` (each feature by its mean and deviation over the clean
+            training features), ``sample`` (each image's features of each block by their own
+            mean and unbiased deviation, plus 1e-10) or ``none``.
+        dropout: dropout on the features while the probe trains.
+        schedule: ``none``, or ``halving``: the rate halves after 20, 35, 50, 60, 70, 80 and
+            90 % of the epochs.
+        flip: train on features of images flipped at random (probability 0.5), both versions
+            computed once (without the crop+flip ``augment``).
+        init: the linear layer starts at ``zero``, or ``uniform``: weights ``init_scale * U(0,
+            1)`` and biases ``U(-1/sqrt(D), 1/sqrt(D))``.
+        init_scale: see ``init``.
     """
 
     epochs: int = 300
@@ -73,6 +85,29 @@ class ProbeSettings:
     seed: int = 0
     feature_batch: int = 512
     bf16: bool = False
+    blocks: tuple[int, ...] | None = None
+    standardize: str = "feature"
+    dropout: float = 0.0
+    schedule: str = "none"
+    flip: bool = False
+    init: str = "zero"
+    init_scale: float = 0.11048543456039805
+
+    def describe(self) -> str:
+        """The options beyond Adam's rate, decay, epochs and batch, in words (for the protocol
+        string)."""
+        parts = []
+        if self.dropout:
+            parts.append(f"dropout {self.dropout:g}")
+        if self.schedule == "halving":
+            parts.append("rate halved at 20/35/50/60/70/80/90 % of the epochs")
+        if self.init != "zero":
+            parts.append(f"{self.init} init (scale {self.init_scale:g})")
+        return ", ".join(parts)
+
+
+#: Share of the epochs after which ``schedule=halving`` halves the probe's rate.
+HALVING_POINTS = (0.2, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @dataclass
@@ -140,8 +175,10 @@ def encoder_features(
     transform: Transform,
     pools: list[int],
     batch_size: int = 512,
+    blocks: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """Concatenated pooled features ``(N, D)`` of ``transform(images)``, in chunks, no gradients.
+    """Concatenated pooled features ``(N, D)`` of ``transform(images)``, in chunks, no gradients
+    (of the ``blocks`` listed, 0-based; ``None``: all).
 
     Written chunk by chunk into one tensor: the peak is the features and one chunk (at full
     width, CIFAR-10's 50,000 training images have 6.1 GiB of features)."""
@@ -149,11 +186,48 @@ def encoder_features(
     out: torch.Tensor | None = None
     for start in range(0, n, batch_size):
         x = transform(images[start : start + batch_size])
-        feats = torch.cat([pool_flat(h, p).float() for h, p in zip(net.features(x), pools)], 1)
+        feats = block_features(net, x, pools, blocks)
         if out is None:
             out = feats.new_empty((n, feats.shape[1]))
         out[start : start + feats.shape[0]] = feats
     return out if out is not None else images.new_zeros((0, 0), dtype=torch.float32)
+
+
+def block_features(net: BlockNet, x: torch.Tensor, pools: list[int],
+                   blocks: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The pooled, flattened features of ``blocks`` (0-based; ``None``: all) for the input
+    batch ``x``, concatenated (float32)."""
+    upto = len(pools) if blocks is None else max(blocks) + 1
+    outs = net.features(x, upto=upto)
+    keep = range(len(outs)) if blocks is None else blocks
+    return torch.cat([pool_flat(outs[k], pools[k]).float() for k in keep], 1)
+
+
+def standardize_samples(feats: torch.Tensor, slices: list[slice]) -> torch.Tensor:
+    """In place: each row's values of each block (``slices``) minus their mean, divided by
+    1e-10 plus their unbiased standard deviation."""
+    for sl in slices:
+        part = feats[:, sl]
+        mean = part.mean(1, keepdim=True)
+        std = part.std(1, keepdim=True)
+        part.sub_(mean).div_(std.add_(1e-10))
+    return feats
+
+
+def _linear_layers(groups: list[slice], n_classes: int, device: torch.device,
+                   settings: ProbeSettings, gen: torch.Generator) -> list[torch.Tensor]:
+    """Weights and biases of one linear layer per group of features (``settings.init``)."""
+    params = []
+    for sl in groups:
+        d = sl.stop - sl.start
+        w = torch.zeros(n_classes, d)
+        b = torch.zeros(n_classes)
+        if settings.init == "uniform":
+            w = settings.init_scale * torch.rand(n_classes, d, generator=gen)
+            b = (torch.rand(n_classes, generator=gen) * 2 - 1) / d ** 0.5
+        params.append(w.to(device).requires_grad_())
+        params.append(b.to(device).requires_grad_())
+    return params
 
 
 def _check_labels(labels: torch.Tensor, n_classes: int, what: str) -> None:
@@ -201,15 +275,34 @@ def run_probe(
     side = int(train_images.shape[-1])
     device = train_images.device
     layout = probe_layout(net, side, settings.grid)
-    pools, slices = layout.pools, layout.slices
-    dims = [s.stop - s.start for s in slices]
+    keep = tuple(range(len(layout.pools))) if settings.blocks is None else settings.blocks
+    if any(not 0 <= k < len(layout.pools) for k in keep):
+        raise ValueError(f"probe.blocks={[k + 1 for k in keep]} is invalid for a network of "
+                         f"{len(layout.pools)} blocks; valid: 1..{len(layout.pools)}")
+    pools = layout.pools
+    dims = [layout.slices[k].stop - layout.slices[k].start for k in keep]
+    slices, at = [], 0
+    for d in dims:
+        slices.append(slice(at, at + d))
+        at += d
     fb = settings.feature_batch
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
-    with autocast:
-        clean = encoder_features(net, train_images, transform, pools, fb)
-        test = encoder_features(net, test_images, transform, pools, fb)
-    mean = clean.mean(0)
-    std = clean.std(0, unbiased=False).clamp_min(1e-6)
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            out = encoder_features(net, images, transform, pools, fb, keep)
+        return standardize_samples(out, slices) if settings.standardize == "sample" else out
+
+    clean = features(train_images)
+    test = features(test_images)
+    flipped = features(train_images.flip(-1)) if settings.flip and augment is None else None
+    feature_seconds = time.perf_counter() - t0
+    if settings.standardize == "feature":
+        mean = clean.mean(0)
+        std = clean.std(0, unbiased=False).clamp_min(1e-6)
+    else:
+        mean = torch.zeros(clean.shape[1], device=device)
+        std = torch.ones(clean.shape[1], device=device)
     # the largest |feature| per column without a temporary of the features' size
     silent = silent_fractions(torch.maximum(clean.amax(0), clean.amin(0).neg()), slices)
     groups = [slice(0, clean.shape[1])] + (slices if settings.per_block else [])
@@ -228,57 +321,76 @@ def run_probe(
         how = f"full-batch L-BFGS ({settings.steps} iterations, L2 {settings.weight_decay:g})"
     else:
         gen = torch.Generator().manual_seed(settings.seed)
-        params = []
-        for sl in groups:
-            d = sl.stop - sl.start
-            params.append(torch.zeros(n_classes, d, device=device, requires_grad=True))
-            params.append(torch.zeros(n_classes, device=device, requires_grad=True))
+        drop_gen = torch.Generator(device=device).manual_seed(settings.seed + 1)
+        params = _linear_layers(groups, n_classes, device, settings, gen)
         opt = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        halve_after = {int(settings.epochs * r) for r in HALVING_POINTS}
 
         def logits_of(z: torch.Tensor, k: int) -> torch.Tensor:
             return z[:, groups[k]] @ params[2 * k].t() + params[2 * k + 1]
 
         # standardise once, in place (clean features); augmented batches are standardised as
         # they come
-        clean.sub_(mean).div_(std)
-        test.sub_(mean).div_(std)
+        if settings.standardize == "feature":
+            for t in (clean, test) + ((flipped,) if flipped is not None else ()):
+                t.sub_(mean).div_(std)
 
         n = clean.shape[0]
         bar = tqdm(range(settings.epochs), desc="probe", unit="epoch", disable=not progress,
                    leave=False)
-        for _ in bar:
+        for epoch in bar:
             perm = torch.randperm(n, generator=gen).to(device)
+            flips = (torch.rand(n, generator=gen) < 0.5).to(device) if flipped is not None \
+                else None
             for start in range(0, n, settings.batch_size):
                 idx = perm[start : start + settings.batch_size]
-                if augment is None:
-                    feats = clean[idx]
-                else:
+                if augment is not None:
                     x = augment(train_images[idx], gen)
                     with torch.no_grad(), autocast:
-                        feats = torch.cat(
-                            [pool_flat(h, p).float() for h, p in zip(net.features(x), pools)], 1
-                        )
-                        feats = (feats - mean) / std
+                        feats = block_features(net, x, pools, keep)
+                    if settings.standardize == "sample":
+                        standardize_samples(feats, slices)
+                    feats = (feats - mean) / std
+                elif flips is not None:
+                    feats = torch.where(flips[start : start + len(idx), None], flipped[idx],
+                                        clean[idx])
+                else:
+                    feats = clean[idx]
+                if settings.dropout:
+                    keep_p = 1.0 - settings.dropout
+                    mask = torch.empty_like(feats).bernoulli_(keep_p, generator=drop_gen)
+                    feats = feats * mask / keep_p
                 y = train_labels[idx]
                 opt.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     loss = sum(F.cross_entropy(logits_of(feats, k), y) for k in range(len(groups)))
                     loss.backward()
                 opt.step()
+            if settings.schedule == "halving" and epoch + 1 in halve_after:
+                for group in opt.param_groups:
+                    group["lr"] *= 0.5
         bar.close()
-        aug = "train-time crop + flip" if augment is not None else "no augmentation"
+        aug = ("train-time crop + flip" if augment is not None
+               else "train-time flip" if flipped is not None else "no augmentation")
+        extra = settings.describe()
         how = (f"Adam lr {settings.lr:g}, weight decay {settings.weight_decay:g}, "
-               f"{settings.epochs} epochs, batch {settings.batch_size}, {aug}")
+               f"{settings.epochs} epochs, batch {settings.batch_size}, {aug}"
+               f"{', ' + extra if extra else ''}")
 
     with torch.no_grad():
         accs = [float((logits_of(test, k).argmax(1) == test_labels).float().mean())
                 for k in range(len(groups))]
         train_acc = float((logits_of(clean, 0).argmax(1) == train_labels).float().mean())
-    grid = layout.cells
+    grid = [layout.cells[k] for k in keep]
+    names = ("blocks " + ", ".join(str(k + 1) for k in keep)) if settings.blocks is not None \
+        else f"blocks 1-{len(dims)}"
+    standard = {"feature": "standardised", "sample": "standardised per image and block",
+                "none": "not standardised"}[settings.standardize]
     protocol = (
-        f"linear probe on the concatenated average-pooled features of blocks 1-{len(dims)} "
-        f"(grids {'-'.join(map(str, grid))}, pool sizes {'-'.join(map(str, pools))}, "
-        f"{sum(dims)} values, standardised{', bf16 encoder' if settings.bf16 else ''}), {how}; "
+        f"linear probe on the concatenated average-pooled features of {names} "
+        f"(grids {'-'.join(map(str, grid))}, pool sizes "
+        f"{'-'.join(str(pools[k]) for k in keep)}, "
+        f"{sum(dims)} values, {standard}{', bf16 encoder' if settings.bf16 else ''}), {how}; "
         f"{clean.shape[0]} training and "
         f"{test.shape[0]} test images{'; ' + description if description else ''}"
     )
@@ -288,9 +400,11 @@ def run_probe(
         protocol=protocol,
         block_accuracies=accs[1:] if settings.per_block else None,
         feature_dims=dims,
-        pools=pools,
+        pools=[pools[k] for k in keep],
         n_train=int(clean.shape[0]),
         n_test=int(test.shape[0]),
         seconds=round(time.perf_counter() - t0, 3),
         silent_fractions=silent,
+        extra={"feature_seconds": round(feature_seconds, 3),
+               "fit_seconds": round(time.perf_counter() - t0 - feature_seconds, 3)},
     )

@@ -32,16 +32,19 @@ from typing import Any
 import torch
 
 from locallearn import distributed as ddp
-from locallearn.data.augment import ProbeAugment, SSLViews, normalize
+from locallearn.data.augment import ProbeAugment, SSLViews, normalize, random_flip
 from locallearn.data.images import ImageSet, dataset_info, load_images, subset_indices
 from locallearn.eval.image_probe import ProbeResult, ProbeSettings, run_probe
 from locallearn.nets.base import BlockNet
-from locallearn.nets.vgg import VGG_KINDS
+from locallearn.nets.image_nets import IMAGE_NETS
 from locallearn.rules.base import Batch, Rule
 from locallearn.runfiles import PROBE, write_json_atomic
 from locallearn.schema import ImageDataConfig, ProbeConfig, RunConfig
 
-NET_KINDS = tuple(VGG_KINDS)
+NET_KINDS = tuple(IMAGE_NETS)
+#: What an image rule may ask for (``Rule.view_kind``): two augmented views of each image
+#: (``ssl``), or the image itself, flipped at random with ``data.views.flip_p`` (``image``).
+IMAGE_VIEW_KINDS = ("ssl", "image")
 
 
 class ImageTask:
@@ -129,7 +132,7 @@ class ImageTask:
                 f"valid: {', '.join(NET_KINDS)}"
             )
         seed = c.seed if c.net.seed is None else c.net.seed
-        build = VGG_KINDS[c.net.kind]
+        build = IMAGE_NETS[c.net.kind]
         net = build(c.net.width_mult, bias=c.net.bias, seed=seed).to(self.device)
         if c.net.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -152,21 +155,31 @@ class ImageTask:
         return n // batch_size + (1 if n % batch_size >= self.min_batch() else 0)
 
     def check_rule(self, rule: Rule) -> None:
-        from locallearn.rules.image_ssl import RULES, VIEW_KIND
+        kind = getattr(rule, "view_kind", None)
+        if rule.uses_labels or kind not in IMAGE_VIEW_KINDS:
+            from locallearn.rules import image_rule_names
 
-        if getattr(rule, "view_kind", None) != VIEW_KIND:
             raise ValueError(
                 f"rule.name={rule.name!r} does not fit image encoders (no read-out, no labels "
-                f"during training); valid: {', '.join(RULES)}"
+                f"during training); valid: {', '.join(image_rule_names(IMAGE_VIEW_KINDS))}"
             )
+        if kind == "image":
+            extra = [k for k in self.data.views.kwargs() if k != "flip_p"]
+            if extra:
+                raise ValueError(
+                    f"data.views.{extra[0]} does not apply to rule.name={rule.name} (it sees each "
+                    "image itself; of data.views only flip_p applies); remove it"
+                )
+            if self.stream is not None:
+                raise ValueError(f"rule.name={rule.name} does not run on streamed data yet; "
+                                 "valid: data.streaming=false")
 
     def batches(
         self, generator: torch.Generator, batch_size: int, view_kind: str | None
     ) -> Iterator[Batch]:
-        from locallearn.rules.image_ssl import VIEW_KIND
-
-        if view_kind not in (None, VIEW_KIND):
-            raise ValueError(f"image tasks supply views of kind {VIEW_KIND!r}, not {view_kind!r}")
+        if view_kind not in (None, *IMAGE_VIEW_KINDS):
+            raise ValueError(f"image tasks supply views of kind {', '.join(IMAGE_VIEW_KINDS)}, "
+                             f"not {view_kind!r}")
         if batch_size < self.min_batch():
             raise ValueError(f"batch_size={batch_size} leaves some of the {ddp.world_size()} "
                              f"ranks fewer than 2 images (no negative); valid: batch_size >= "
@@ -179,12 +192,17 @@ class ImageTask:
         n = self.train_images.shape[0]
         perm = torch.randperm(n, generator=generator).to(self.device)
         labelled = bool((self.train_labels >= 0).all())
+        flip_p = self.data.views.flip_p or 0.0
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
             if idx.numel() < self.min_batch():  # a lone image (per rank) has no negative
                 break
             images = self.train_images[idx]
-            views = self.views.two_views(images) if view_kind is not None else None
+            views = None
+            if view_kind == "ssl":
+                views = self.views.two_views(images)
+            elif view_kind == "image" and flip_p > 0:
+                images = random_flip(images, flip_p)
             y = self.train_labels[idx] if labelled else None
             yield Batch(self.transform(images), y, views, generator)
 
@@ -256,6 +274,9 @@ class ImageTask:
             batch_size=p.batch_size, per_block=p.per_block,
             grid=tuple(p.grid) if p.grid is not None else None,
             seed=self.cfg.seed, bf16=self.cfg.precision == "bf16",
+            blocks=None if p.blocks is None else tuple(sorted(b - 1 for b in p.blocks)),
+            standardize=p.standardize, dropout=p.dropout, schedule=p.schedule,
+            flip=p.augment == "flip", init=p.init, init_scale=p.init_scale,
         )
         if self.stream is not None:
             from locallearn.experiments.image_stream import stream_probe
@@ -263,7 +284,7 @@ class ImageTask:
             return stream_probe(self, net, settings, p.augment,
                                 self.cfg.progress if progress is None else progress, d)
         augment = None
-        if p.augment:
+        if p.augment is True:
             aug = ProbeAugment(None, mean=self.mean, std=self.std).to(self.device)
 
             def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

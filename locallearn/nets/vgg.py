@@ -20,6 +20,14 @@ loss pools are 28-28-14-14-14-7-7-7 at 224 px, i.e. grids 8, 4, 4, 4, 2, 2, 2, 1
 (:data:`VGG8_PROBE_GRID`): 35,840 values at full width, the feature count the paper reports (the
 loss grids would give 41,984). :func:`loss_grid` and :func:`probe_grid` give the grids of a
 network by its number of blocks.
+
+VGG-11 (the encoder of the LPL rule, :mod:`locallearn.rules.lpl`) is the conv stack of the classic
+VGG-11 without batch norm: eight blocks ``[64, M], [128, M], [256], [256, M], [512], [512, M],
+[512], [512, M]`` of a 3x3 convolution with bias, ReLU and, where marked, a 2x2 max-pool, sides
+``16, 8, 8, 4, 4, 2, 2, 1`` at 32 px. The max-pool sits inside the block, after the ReLU, so a
+block's output (what the LPL loss and its probe read, average-pooled globally) is the map *after*
+its max-pool, as in the rule's reference code. Having eight blocks it takes VGG-8's default grids
+(:func:`loss_grid`, :func:`probe_grid`); the LPL presets set global pooling instead.
 """
 
 from __future__ import annotations
@@ -43,6 +51,11 @@ VGG8_PLAN: tuple[tuple[int, bool], ...] = (
 #: Loss grid of VGG-8 (pools 28-28-14-14-14-7-7-7 at 224 px) and its probe grid (35,840 values).
 VGG8_GRID: tuple[int, ...] = (8, 4, 4, 4, 2, 2, 2, 1)
 VGG8_PROBE_GRID: tuple[int, ...] = (4, 4, 4, 4, 2, 2, 2, 1)
+#: ``(channels, max-pool after the ReLU)`` of each VGG-11 block at full width (the LPL encoder).
+VGG11_PLAN: tuple[tuple[int, bool], ...] = (
+    (64, True), (128, True), (256, False), (256, True),
+    (512, False), (512, True), (512, False), (512, True),
+)
 _LOSS_GRIDS = {len(PAPER_GRID): PAPER_GRID, len(VGG8_GRID): VGG8_GRID}
 _PROBE_GRIDS = {len(PAPER_GRID): PAPER_GRID, len(VGG8_PROBE_GRID): VGG8_PROBE_GRID}
 
@@ -117,17 +130,28 @@ def vgg8(width_mult: float = 1.0, in_channels: int = 3, bias: bool = True,
     return vgg6(width_mult, in_channels, bias, seed, plan=VGG8_PLAN)
 
 
+def vgg11(width_mult: float = 1.0, in_channels: int = 3, bias: bool = True,
+          seed: int = 0) -> BlockNet:
+    """Build the VGG-11 conv stack without batch norm (the LPL encoder; see :func:`vgg6`).
+
+    Each block is a 3x3 convolution, ReLU and, after blocks 1, 2, 4, 6 and 8, a 2x2 max-pool:
+    the block's output is the map after its max-pool, which is what the LPL loss reads.
+    ``width_mult=1/8`` gives 8-16-32-32-64-64-64-64 channels.
+    """
+    return vgg6(width_mult, in_channels, bias, seed, plan=VGG11_PLAN)
+
+
 #: ``net.kind`` -> builder of the image encoders.
-VGG_KINDS = {"vgg6": vgg6, "vgg8": vgg8}
+VGG_KINDS = {"vgg6": vgg6, "vgg8": vgg8, "vgg11": vgg11}
 
 
 def feature_shapes(net: BlockNet, side: int) -> list[tuple[int, int]]:
     """``(channels, side)`` of every block's output map for a square input of side ``side``,
     measured by one forward pass of a blank image (so any block that changes the size counts,
     not only max-pools)."""
-    first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
-    param = next(net.parameters())
-    blank = torch.zeros(1, first.in_channels, side, side, device=param.device, dtype=param.dtype)
+    # the first convolution's weight (out, in, kh, kw) names the input's channels
+    param = next(p for p in net.parameters() if p.dim() == 4)
+    blank = torch.zeros(1, param.shape[1], side, side, device=param.device, dtype=param.dtype)
     try:
         with torch.no_grad():
             return [(int(h.shape[1]), int(h.shape[-1])) for h in net.features(blank)]

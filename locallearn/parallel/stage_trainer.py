@@ -55,6 +55,14 @@ def check_settings(cfg: RunConfig) -> None:
     if cfg.align_every:
         raise ValueError(f"align_every={cfg.align_every} needs every block in one process; "
                          "valid with parallel.stages > 1: align_every=0")
+    if cfg.layerwise.epochs is not None:
+        raise ValueError("layerwise.epochs (a layer-wise schedule) does not run pipelined yet; "
+                         "valid with parallel.stages > 1: layerwise.epochs=null")
+    o = cfg.optim
+    if o.block_lr is not None or o.block_weight_decay is not None or o.schedule == "exponential":
+        raise ValueError("per-block optimiser settings (optim.block_lr, optim.block_weight_decay, "
+                         "optim.schedule=exponential) do not run pipelined yet; valid with "
+                         "parallel.stages > 1: one rate and decay for every block")
     streams = getattr(cfg.data, "streams", None)  # image data; the RHM never streams
     if streams is not None and streams():
         raise ValueError("parallel.stages > 1 cannot stream its data (every stage would decode "

@@ -19,6 +19,9 @@ from locallearn.rules.image_local import FFRule, LocalImageRule
 from locallearn.rules.latent import LatentPrediction
 from locallearn.rules.latent_stacked import LatentStacked
 from locallearn.rules.layerwise import Layerwise
+from locallearn.rules.lpl import LPL
+from locallearn.rules.scff import SCFF
+from locallearn.rules.softhebb import SoftHebb
 from locallearn.rules.token import TokenPrediction
 
 __all__ = ["Batch", "Rule", "Backprop", "BackpropNoMask", "DirectFeedback", "Layerwise",
@@ -40,7 +43,17 @@ _RULES: dict[str, type[Rule]] = {
     "latent-prediction": LatentPrediction,
     "latent-stacked": LatentStacked,
     "token-prediction": TokenPrediction,
+    "softhebb": SoftHebb,
+    "scff": SCFF,
+    "lpl": LPL,
 }
+
+
+def image_rule_names(view_kinds: tuple[str, ...]) -> list[str]:
+    """Names of the label-free rules whose ``view_kind`` is one of ``view_kinds`` (the rules an
+    image task can train)."""
+    return [name for name, cls in _RULES.items()
+            if not cls.uses_labels and cls.view_kind in view_kinds]
 
 
 def register(name: str, rule: type[Rule]) -> None:

@@ -125,6 +125,22 @@ class Rule(nn.Module):
         (``loss``: the running total of every block so far) and what block ``stop`` receives."""
         raise NotImplementedError
 
+    def frozen_carry(
+        self, net: BlockNet, carry: dict[str, Any], start: int, stop: int
+    ) -> dict[str, Any]:
+        """What block ``stop`` receives from ``carry`` (block ``start``'s) when blocks
+        ``start..stop-1`` do not learn (the frozen blocks below a greedy schedule's block).
+
+        The default runs :meth:`blocks_grads` and drops the gradients it filled; a rule
+        overrides it with a forward pass without gradients."""
+        params = [p for level in range(start, stop)
+                  for p in list(net.blocks[level].parameters()) + self.block_parameters(level)]
+        saved = [p.grad for p in params]
+        _, carry = self.blocks_grads(net, carry, start, stop)
+        for p, g in zip(params, saved):
+            p.grad = g
+        return carry
+
     def block_parameters(self, level: int) -> list[nn.Parameter]:
         """The rule-owned parameters that belong to block ``level`` (its prediction matrices)."""
         return []
