@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 __all__ = ["LARS", "OPTIMIZERS", "block_groups", "build_optimizer", "lars_param_groups",
-           "warmup_cosine"]
+           "restore_schedule", "warmup_cosine"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "lars")
 
@@ -247,3 +247,17 @@ def build_optimizer(
             f"(got {o.schedule!r})"
         )
     return opt, sched
+
+
+def restore_schedule(sched: Any, state: dict[str, Any]) -> None:
+    """Load a saved per-step schedule: its step count, with the base rates of this run's own
+    parameter groups (a checkpoint written by one stage of a pipeline holds that stage's groups
+    only; the base rates come from the config all the same), and the groups' rates at that
+    step."""
+    base = list(sched.base_lrs)
+    sched.load_state_dict(state)
+    sched.base_lrs = base
+    t = sched.last_epoch
+    for group, rate, factor in zip(sched.optimizer.param_groups, base, sched.lr_lambdas):
+        group["lr"] = rate * factor(t)
+    sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]

@@ -43,7 +43,7 @@ from locallearn import distributed as ddp
 from locallearn.config import first_difference, to_dict
 from locallearn.errors import RunError
 from locallearn.nets.base import BlockNet
-from locallearn.optim import build_optimizer
+from locallearn.optim import build_optimizer, restore_schedule
 from locallearn.rules import build_rule
 from locallearn.rules.base import Rule, check_fits
 from locallearn.runfiles import (
@@ -125,6 +125,11 @@ class Trainer:
         self.rule: Rule = build_rule(cfg.rule, cfg.seed, **task.rule_info)
         task.check_rule(self.rule)
         check_fits(self.net, self.rule, cfg.net.kind)
+        if self.world > 1 and cfg.parallel.stages == 1:
+            why = self.rule.data_parallel_refusal()
+            if why is not None:
+                raise ValueError(f"data parallel (torchrun without parallel.stages) does not fit "
+                                 f"rule.name={self.rule.name}: {why}")
         self.rule.setup(self.net, task.sample_input())
         self.rule.to(self.device)
         if cfg.compile:
@@ -241,7 +246,7 @@ class Trainer:
             self.rule.upgrade_state(self.net, state.get("format", 1))
             self.opt.load_state_dict(state["optimizer"])
             if self.sched is not None and state["scheduler"] is not None:
-                self.sched.load_state_dict(state["scheduler"])
+                restore_schedule(self.sched, state["scheduler"])
             self.generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             cuda_rng = saved_cuda_rng(state.get("cuda_rng"), self.device)

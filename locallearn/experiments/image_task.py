@@ -136,6 +136,10 @@ class ImageTask:
         net = build(c.net.width_mult, bias=c.net.bias, seed=seed).to(self.device)
         if c.net.channels_last:
             net = net.to(memory_format=torch.channels_last)
+        n = len(net.blocks)
+        if c.probe.blocks is not None and max(c.probe.blocks) > n:
+            raise ValueError(f"probe.blocks={c.probe.blocks} is invalid for net.kind={c.net.kind} "
+                             f"({n} blocks); valid: 1..{n}")
         return net
 
     def sample_input(self) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from locallearn.errors import RunError
+from locallearn.optim import block_groups
 from locallearn.parallel import messages
 from locallearn.parallel.split import (
     balanced_split,
@@ -56,13 +57,9 @@ def check_settings(cfg: RunConfig) -> None:
         raise ValueError(f"align_every={cfg.align_every} needs every block in one process; "
                          "valid with parallel.stages > 1: align_every=0")
     if cfg.layerwise.epochs is not None:
-        raise ValueError("layerwise.epochs (a layer-wise schedule) does not run pipelined yet; "
-                         "valid with parallel.stages > 1: layerwise.epochs=null")
-    o = cfg.optim
-    if o.block_lr is not None or o.block_weight_decay is not None or o.schedule == "exponential":
-        raise ValueError("per-block optimiser settings (optim.block_lr, optim.block_weight_decay, "
-                         "optim.schedule=exponential) do not run pipelined yet; valid with "
-                         "parallel.stages > 1: one rate and decay for every block")
+        raise ValueError("layerwise.epochs (a layer-wise schedule) does not run pipelined: a "
+                         "greedy schedule trains one block at a time; valid with "
+                         "parallel.stages > 1: layerwise.epochs=null")
     streams = getattr(cfg.data, "streams", None)  # image data; the RHM never streams
     if streams is not None and streams():
         raise ValueError("parallel.stages > 1 cannot stream its data (every stage would decode "
@@ -100,10 +97,13 @@ class StageOptimizer:
     :meth:`set_gathered` has been given every stage's part (rank 0, at checkpoints).
     """
 
-    def __init__(self, opt: torch.optim.Optimizer, index: list[int], total: int):
+    def __init__(self, opt: torch.optim.Optimizer, index: list[int], total: int,
+                 per_block: bool = False):
         self.opt = opt
         self.index = index  # global position of each of this stage's parameters
         self.total = total
+        #: one parameter group per block (per-block optimiser settings), else one group
+        self.per_block = per_block
         self._gathered: list[tuple[list[int], dict]] | None = None
 
     @property
@@ -130,14 +130,24 @@ class StageOptimizer:
         for index, part in self._gathered:
             for i, value in part["state"].items():
                 state[index[i]] = value
-        groups = [{**g, "params": list(range(self.total))}
-                  for g in self._gathered[0][1]["param_groups"]]
+        if self.per_block:  # the stages' groups, in block order: the one-process layout
+            groups = [{**g, "params": [index[i] for i in g["params"]]}
+                      for index, part in self._gathered for g in part["param_groups"]]
+        else:
+            groups = [{**g, "params": list(range(self.total))}
+                      for g in self._gathered[0][1]["param_groups"]]
         return {"state": dict(sorted(state.items())), "param_groups": groups}
 
     def load_state_dict(self, full: dict) -> None:
         where = {g: i for i, g in enumerate(self.index)}
         state = {where[g]: v for g, v in full["state"].items() if g in where}
-        groups = [{**g, "params": list(range(len(self.index)))} for g in full["param_groups"]]
+        if self.per_block:  # this stage's blocks' groups
+            groups = [{**g, "params": [where[i] for i in g["params"] if i in where]}
+                      for g in full["param_groups"]]
+            groups = [g for g in groups if g["params"]]
+        else:
+            groups = [{**g, "params": list(range(len(self.index)))}
+                      for g in full["param_groups"]]
         self.opt.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -153,7 +163,12 @@ class PipelineTrainer(Trainer):
         self.split = self._choose_split(n_blocks)
         self.start, self.stop = stage_ranges(self.split)[self.rank]
         everything = self.rule.trained_parameters(self.net)
-        where = {id(p): i for i, p in enumerate(everything)}
+        # the one-process optimiser's order of its parameters (its groups', one per block with
+        # per-block settings)
+        groups, owners = block_groups(cfg.optim, everything, self.block_params())
+        per_block = owners != [None]
+        order = [p for g in groups for p in g["params"]] if per_block else everything
+        where = {id(p): i for i, p in enumerate(order)}
         owned = [self.stage_parameters(k) for k in range(self.stages)]
         flat = [id(p) for part in owned for p in part]
         if sorted(flat) != sorted(where) or len(set(flat)) != len(flat):
@@ -161,8 +176,10 @@ class PipelineTrainer(Trainer):
                              f"{self.rule.name}: some of its parameters belong to no one block")
         self.params = owned[self.rank]
         # per optimiser step, as in one process
-        opt, self.sched = build_optimizer(cfg, self.params, self._batches_per_epoch())
-        self.opt = StageOptimizer(opt, [where[id(p)] for p in self.params], len(everything))
+        opt, self.sched = build_optimizer(cfg, self.params, self._batches_per_epoch(),
+                                          self.block_params())
+        self.opt = StageOptimizer(opt, [where[id(p)] for g in opt.param_groups
+                                        for p in g["params"]], len(everything), per_block)
         self.first = self.rank == 0
         self.last = self.rank == self.stages - 1
         if self.main:

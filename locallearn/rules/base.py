@@ -106,6 +106,11 @@ class Rule(nn.Module):
         """Why this rule cannot train its blocks on separate processes (``None``: it can)."""
         return f"rule {self.name} does not learn block by block"
 
+    def data_parallel_refusal(self) -> str | None:
+        """Why this rule cannot split a batch across data-parallel ranks (``None``: it can,
+        each rank's part giving its gradient and the ranks averaging them)."""
+        return None
+
     def length_refusal(self) -> str | None:
         """Why a finished run of this rule cannot be extended to more epochs (its schedule
         depends on the run's length, so the extended run would not be the longer run);

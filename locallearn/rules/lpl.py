@@ -25,8 +25,9 @@ Facts of the reference code (its public repository at commit 0210f55; ``module.p
   projector is the identity unless ``--use_projector_mlp`` (default off: ``module.py`` L39,
   ``encoders.py`` L97-103). The block output is detached before the next block (L117).
 - The predictive term is ``F.mse_loss(z1, z2)`` (``module.py`` L72, L126-133) with no
-  stop-gradient: both views receive its gradient (the paper's text predicts the earlier view,
-  held fixed).
+  stop-gradient: both views receive its gradient, each pulled towards the other (the paper's
+  learning rule, in the erratum's form at ``erratum/erratum.md`` L28, moves only the present
+  output towards the earlier one).
 - The Hebbian term (``module.py`` L93-101): the batch mean is detached and the sum of squares is
   divided by ``B - 1``; it is applied as the average over the two views (L142-147). Detaching the
   mean changes no gradient in exact arithmetic (the centred values sum to zero over the batch).
@@ -52,8 +53,8 @@ Facts of the reference code (its public repository at commit 0210f55; ``module.p
   (``B * H * W`` rows of ``C`` channels, divisor ``B * H * W - 1``).
 
 Its update is a three-factor rule: for a unit ``c`` of block ``l`` and sample ``b`` of view ``v``
-the factor is ``dL/dz_bc = pull * 2 (z_bc - z'_bc) / (B C) * (+-1)`` (towards the other view)
-``- push * (z_bc - m_c) / ((B - 1) (Var_c + eps) C)`` (away from the batch mean, scaled by the
+the factor is ``dL/dz_bc = pull * 2 (z_bc - z'_bc) / (B C)`` (``z'``: the same image's other
+view) ``- push * (z_bc - m_c) / ((B - 1) (Var_c + eps) C)`` (away from the batch mean, scaled by the
 inverse variance) ``+ decorr * 2 sum_{k != c} Cov_ck (z_bk - m_k) / ((B - 1) (C^2 - C))``, spread
 evenly over the block's output positions, routed through the max-pool and gated by the ReLU's
 derivative, times the block's input patch (the Hebbian term of the weight's gradient).
@@ -204,9 +205,10 @@ class LPL(Rule):
 
     def block_loss(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The weighted loss of a block's output ``z`` (views stacked) and its three terms."""
-        terms = torch.stack(lpl_terms(z, self.eps, self.pooling))
-        weights = torch.tensor(self.weights, dtype=terms.dtype, device=terms.device)
-        return (weights * terms).sum(), terms.detach()
+        pull, push, decorr = lpl_terms(z, self.eps, self.pooling)
+        w_pull, w_push, w_decorr = self.weights
+        loss = w_pull * pull + w_push * push + w_decorr * decorr
+        return loss, torch.stack([pull, push, decorr]).detach()
 
     def start_carry(self, net: BlockNet, batch: Batch) -> dict[str, Any]:
         """Both views of the batch stacked ``[view 1; view 2]``; nothing is drawn at random."""

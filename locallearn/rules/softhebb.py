@@ -123,6 +123,12 @@ class SoftHebb(Rule):
     def pipeline_refusal(self) -> str | None:
         return None
 
+    def data_parallel_refusal(self) -> str | None:
+        return ("softhebb scales each block's update by its largest value over the whole batch "
+                "and normalises each block's input with the batch's statistics, which averaging "
+                "the ranks' updates would change; valid: one process, or parallel.stages > 1 "
+                "(its blocks on separate processes)")
+
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         metrics, _ = self.blocks_grads(net, self.start_carry(net, batch), 0, len(net.blocks))
         return metrics

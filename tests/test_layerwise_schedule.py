@@ -1,0 +1,173 @@
+"""Layer-wise schedules (``layerwise.epochs``, greedy or together), per-block optimiser settings
+and the exponential schedule, the image rules that see the image itself, and the probe's
+protocol settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from image_folder import folder_config, write_dataset
+
+from locallearn import cli
+from locallearn.eval.image_probe import standardize_samples
+from locallearn.experiments.runs import run
+from locallearn.optim import build_optimizer
+from locallearn.schema import load_config
+from locallearn.train import Trainer
+
+HEBB = {"net.kind": "softhebb", "net.width_mult": 1 / 16, "net.bias": False,
+        "rule.name": "softhebb", "rule.options": {},
+        "optim.name": "sgd", "optim.momentum": 0.0, "optim.block_lr": [0.08, 0.005, 0.01],
+        "probe.grid": [8, 4, 2], "probe.epochs": 2}
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    write_dataset(root, {"train": 16, "test": 6})
+    return root
+
+
+def _weights_per_epoch(monkeypatch, cfg, out):
+    """The blocks' weights after every epoch of a run of ``cfg``."""
+    snaps = []
+    original = Trainer.train_epoch
+
+    def recording(self):
+        metrics = original(self)
+        snaps.append([b.pre.weight.detach().clone() for b in self.net.blocks])
+        return metrics
+
+    monkeypatch.setattr(Trainer, "train_epoch", recording)
+    start = None
+
+    def first(self):
+        nonlocal start
+        start = [b.pre.weight.detach().clone() for b in self.net.blocks]
+
+    original_prepare = Trainer.prepare_output
+
+    def prepare(self):
+        resumed = original_prepare(self)
+        first(self)
+        return resumed
+
+    monkeypatch.setattr(Trainer, "prepare_output", prepare)
+    run(cfg, out)
+    return [start, *snaps]
+
+
+def _changed(before, after):
+    return [not torch.equal(a, b) for a, b in zip(before, after)]
+
+
+@pytest.mark.parametrize("mode, counts, expected", [
+    ("greedy", [1, 1, 1], [[True, False, False], [False, True, False], [False, False, True]]),
+    ("together", [1, 2, 3], [[True, True, True], [False, True, True], [False, False, True]]),
+])
+def test_each_block_trains_in_its_epochs_only(tmp_path, image_root, monkeypatch, mode, counts,
+                                              expected):
+    cfg = load_config(folder_config(tmp_path, image_root, epochs=3, **HEBB, **{
+        "layerwise.epochs": counts, "layerwise.mode": mode}))
+    snaps = _weights_per_epoch(monkeypatch, cfg, tmp_path / "run")
+    assert [_changed(a, b) for a, b in zip(snaps, snaps[1:])] == expected
+
+
+def test_a_greedy_run_extended_trains_its_last_block_as_a_longer_run(tmp_path, image_root):
+    extra = {**HEBB, "layerwise.epochs": [1, 1, 1]}
+    short = load_config(folder_config(tmp_path, image_root, epochs=3, **extra))
+    run(short, tmp_path / "cut")
+    longer = load_config(folder_config(tmp_path, image_root, epochs=4, **extra))
+    extended = run(longer, tmp_path / "cut")
+    whole = run(longer, tmp_path / "whole")
+    assert extended["probe_accuracy"] == whole["probe_accuracy"]
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    for key, value in a["net"].items():
+        assert torch.equal(value, b["net"][key]), key
+
+
+@pytest.mark.parametrize("extra, words", [
+    ({"layerwise.epochs": [1, 1]}, "one per block"),
+    ({"layerwise.epochs": [2, 2, 2], "epochs": 5}, "shorter than the layer-wise schedule"),
+    ({"layerwise.epochs": [3, 1, 1], "layerwise.mode": "together"}, "largest"),
+    ({"layerwise.epochs": [1, 0, 1]}, "count >= 1"),
+    ({"layerwise.epochs": [1, 1, 1, 1, 1, 1], "net.kind": "vgg6", "net.bias": True,
+      "net.width_mult": 1 / 32, "rule.name": "clapp-image", "optim.block_lr": None,
+      "rule.options": {"context": "both"}, "optim.name": "adamw", "epochs": 6},
+     "learns block by block"),
+    ({"optim.gamma": [0.5, 0.5, 0.5]}, "needs optim.schedule=exponential"),
+    ({"optim.block_lr": [0.1, -1, 0.1]}, "must be > 0"),
+    ({"data.views.blur_p": 0.2}, "only flip_p applies"),
+    ({"probe.blocks": [4]}, "valid: 1..3"),
+    ({"probe.dropout": 1.0}, "probe.dropout"),
+])
+def test_bad_schedules_are_one_line_errors(tmp_path, image_root, capsys, extra, words):
+    raw = {**HEBB, "epochs": 3, **extra}
+    config = folder_config(tmp_path, image_root, **{k: v for k, v in raw.items()
+                                                   if v is not None})
+    code = cli.main(["run", str(config), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert words in err and "\n" not in err
+
+
+def test_per_block_rates_and_the_exponential_schedule():
+    cfg = load_config(None, ["optim.name=adamw", "optim.block_lr=[0.1,0.2]",
+                             "optim.block_weight_decay=[0.0,0.5]", "optim.schedule=exponential",
+                             "optim.gamma=[0.5,0.1]", "optim.period=[2,3]"])
+    blocks = [[torch.nn.Parameter(torch.zeros(2))], [torch.nn.Parameter(torch.zeros(3))]]
+    loose = torch.nn.Parameter(torch.zeros(1))
+    opt, sched = build_optimizer(cfg, blocks[0] + blocks[1] + [loose], 1, blocks, [0, 2])
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.5, 0.0]
+    rates = []
+    for _ in range(6):
+        rates.append([round(g["lr"], 12) for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    # block 1: decays after 1 step, then every 2 (the +1 of the reference's count); block 2
+    # starts at step 2 and decays after 2 of its steps, then every 3
+    assert [r[0] for r in rates] == [0.1, 0.05, 0.05, 0.025, 0.025, 0.0125]
+    assert [r[1] for r in rates] == [0.2, 0.2, 0.2, 0.2, 0.02, 0.02]
+    assert [r[2] for r in rates] == [1e-3] * 6
+
+
+def test_image_rules_see_the_image_flipped_as_asked(tmp_path, image_root):
+    from locallearn.experiments.image_task import ImageTask
+
+    cfg = load_config(folder_config(tmp_path, image_root, **HEBB, **{"data.views.flip_p": 1.0}))
+    task = ImageTask(cfg, torch.device("cpu"))
+    batch = next(task.batches(torch.Generator().manual_seed(0), 8, "image"))
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(0))[:8]
+    assert batch.views is None
+    assert torch.equal(batch.x, task.transform(task.train_images[perm].flip(-1)))
+
+
+def test_probe_protocol_settings_are_applied(tmp_path, image_root):
+    out = tmp_path / "run"
+    config = folder_config(tmp_path, image_root, **{
+        **HEBB, "probe.blocks": [2, 3], "probe.standardize": "sample", "probe.dropout": 0.2,
+        "probe.schedule": "halving", "probe.augment": "flip", "probe.init": "uniform",
+        "probe.per_block": True, "probe.epochs": 3})
+    assert cli.main(["run", str(config), "--out", str(out)]) == 0
+    probe = json.loads((out / "probe.json").read_text())
+    assert probe["feature_dims"] == [24 * 4 * 4, 96 * 2 * 2]
+    assert len(probe["block_accuracies"]) == 2
+    words = probe["protocol"]
+    for part in ("blocks 2, 3", "per image and block", "train-time flip", "dropout 0.2",
+                 "halved", "uniform init"):
+        assert part in words, part
+    assert probe["extra"]["feature_seconds"] > 0
+
+
+def test_sample_standardisation_is_per_image_and_block():
+    feats = torch.randn(4, 10, dtype=torch.float64) * 3 + 1
+    slices = [slice(0, 4), slice(4, 10)]
+    out = standardize_samples(feats.clone(), slices)
+    for sl in slices:
+        part = out[:, sl]
+        assert torch.allclose(part.mean(1), torch.zeros(4, dtype=torch.float64), atol=1e-12)
+        assert torch.allclose(part.std(1), torch.ones(4, dtype=torch.float64), atol=1e-9)
