@@ -424,11 +424,11 @@ class LayerwiseConfig:
             the first epoch for its own number of epochs, then is frozen.
 
     The run's ``epochs`` must be at least the schedule's length (the sum in ``greedy`` mode,
-    the last block's count in ``together`` mode, which must be the largest); beyond it the
-    last block trains on, so a finished run extended with more ``epochs`` trains its last block
-    longer, as a run started with that many epochs would. The rule must learn block by block
-    (as for ``parallel.stages``); the frozen blocks below the trained ones only pass their
-    output up.
+    the last block's count in ``together`` mode, which must be the largest), or 0 (the
+    untrained network); beyond the schedule the last block trains on, so a finished run
+    extended with more ``epochs`` trains its last block longer, as a run started with that many
+    epochs would. The rule must learn block by block (as for ``parallel.stages``); the frozen
+    blocks below the trained ones only pass their output up.
     """
 
     epochs: list[int] | None = None
@@ -534,7 +534,7 @@ class RunConfig:
             )
         if self.device != "cpu" and not self.device.startswith(("cuda", "mps", "auto")):
             raise ValueError(f"device={self.device!r} is invalid; valid: cpu, cuda[:N], auto")
-        if self.layerwise.length() > self.epochs:
+        if self.layerwise.length() > self.epochs > 0:  # epochs=0: the untrained network
             raise ValueError(
                 f"epochs={self.epochs} is shorter than the layer-wise schedule "
                 f"(layerwise.epochs={self.layerwise.epochs}, mode {self.layerwise.mode}: "

@@ -15,6 +15,9 @@ the ``B x C`` values, weights ``pull = 1``, ``push = 1``, ``decorr = 10`` and ``
 (``rule.options``). The run's loss is the sum of the blocks' losses; each block's loss is
 backpropagated as soon as it is computed (its graph freed before the next block runs), which gives
 the gradients of the reference's one backward of the sum, since the blocks' inputs are detached.
+The blocks can train on separate processes (``parallel.stages``, the same arithmetic); the batch
+cannot be split across data-parallel ranks, since the Hebbian and decorrelation terms read the
+statistics of the whole batch (the reference's multi-GPU runs take each GPU's batch on its own).
 
 Facts of the reference code (its public repository at commit 0210f55; ``module.py`` is
 ``models/module.py``, ``encoders.py`` is ``models/encoders.py``), kept here:
