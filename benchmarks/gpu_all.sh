@@ -12,7 +12,12 @@
 #    (default 2; the k-NN curve every epoch; the final probe on clean features, 30 epochs, all
 #    50,000 training images), and the random encoder (epochs=0) under the same probe.
 #
-# About 6-10 minutes on one recent GPU (an estimate: not yet measured). Logs go to OUT/*.log, the
+# 4. with PAPERS=1 (and CIFAR10_ROOT), the published protocols of the field's other local rules,
+#    each as its preset ships (docs/local-rules.md has the time each is expected to take):
+#    SoftHebb (one unsupervised epoch and its 50-epoch read-out), SCFF greedy (31 block-epochs)
+#    and with every block at once, and LPL (800 epochs at batch 1024: the long one).
+#
+# About 6-10 minutes on one recent GPU (an estimate: not yet measured) without PAPERS=1. Logs go to OUT/*.log, the
 # runs to OUT/runs/. Without a CUDA GPU it says so in one line and exits 0. Every step runs even
 # when an earlier one fails; the exit status is that of the first failure.
 set -uo pipefail
@@ -63,6 +68,14 @@ if [ -d "$data/train" ] || [ -d "$data/cifar-10-batches-py" ]; then
         [ -f "$out/runs/$run/summary.json" ] && cp "$out/runs/$run/summary.json" \
             "$out/summary_$run.json"
     done
+    if [ "${PAPERS:-0}" = 1 ]; then
+        for preset in softhebb scff scff-all lpl; do
+            step "paper_$preset" "$py" -m locallearn run "configs/images/$preset.yaml" \
+                data.root="$data" device=cuda progress=false --out "$out/runs/paper_$preset"
+            [ -f "$out/runs/paper_$preset/summary.json" ] && cp \
+                "$out/runs/paper_$preset/summary.json" "$out/summary_paper_$preset.json"
+        done
+    fi
 else
     echo "gpu_all: no CIFAR-10 at $data (cifar-10-batches-py/ or train/ + test/); the real-data" \
         "runs are left out"

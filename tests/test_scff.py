@@ -140,6 +140,24 @@ def test_probe_features_match_the_reference_evaluation():
     _check(ref["features"], features, "probe features")
 
 
+def test_the_presets_probe_reads_the_reference_features():
+    # the image probe as configs/images/scff.yaml sets it (grid 8-4-2, per-image standardisation)
+    from locallearn.eval.image_probe import block_features, probe_layout, standardize_samples
+    from locallearn.schema import load_config
+
+    ref = GOLDEN["probe"]
+    cfg = load_config(ROOT / "configs" / "images" / "scff.yaml")
+    assert cfg.probe.standardize == "sample" and cfg.probe.blocks is None
+    net = _golden_net()
+    layout = probe_layout(net, GOLDEN["side"], tuple(cfg.probe.grid))
+    with torch.no_grad():
+        feats = standardize_samples(block_features(net, _golden_batch(), layout.pools),
+                                    layout.slices).double()
+    assert feats.shape[1] == ref["dim"]
+    assert feats.pow(3).sum(1).tolist() == pytest.approx(ref["per_image_cubes"], rel=1e-5)
+    assert feats.amax(1).tolist() == pytest.approx(ref["per_image_max"], rel=1e-5)
+
+
 def test_initial_weights_are_the_reference_codes():
     net = scff_cnn(GOLDEN["width_mult"], seed=0)
     for k, block in enumerate(net.blocks):
@@ -310,3 +328,24 @@ def test_the_rule_section_builds_from_config():
     assert isinstance(rule, SCFF) and rule.concat == [True, True, True]
     with pytest.raises(ValueError, match="rule.f"):
         build_rule(RuleConfig(name="scff", f="hinge"), 0)
+
+
+def test_presets_hold_the_published_settings():
+    from locallearn.schema import load_config
+
+    images = ROOT / "configs" / "images"
+    greedy, together = (load_config(images / f"{n}.yaml") for n in ("scff", "scff-all"))
+    for cfg in (greedy, together):
+        assert cfg.net.kind == "scff" and cfg.rule.name == "scff" and cfg.batch_size == 100
+        assert cfg.data.views.flip_p == 0.5
+    rule = build_rule(greedy.rule, 0)
+    assert (rule.threshold_pos, rule.threshold_neg, rule.lam) == (
+        GOLDEN["thresholds_pos"], GOLDEN["thresholds_neg"], GOLDEN["lambdas"])
+    assert rule.concat == [True, False, True] and rule.frozen_concat
+    assert greedy.layerwise.epochs == [6, 4, 21] and greedy.epochs == 31
+    assert greedy.layerwise.mode == "greedy" and together.layerwise.mode == "together"
+    assert not build_rule(together.rule, 0).frozen_concat
+    for name, base in (("scff-cpu", greedy), ("scff-all-cpu", together)):
+        cpu = load_config(images / f"{name}.yaml")
+        assert cpu.rule == base.rule and cpu.device == "cpu" and cpu.net.width_mult == 0.25
+        assert cpu.layerwise.mode == base.layerwise.mode

@@ -134,7 +134,12 @@ def scff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, threshold_pos: float,
 
 
 class SCFF(Rule):
-    """Self-contrastive forward-forward learning of every block (see the module docstring)."""
+    """Self-contrastive forward-forward learning of every block (see the module docstring).
+
+    Metrics of each block ``k`` it trains: ``loss_block{k}`` and the mean goodness of its
+    positive and negative pairs, ``goodness_pos_block{k}`` and ``goodness_neg_block{k}``;
+    ``loss`` is the sum of the block losses.
+    """
 
     name = "scff"
     uses_labels = False
@@ -271,7 +276,9 @@ class SCFF(Rule):
 class SCFFTopLoss(TopLossReference):
     """The top block's SCFF loss backpropagated through every block (the BP counterpart of
     :class:`SCFF` for gradient alignment): the same shifts and pairing flags, nothing detached
-    between blocks. Its top-block update equals the local rule's."""
+    between blocks. Its top-block update equals the local rule's. The triangle activation of
+    blocks 1-2 takes its channel mean as a constant (:class:`~locallearn.nets.hebb_cnn.Triangle`),
+    so the gradient through it does too."""
 
     def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         local: SCFF = self.local[0]

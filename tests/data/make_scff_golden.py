@@ -7,8 +7,9 @@ Usage, from the project root with locallearn importable::
         | tar -x -C /tmp/scffref
     python tests/data/make_scff_golden.py /tmp/scffref tests/data/scff_golden.json
 
-The reference script is imported, not copied: the packages it imports but never uses on this
-path (``optuna``, ``torchvision``) are replaced by empty stand-ins in ``sys.modules`` first. Its
+The reference script is imported, not copied: the two packages it imports but never uses on
+this path (a hyper-parameter search library and a vision dataset library) are replaced by empty
+stand-ins in ``sys.modules`` first. Its
 own layer constructor (``create_layer``, on its ``config.json`` with every channel count scaled by
 ``WIDTH``), its training pass (``train``, one batch, optimisers that do not step) and its probe
 feature path (``test_readout``, with a read-out that records its input) produce every number; this
@@ -241,7 +242,7 @@ def probe_features() -> dict:
                          torch.nn.CrossEntropyLoss(), cfg, 0, "golden")
     f = recorder.features
     return {"dim": int(f.shape[1]), "features": stats(f, 300),
-            "per_image_sum": f.sum(1).tolist()}
+            "per_image_cubes": f.pow(3).sum(1).tolist(), "per_image_max": f.amax(1).tolist()}
 
 
 def init_weights() -> dict:
@@ -287,7 +288,9 @@ out = {
         f"sum, sum of squares and seeded entries of each learning layer's weight and bias "
         f"gradient. probe: the code's test_readout feature vector (every layer paired with "
         f"itself, extra AvgPool(2, 2, ceil), per-sample standardisation, the three layers "
-        f"concatenated) on the same layers and batch. init: the code's own float32 initial "
+        f"concatenated) on the same layers and batch: sum, sum of squares and seeded entries (in "
+        f"the code's channel-major order), and per image the sum of cubes and the largest value "
+        f"(order-free). init: the code's own float32 initial "
         f"weights at this width, after torch.manual_seed(0), layers made in order."
     ),
     "commit": COMMIT,
