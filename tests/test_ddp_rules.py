@@ -9,8 +9,8 @@ averages their gradients by size; that is what is checked here, for a layer-wise
 with synonym views, whose ``B`` is learnt by autograd), the layer-wise image rules (CLAPP++ with
 both contexts, whose ``B`` gets its explicit gathered update; layer-wise InfoNCE, whose negatives
 are the part's other images), SCFF (whose negative shift each part draws), LPL (whose variance
-and decorrelation terms read the part's statistics) and the predictor-clusterer rule (whose prototypes are seeded on
-rank 0's part and broadcast), through a few optimiser steps.
+and decorrelation terms read the part's statistics) and the predictor-clusterer rule (whose
+prototypes are seeded on rank 0's part and broadcast), through a few optimiser steps.
 """
 
 from __future__ import annotations
@@ -109,8 +109,8 @@ def _lpl_setup():
     return net, rule, views
 
 
-SETUPS = {"scff": _scff_setup, "lpl": _lpl_setup, "layerwise-rhm": _rhm_setup, "clapp-image": _image_setup,
-          "infonce-image": lambda: _image_setup(infonce=True), "latent-stacked": _latent_setup}
+SETUPS = {"scff": _scff_setup, "lpl": _lpl_setup, "layerwise-rhm": _rhm_setup,
+          "clapp-image": _image_setup, "infonce-image": lambda: _image_setup(infonce=True), "latent-stacked": _latent_setup}
 
 
 def _train(name: str, rank: int, world: int, emulate: int = 1) -> dict[str, torch.Tensor]:
