@@ -110,7 +110,8 @@ def _lpl_setup():
 
 
 SETUPS = {"scff": _scff_setup, "lpl": _lpl_setup, "layerwise-rhm": _rhm_setup,
-          "clapp-image": _image_setup, "infonce-image": lambda: _image_setup(infonce=True), "latent-stacked": _latent_setup}
+          "clapp-image": _image_setup, "infonce-image": lambda: _image_setup(infonce=True),
+          "latent-stacked": _latent_setup}
 
 
 def _train(name: str, rank: int, world: int, emulate: int = 1) -> dict[str, torch.Tensor]:
