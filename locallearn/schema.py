@@ -370,9 +370,10 @@ class ProbeConfig:
         dropout: image probes: dropout on the features while the probe trains (default 0).
         schedule: image probes: ``none`` (default) or ``halving`` (the rate halves after 20, 35,
             50, 60, 70, 80 and 90 % of the epochs: the SoftHebb and SCFF papers' probes).
-        init: image probes: the linear layer starts at ``zero`` (default) or ``uniform``
+        init: image probes: the linear layer starts at ``zero`` (default), ``uniform``
             (weights ``init_scale * U(0, 1)``, biases ``U(-1/sqrt(D), 1/sqrt(D))``: the SoftHebb
-            paper's read-out, whose scale is the default ``init_scale``).
+            paper's read-out, whose scale is the default ``init_scale``) or ``default`` (weights
+            and biases ``U(-1/sqrt(D), 1/sqrt(D))``: a linear layer's own, the SCFF paper's).
 
     The image-only keys are ``None`` until the config is built (see :class:`NetConfig`); RHM
     runs read ``steps`` and ``weight_decay`` (the read-out of label-free rules).
@@ -393,7 +394,7 @@ class ProbeConfig:
     standardize: Literal["feature", "sample", "none"] | None = None
     dropout: float | None = None
     schedule: Literal["none", "halving"] | None = None
-    init: Literal["zero", "uniform"] | None = None
+    init: Literal["zero", "uniform", "default"] | None = None
     init_scale: float | None = None
 
     def validate(self) -> None:

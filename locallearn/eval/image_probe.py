@@ -70,8 +70,9 @@ class ProbeSettings:
             90 % of the epochs.
         flip: train on features of images flipped at random (probability 0.5), both versions
             computed once (without the crop+flip ``augment``).
-        init: the linear layer starts at ``zero``, or ``uniform``: weights ``init_scale * U(0,
-            1)`` and biases ``U(-1/sqrt(D), 1/sqrt(D))``.
+        init: the linear layer starts at ``zero``, ``uniform`` (weights ``init_scale * U(0,
+            1)``, biases ``U(-1/sqrt(D), 1/sqrt(D))``) or ``default`` (weights and biases
+            ``U(-1/sqrt(D), 1/sqrt(D))``, a linear layer's own).
         init_scale: see ``init``.
     """
 
@@ -224,6 +225,9 @@ def _linear_layers(groups: list[slice], n_classes: int, device: torch.device,
         b = torch.zeros(n_classes)
         if settings.init == "uniform":
             w = settings.init_scale * torch.rand(n_classes, d, generator=gen)
+            b = (torch.rand(n_classes, generator=gen) * 2 - 1) / d ** 0.5
+        elif settings.init == "default":  # a linear layer's own: U(-1/sqrt(D), 1/sqrt(D))
+            w = (torch.rand(n_classes, d, generator=gen) * 2 - 1) / d ** 0.5
             b = (torch.rand(n_classes, generator=gen) * 2 - 1) / d ** 0.5
         params.append(w.to(device).requires_grad_())
         params.append(b.to(device).requires_grad_())
