@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden import check_stats as _check
 
 from locallearn.nets.vgg import vgg6
 from locallearn.rules import build_rule
@@ -27,12 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = json.loads((ROOT / "tests" / "data" / "clapp_golden.json").read_text())
 
 
-def _check(stats: dict, tensor: torch.Tensor, what: str) -> None:
-    flat = tensor.detach().flatten()
-    assert float(flat.sum()) == pytest.approx(stats["sum"], rel=1e-9, abs=1e-12), what
-    assert float((flat * flat).sum()) == pytest.approx(stats["sumsq"], rel=1e-9), what
-    got = flat[torch.tensor(stats["index"])].tolist()
-    assert got == pytest.approx(stats["values"], rel=1e-9, abs=1e-12), what
 
 
 @pytest.mark.parametrize("preset", ["clapp", "clapp++"])

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from golden import check_stats as _check
 from torch import nn
 
 from locallearn.config import load_yaml
@@ -59,12 +60,6 @@ def _preset_rule(options: dict | None = None) -> LPL:
     return rule
 
 
-def _check(stats: dict, tensor: torch.Tensor, what: str) -> None:
-    flat = tensor.detach().flatten()
-    assert float(flat.sum()) == pytest.approx(stats["sum"], rel=1e-9, abs=1e-12), what
-    assert float((flat * flat).sum()) == pytest.approx(stats["sumsq"], rel=1e-9), what
-    got = flat[torch.tensor(stats["index"])].tolist()
-    assert got == pytest.approx(stats["values"], rel=1e-9, abs=1e-12), what
 
 
 def _grads(net, rule, batch) -> tuple[dict[str, float], dict[str, torch.Tensor]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from golden import check_stats
 
 from locallearn.config import from_dict
 from locallearn.nets.base import BlockNet
@@ -29,11 +30,7 @@ REL = 1e-9
 
 
 def _check(stats: dict, tensor: torch.Tensor, what: str) -> None:
-    flat = tensor.detach().double().flatten()
-    assert float(flat.sum()) == pytest.approx(stats["sum"], rel=REL, abs=1e-12), what
-    assert float((flat * flat).sum()) == pytest.approx(stats["sumsq"], rel=REL), what
-    got = flat[torch.tensor(stats["index"])].tolist()
-    assert got == pytest.approx(stats["values"], rel=REL, abs=1e-14), what
+    check_stats(stats, tensor, what, rel=REL, value_abs=1e-14)
 
 
 def _golden_net() -> BlockNet:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden import check_stats as _check
 
 from locallearn.nets.hebb_cnn import softhebb_cnn
 from locallearn.optim import build_optimizer
@@ -28,12 +29,6 @@ GOLDEN = json.loads((ROOT / "tests" / "data" / "softhebb_golden.json").read_text
 PRESET = ROOT / "configs" / "images" / "softhebb.yaml"
 
 
-def _check(stats: dict, tensor: torch.Tensor, what: str) -> None:
-    flat = tensor.detach().flatten()
-    assert float(flat.sum()) == pytest.approx(stats["sum"], rel=1e-9, abs=1e-12), what
-    assert float((flat * flat).sum()) == pytest.approx(stats["sumsq"], rel=1e-9), what
-    got = flat[torch.tensor(stats["index"])].tolist()
-    assert got == pytest.approx(stats["values"], rel=1e-9, abs=1e-12), what
 
 
 def _golden_setup():

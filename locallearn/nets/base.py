@@ -12,6 +12,14 @@ import torch
 from torch import nn
 
 
+def scaled_width(channels: int, width_mult: float) -> int:
+    """``channels * width_mult`` rounded, at least 1 (``width_mult > 0``, else a one-line
+    ValueError)."""
+    if not width_mult > 0:
+        raise ValueError(f"net.width_mult={width_mult} is invalid: must be > 0")
+    return max(1, int(round(channels * width_mult)))
+
+
 class Block(nn.Module):
     """``post(pre(x))`` with the two halves reachable by rules."""
 

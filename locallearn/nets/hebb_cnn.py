@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locallearn.nets.base import Block, BlockNet
+from locallearn.nets.base import Block, BlockNet, scaled_width
 
 #: ``(channels, kernel, padding, pool)`` of each block at full width; a pool is ``("max", k, s,
 #: p)`` or ``("avg", k, s, p)``.
@@ -111,14 +111,13 @@ def softhebb_cnn(
     if bias:
         raise ValueError("net.bias=true is invalid for net.kind=softhebb (its convolutions have "
                          "no bias); valid: false")
-    if not width_mult > 0:
-        raise ValueError(f"net.width_mult={width_mult} is invalid: must be > 0")
+    scaled_width(1, width_mult)  # checks it
     blocks: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         c_in = in_channels
         for (channels, kernel, padding, pool), power in zip(HEBB_PLAN, powers):
-            c_out = max(1, int(round(channels * width_mult)))
+            c_out = scaled_width(channels, width_mult)
             pre = HebbConv(c_in, c_out, kernel, padding, init_range)
             blocks.append(Block(pre, nn.Sequential(Triangle(power), pool_of(pool))))
             c_in = c_out

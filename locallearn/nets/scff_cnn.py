@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from locallearn.nets.base import Block, BlockNet
+from locallearn.nets.base import Block, BlockNet, scaled_width
 from locallearn.nets.hebb_cnn import HEBB_PLAN, Triangle, pool_of
 
 __all__ = ["SCFFConv", "scff_cnn", "standardize"]
@@ -143,15 +143,14 @@ def scff_cnn(
             Xavier-uniform weights, block after block, in the reference code's order of draws),
             drawn from a private generator state: the global one is left as it was.
     """
-    if not width_mult > 0:
-        raise ValueError(f"net.width_mult={width_mult} is invalid: must be > 0")
+    scaled_width(1, width_mult)  # checks it
     blocks: list[nn.Module] = []
     last = len(HEBB_PLAN) - 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         c_in = in_channels
         for level, (channels, kernel, padding, pool) in enumerate(HEBB_PLAN):
-            c_out = max(1, int(round(channels * width_mult)))
+            c_out = scaled_width(channels, width_mult)
             pre = SCFFConv(c_in, c_out, kernel, padding, bias=bias)
             act: nn.Module = nn.ReLU() if level == last else Triangle()
             blocks.append(Block(pre, nn.Sequential(act, pool_of(pool, ceil_mode=True))))

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from locallearn.nets.base import Block, BlockNet
+from locallearn.nets.base import Block, BlockNet, scaled_width
 
 #: ``(channels, max-pool after the ReLU)`` of each VGG-6 block at full width.
 VGG6_PLAN: tuple[tuple[int, bool], ...] = (
@@ -85,11 +85,6 @@ def probe_grid(n_blocks: int) -> tuple[int, ...]:
     return _PROBE_GRIDS[n_blocks]
 
 
-def scaled_width(channels: int, width_mult: float) -> int:
-    """``channels * width_mult`` rounded, at least 1."""
-    return max(1, int(round(channels * width_mult)))
-
-
 def vgg6(
     width_mult: float = 1.0,
     in_channels: int = 3,
@@ -107,8 +102,7 @@ def vgg6(
             from a private generator state: the global one is left as it was).
         plan: ``(channels, max-pool)`` per block at full width.
     """
-    if not width_mult > 0:
-        raise ValueError(f"net.width_mult={width_mult} is invalid: must be > 0")
+    scaled_width(1, width_mult)  # checks it
     blocks: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
