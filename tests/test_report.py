@@ -250,3 +250,16 @@ def test_sample_complexity_against_depth(tmp_path):
 def test_one_depth_has_no_depth_section(tmp_path):
     make_rhm_sweep(tmp_path)
     assert "against depth" not in write_report(tmp_path).read_text()
+
+
+def test_a_pass_that_changes_no_weight_counts_as_untrained(tmp_path):
+    from locallearn.experiments.report import _untrained
+    from locallearn.experiments.report_runs import Run
+
+    def make(config):
+        return Run({}, 0, {}, {}, tmp_path, config)
+
+    assert _untrained(make({"epochs": 0}))
+    assert _untrained(make({"epochs": 1, "rule": {"options": {"plastic": False}}}))
+    assert not _untrained(make({"epochs": 1, "rule": {"options": {"plastic": True}}}))
+    assert not _untrained(make({"epochs": 3, "rule": {"name": "clapp-image"}}))

@@ -11,7 +11,8 @@ Written to ``DIR/report.md`` with figures in ``DIR/figures/``:
 - RHM sweeps over several depths ``data.L``: the sample complexity against ``L`` per rule, with
   the scalings ``v m^3`` and ``n_c m^L`` drawn (:mod:`locallearn.experiments.depth_figure`);
 - image sweeps (runs with ``probe_accuracy``): the rule x dataset table of linear-probe accuracy,
-  and each trained run against the untrained encoder (``epochs=0``) of its seed, network and
+  and each trained run against the untrained encoder (``epochs=0``, or
+  ``rule.options.plastic=false``) of its seed, network and
   data (the same initial weights): the probes' differences in points;
 - learning curves from each run's ``metrics.jsonl`` (mean over seeds), per-layer alignment where a
   run folder holds ``alignment.json`` (rows ``{block, cosine_mean, cosine_std}``), and the PNGs of
@@ -381,7 +382,14 @@ def _probe_curve_sections(
 
 
 def _untrained(run: Run) -> bool:
-    return isinstance(run.config, dict) and run.config.get("epochs") == 0
+    """Whether a run's encoder is untrained: ``epochs=0``, or a rule told to change no weight
+    (``rule.options.plastic=false``: SoftHebb's pass that only gathers batch-norm statistics)."""
+    if not isinstance(run.config, dict):
+        return False
+    rule = run.config.get("rule") or {}
+    options = rule.get("options") if isinstance(rule, dict) else None
+    return run.config.get("epochs") == 0 or (isinstance(options, dict)
+                                             and options.get("plastic") is False)
 
 
 def _start_key(run: Run) -> tuple[int, str, str]:
