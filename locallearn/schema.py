@@ -422,10 +422,11 @@ class LayerwiseConfig:
         epochs: epochs of each block (``None``: every block trains for the whole run).
         mode: ``greedy``: block 1 trains first, then block 2 with block 1 frozen, and so on
             (each block's epochs follow the ones below); ``together``: every block trains from
-            the first epoch for its own number of epochs, then is frozen.
+            the first epoch for its own number of epochs, then is frozen (the counts must not
+            decrease from block to block).
 
     The run's ``epochs`` must be at least the schedule's length (the sum in ``greedy`` mode,
-    the last block's count in ``together`` mode, which must be the largest), or 0 (the
+    the last block's count in ``together`` mode), or 0 (the
     untrained network); beyond the schedule the last block trains on, so a finished run
     extended with more ``epochs`` trains its last block longer, as a run started with that many
     epochs would. The rule must learn block by block (as for ``parallel.stages``); the frozen
@@ -440,9 +441,10 @@ class LayerwiseConfig:
             raise ValueError(f"layerwise.epochs={self.epochs} is invalid: give one count >= 1 "
                              "per block (or null: every block trains the whole run)")
         if self.epochs is not None and self.mode == "together" and (
-                self.epochs[-1] < max(self.epochs)):
+                self.epochs != sorted(self.epochs)):
             raise ValueError(f"layerwise.epochs={self.epochs} is invalid with layerwise.mode="
-                             "together: the last block's count must be the largest")
+                             "together: the counts must not decrease from block to block (a "
+                             "frozen block may not sit below one that trains)")
 
     def length(self) -> int:
         """The schedule's length in epochs (0: no schedule)."""
@@ -547,6 +549,35 @@ class RunConfig:
             )
 
 
+#: The image probe's protocol settings beyond the CLAPP paper's, with the value that leaves
+#: them off (the full-batch probe and the streamed probe read none of them).
+PROBE_PROTOCOL_OFF = {"blocks": None, "standardize": "feature", "dropout": 0.0,
+                      "schedule": "none", "init": "zero"}
+
+
+def check_probe_protocol(cfg: RunConfig) -> None:
+    """One-line ValueError for probe settings the chosen probe would not apply: the protocol
+    settings of the minibatch probe (``probe.standardize``, ``dropout``, ``schedule``,
+    ``init``, ``augment=flip``; ``blocks`` too on streamed data) with the full-batch probe
+    (``probe.epochs=0``) or on streamed data."""
+    p, d = cfg.probe, cfg.data
+    streamed = d.streams()
+    off = {k: v for k, v in PROBE_PROTOCOL_OFF.items() if not (k == "blocks" and not streamed)}
+    given = [k for k, v in off.items() if getattr(p, k) != v]
+    if p.augment == "flip":
+        given.append("augment")
+    if not given:
+        return
+    if streamed:
+        raise ValueError(f"probe.{given[0]}={getattr(p, given[0])!r} does not apply to streamed "
+                         "data (its probe reads every block, standardised, without these "
+                         f"settings); remove it")
+    if p.epochs == 0:
+        raise ValueError(f"probe.{given[0]}={getattr(p, given[0])!r} applies to the minibatch "
+                         "probe only; give probe.epochs > 0 (probe.epochs=0 fits a full-batch "
+                         "probe on standardised clean features)")
+
+
 def build_config(raw: dict[str, Any]) -> RunConfig:
     """A checked :class:`RunConfig` from a mapping (the data section by its ``name``).
 
@@ -563,6 +594,8 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
     cfg = from_dict(RunConfig, raw)
     cfg.data = from_dict(DATA_CONFIGS[name], data, "data.")
     _apply_run_keys(cfg)
+    if isinstance(cfg.data, ImageDataConfig):
+        check_probe_protocol(cfg)
     return cfg
 
 

@@ -26,6 +26,7 @@ point that builds both and trains.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -55,7 +56,7 @@ from locallearn.runfiles import (
     write_json_atomic,
     write_text_atomic,
 )
-from locallearn.schema import RUNTIME_KEYS, RunConfig, migrate_config
+from locallearn.schema import RUNTIME_KEYS, RunConfig, build_config, migrate_config
 from locallearn.task import Task
 
 #: Version of the checkpoint layout. 2: image rules' prediction matrices act on pooled features
@@ -329,7 +330,11 @@ class Trainer:
                 f"{str(path)!r} is not a readable config; move the run directory aside to "
                 "start again"
             )
-        return migrate_config(old)
+        old = migrate_config(old)
+        try:  # keys a version did not write (added since) take their defaults
+            return to_dict(build_config(copy.deepcopy(old)))
+        except ValueError:
+            return old
 
     @property
     def label(self) -> str:
@@ -404,6 +409,9 @@ class Trainer:
                     break
                 self._epoch_t0 = time.perf_counter()
                 self._epoch_probe = 0.0
+                if self.windows is not None and self.epoch > 0 and (
+                        self.active_blocks(self.epoch) != self.active_blocks(self.epoch - 1)):
+                    self.first_loss = None  # other blocks train: the guard's loss is theirs
                 train_metrics = self.train_epoch()
                 self.seconds += time.perf_counter() - self._epoch_t0 - self._epoch_probe
                 self.epoch += 1

@@ -93,7 +93,7 @@ def test_a_greedy_run_extended_trains_its_last_block_as_a_longer_run(tmp_path, i
 @pytest.mark.parametrize("extra, words", [
     ({"layerwise.epochs": [1, 1]}, "one per block"),
     ({"layerwise.epochs": [2, 2, 2], "epochs": 5}, "shorter than the layer-wise schedule"),
-    ({"layerwise.epochs": [3, 1, 1], "layerwise.mode": "together"}, "largest"),
+    ({"layerwise.epochs": [3, 1, 4], "layerwise.mode": "together"}, "must not decrease"),
     ({"layerwise.epochs": [1, 0, 1]}, "count >= 1"),
     ({"layerwise.epochs": [1, 1, 1, 1, 1, 1], "net.kind": "vgg6", "net.bias": True,
       "net.width_mult": 1 / 32, "rule.name": "clapp-image", "optim.block_lr": None,
@@ -171,3 +171,48 @@ def test_sample_standardisation_is_per_image_and_block():
         part = out[:, sl]
         assert torch.allclose(part.mean(1), torch.zeros(4, dtype=torch.float64), atol=1e-12)
         assert torch.allclose(part.std(1), torch.ones(4, dtype=torch.float64), atol=1e-9)
+
+
+RHM_ARGS = ["data.v=8", "data.n_classes=4", "data.m=4", "data.L=3", "data.train_size=64",
+            "data.test_size=32", "net.width=8", "batch_size=16", "progress=false",
+            "threads=1", "checkpoint_every=1"]
+RHM_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rhm" / "clapp-per-block.yaml"
+
+
+def test_the_logged_loss_is_that_of_the_blocks_that_train(tmp_path):
+    """The default frozen pass (a rule without its own) adds nothing to the running loss."""
+    cfg = load_config(RHM_CONFIG, [*RHM_ARGS, "epochs=3", "layerwise.epochs=[1,1,1]"])
+    run(cfg, tmp_path / "run")
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for epoch in (1, 2, 3):
+        row = rows[epoch]
+        assert row["loss"] == pytest.approx(row[f"loss_block{epoch}"], rel=1e-6), row
+
+
+def test_a_run_saved_before_layerwise_schedules_refuses_one(tmp_path):
+    """Keys a config saved by an earlier version lacks take their defaults when compared."""
+    import yaml
+
+    out = tmp_path / "run"
+    run(load_config(RHM_CONFIG, [*RHM_ARGS, "epochs=1"]), out)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["layerwise"]
+    for key in ("block_lr", "block_weight_decay", "gamma", "period"):
+        del saved["optim"][key]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ValueError, match="differs at layerwise.epochs"):
+        run(load_config(RHM_CONFIG, [*RHM_ARGS, "epochs=3", "layerwise.epochs=[1,1,1]"]), out)
+    resumed = run(load_config(RHM_CONFIG, [*RHM_ARGS, "epochs=2"]), out)
+    assert resumed["epochs"] == 2
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["probe.epochs=0", "probe.dropout=0.2"], "minibatch probe only"),
+    (["probe.epochs=0", "probe.augment=flip"], "minibatch probe only"),
+    (["data.streaming=true", "probe.epochs=3", "probe.standardize=none"], "streamed data"),
+    (["data.streaming=true", "probe.epochs=3", "probe.blocks=[1]"], "streamed data"),
+])
+def test_probe_settings_the_chosen_probe_ignores_are_refused(tmp_path, extra, words):
+    with pytest.raises(ValueError, match=words) as err:
+        load_config(None, ["data.name=folder", f"data.root={tmp_path}", *extra])
+    assert "\n" not in str(err.value)

@@ -177,16 +177,19 @@ def encoder_features(
     pools: list[int],
     batch_size: int = 512,
     blocks: tuple[int, ...] | None = None,
+    flip: bool = False,
 ) -> torch.Tensor:
     """Concatenated pooled features ``(N, D)`` of ``transform(images)``, in chunks, no gradients
-    (of the ``blocks`` listed, 0-based; ``None``: all).
+    (of the ``blocks`` listed, 0-based; ``None``: all; ``flip``: of the images flipped
+    horizontally, chunk by chunk).
 
     Written chunk by chunk into one tensor: the peak is the features and one chunk (at full
     width, CIFAR-10's 50,000 training images have 6.1 GiB of features)."""
     n = images.shape[0]
     out: torch.Tensor | None = None
     for start in range(0, n, batch_size):
-        x = transform(images[start : start + batch_size])
+        chunk = images[start : start + batch_size]
+        x = transform(chunk.flip(-1) if flip else chunk)
         feats = block_features(net, x, pools, blocks)
         if out is None:
             out = feats.new_empty((n, feats.shape[1]))
@@ -292,14 +295,20 @@ def run_probe(
     fb = settings.feature_batch
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
 
-    def features(images: torch.Tensor) -> torch.Tensor:
+    def features(images: torch.Tensor, flip: bool = False) -> torch.Tensor:
         with autocast:
-            out = encoder_features(net, images, transform, pools, fb, keep)
-        return standardize_samples(out, slices) if settings.standardize == "sample" else out
+            return encoder_features(net, images, transform, pools, fb, keep, flip)
 
     clean = features(train_images)
+    # the largest |feature| per column without a temporary of the features' size (before any
+    # standardisation: a unit that never fires is zero there)
+    silent = silent_fractions(torch.maximum(clean.amax(0), clean.amin(0).neg()), slices)
     test = features(test_images)
-    flipped = features(train_images.flip(-1)) if settings.flip and augment is None else None
+    use_flip = settings.flip and augment is None and settings.epochs > 0
+    flipped = features(train_images, flip=True) if use_flip else None
+    if settings.standardize == "sample":
+        for t in (clean, test) + ((flipped,) if flipped is not None else ()):
+            standardize_samples(t, slices)
     feature_seconds = time.perf_counter() - t0
     if settings.standardize == "feature":
         mean = clean.mean(0)
@@ -307,8 +316,6 @@ def run_probe(
     else:
         mean = torch.zeros(clean.shape[1], device=device)
         std = torch.ones(clean.shape[1], device=device)
-    # the largest |feature| per column without a temporary of the features' size
-    silent = silent_fractions(torch.maximum(clean.amax(0), clean.amin(0).neg()), slices)
     groups = [slice(0, clean.shape[1])] + (slices if settings.per_block else [])
 
     if settings.epochs == 0:
@@ -409,6 +416,7 @@ def run_probe(
         n_test=int(test.shape[0]),
         seconds=round(time.perf_counter() - t0, 3),
         silent_fractions=silent,
-        extra={"feature_seconds": round(feature_seconds, 3),
+        extra={"blocks": [k + 1 for k in keep], "n_blocks": len(layout.pools),
+               "feature_seconds": round(feature_seconds, 3),
                "fit_seconds": round(time.perf_counter() - t0 - feature_seconds, 3)},
     )

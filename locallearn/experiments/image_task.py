@@ -285,7 +285,7 @@ class ImageTask:
         if self.stream is not None:
             from locallearn.experiments.image_stream import stream_probe
 
-            return stream_probe(self, net, settings, p.augment,
+            return stream_probe(self, net, settings, p.augment is True,
                                 self.cfg.progress if progress is None else progress, d)
         augment = None
         if p.augment is True:
@@ -322,10 +322,16 @@ def write_probe(out_dir: Path, result: ProbeResult) -> dict[str, Any]:
         "probe_protocol": result.protocol,
         "probe_seconds": result.seconds,
     }
+    blocks, n_blocks = result.extra.get("blocks"), result.extra.get("n_blocks")
+    top = blocks is None or n_blocks is None or blocks[-1] == n_blocks  # the top block probed
+    if blocks is not None and n_blocks is not None and len(blocks) < n_blocks:
+        keys["probe_blocks"] = blocks
     if result.block_accuracies is not None:
         keys["probe_block_accuracies"] = result.block_accuracies
-        keys["probe_top_accuracy"] = result.block_accuracies[-1]  # the top block alone
+        if top:
+            keys["probe_top_accuracy"] = result.block_accuracies[-1]  # the top block alone
     if result.silent_fractions is not None:
         keys["probe_block_silent"] = result.silent_fractions
-        keys["probe_top_silent"] = result.silent_fractions[-1]
+        if top:
+            keys["probe_top_silent"] = result.silent_fractions[-1]
     return keys

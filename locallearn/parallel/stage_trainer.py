@@ -56,6 +56,9 @@ def check_settings(cfg: RunConfig) -> None:
     if cfg.align_every:
         raise ValueError(f"align_every={cfg.align_every} needs every block in one process; "
                          "valid with parallel.stages > 1: align_every=0")
+    if cfg.optim.name == "lars":
+        raise ValueError("optim.name=lars (two parameter groups: weights and the rest) does not "
+                         "run pipelined; valid with parallel.stages > 1: adam, adamw, sgd")
     if cfg.layerwise.epochs is not None:
         raise ValueError("layerwise.epochs (a layer-wise schedule) does not run pipelined: a "
                          "greedy schedule trains one block at a time; valid with "

@@ -136,15 +136,18 @@ class Rule(nn.Module):
         """What block ``stop`` receives from ``carry`` (block ``start``'s) when blocks
         ``start..stop-1`` do not learn (the frozen blocks below a greedy schedule's block).
 
-        The default runs :meth:`blocks_grads` and drops the gradients it filled; a rule
-        overrides it with a forward pass without gradients."""
+        The default runs :meth:`blocks_grads` and drops the gradients it filled and the losses
+        it added to the running ``loss``; a rule overrides it with a forward pass without
+        gradients."""
         params = [p for level in range(start, stop)
                   for p in list(net.blocks[level].parameters()) + self.block_parameters(level)]
         saved = [p.grad for p in params]
-        _, carry = self.blocks_grads(net, carry, start, stop)
+        _, out = self.blocks_grads(net, carry, start, stop)
         for p, g in zip(params, saved):
             p.grad = g
-        return carry
+        if "loss" in carry:
+            out["loss"] = carry["loss"]
+        return out
 
     def block_parameters(self, level: int) -> list[nn.Parameter]:
         """The rule-owned parameters that belong to block ``level`` (its prediction matrices)."""

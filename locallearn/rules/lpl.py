@@ -15,9 +15,10 @@ the ``B x C`` values, weights ``pull = 1``, ``push = 1``, ``decorr = 10`` and ``
 (``rule.options``). The run's loss is the sum of the blocks' losses; each block's loss is
 backpropagated as soon as it is computed (its graph freed before the next block runs), which gives
 the gradients of the reference's one backward of the sum, since the blocks' inputs are detached.
-The blocks can train on separate processes (``parallel.stages``, the same arithmetic); the batch
-cannot be split across data-parallel ranks, since the Hebbian and decorrelation terms read the
-statistics of the whole batch (the reference's multi-GPU runs take each GPU's batch on its own).
+The blocks can train on separate processes (``parallel.stages``, the same arithmetic). Under data
+parallelism each rank's part of the batch gives its own Hebbian and decorrelation statistics (as
+VICReg's under this project's convention, and as the reference's multi-GPU runs take each GPU's
+batch on its own): ``N`` ranks equal one process taking the parts one after the other.
 
 Facts of the reference code (its public repository at commit 0210f55; ``module.py`` is
 ``models/module.py``, ``encoders.py`` is ``models/encoders.py``), kept here:
