@@ -216,3 +216,14 @@ def test_probe_settings_the_chosen_probe_ignores_are_refused(tmp_path, extra, wo
     with pytest.raises(ValueError, match=words) as err:
         load_config(None, ["data.name=folder", f"data.root={tmp_path}", *extra])
     assert "\n" not in str(err.value)
+
+
+def test_the_probe_dropout_mask_keeps_the_share_asked():
+    from locallearn.eval.image_probe import keep_mask
+
+    g = torch.Generator().manual_seed(0)
+    for keep in (0.5, 0.8):
+        mask = keep_mask(torch.Size([64, 5000]), keep, g, torch.device("cpu"))
+        assert mask.shape == (64, 5000) and mask.dtype == torch.bool
+        assert float(mask.float().mean()) == pytest.approx(keep, abs=0.003)
+    assert bool(keep_mask(torch.Size([3, 7]), 1.0, g, torch.device("cpu")).all())
