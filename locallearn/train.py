@@ -437,6 +437,8 @@ class Trainer:
             self.save_checkpoint()
         summary = self.summary(stopped_early)
         summary.update(self.final_metrics())
+        # the peak of the whole process, the final metrics (the probe's features) included
+        summary["final_peak_rss_mib"] = round(peak_rss_mib(), 1)
         if self.main:
             write_json_atomic(self.out / SUMMARY, summary)
         return summary
