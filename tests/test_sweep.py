@@ -296,7 +296,9 @@ def test_sweep_killed_mid_way_and_restarted(tmp_path):
     assert len(rows) == outcome.total == 4
     assert len({r[0] for r in rows}) == 4
     with ResultsStore(out) as store:
-        assert len(store.sessions()) == 2
+        # the restart records a session of its own when it has runs left to do (on a fast
+        # machine the orphaned workers may have finished every run before they noticed)
+        assert len(store.sessions()) == 1 + (1 if outcome.finished else 0)
 
 
 def test_ray_backend_on_a_local_instance(tmp_path):
