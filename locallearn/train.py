@@ -148,8 +148,9 @@ class Trainer:
         self.params = self.rule.trained_parameters(self.net)
         ddp.broadcast_params(list(self.params) + list(self.rule.buffers()))
         self.windows = self._layerwise_windows()
+        self.param_blocks = self.block_params()
         self.opt, self.sched = build_optimizer(
-            cfg, self.params, self._batches_per_epoch(), self.block_params(),
+            cfg, self.params, self._batches_per_epoch(), self.param_blocks,
             [int(w[0]) for w in self.windows] if self.windows else None)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
@@ -198,10 +199,9 @@ class Trainer:
         if lo > 0:
             carry = self.rule.frozen_carry(self.net, carry, 0, lo)
         metrics, _ = self.rule.blocks_grads(self.net, carry, lo, hi)
-        params = self.block_params()
         for k in range(lo, hi):
             if k not in active:
-                for p in params[k]:
+                for p in self.param_blocks[k]:
                     p.grad = None
         return metrics
 

@@ -24,6 +24,7 @@ a separate training of each, on the same minibatches.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -223,9 +224,7 @@ def keep_mask(shape: torch.Size, keep_p: float, generator: torch.Generator,
     """A dropout mask: each entry kept with probability ``keep_p`` rounded to a multiple of
     1/65536, from 16 random bits per entry (a quarter of a 64-bit draw: drawing one number per
     entry is several times slower on a CPU, and the probe draws a mask per minibatch)."""
-    n = 1
-    for size in shape:
-        n *= int(size)
+    n = math.prod(shape)
     if round(keep_p * 65536) >= 65536:
         return torch.ones(shape, dtype=torch.bool, device=device)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
@@ -322,8 +321,9 @@ def run_probe(
     test = features(test_images)
     use_flip = settings.flip and augment is None and settings.epochs > 0
     flipped = features(train_images, flip=True) if use_flip else None
+    cached = (clean, test) + ((flipped,) if flipped is not None else ())
     if settings.standardize == "sample":
-        for t in (clean, test) + ((flipped,) if flipped is not None else ()):
+        for t in cached:
             standardize_samples(t, slices)
     feature_seconds = time.perf_counter() - t0
     if settings.standardize == "feature":
@@ -359,7 +359,7 @@ def run_probe(
         # standardise once, in place (clean features); augmented batches are standardised as
         # they come
         if settings.standardize == "feature":
-            for t in (clean, test) + ((flipped,) if flipped is not None else ()):
+            for t in cached:
                 t.sub_(mean).div_(std)
 
         n = clean.shape[0]

@@ -168,7 +168,7 @@ class PipelineTrainer(Trainer):
         everything = self.rule.trained_parameters(self.net)
         # the one-process optimiser's order of its parameters (its groups', one per block with
         # per-block settings)
-        groups, owners = block_groups(cfg.optim, everything, self.block_params())
+        groups, owners = block_groups(cfg.optim, everything, self.param_blocks)
         per_block = owners != [None]
         order = [p for g in groups for p in g["params"]] if per_block else everything
         where = {id(p): i for i, p in enumerate(order)}
@@ -180,7 +180,7 @@ class PipelineTrainer(Trainer):
         self.params = owned[self.rank]
         # per optimiser step, as in one process
         opt, self.sched = build_optimizer(cfg, self.params, self._batches_per_epoch(),
-                                          self.block_params())
+                                          self.param_blocks)
         self.opt = StageOptimizer(opt, [where[id(p)] for g in opt.param_groups
                                         for p in g["params"]], len(everything), per_block)
         self.first = self.rank == 0

@@ -168,6 +168,17 @@ class Rule(nn.Module):
         raise ValueError(f"rule {self.name} has no backprop reference to be compared with")
 
 
+class StepsBlockByBlock:
+    """Mixin (listed before :class:`Rule`) of the rules whose step is the block-range protocol
+    over every block: ``compute_grads`` is ``blocks_grads`` from block 0 to the top, so a
+    one-process run does exactly the arithmetic of a pipelined one."""
+
+    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+        metrics, _ = self.blocks_grads(  # type: ignore[attr-defined]
+            net, self.start_carry(net, batch), 0, len(net.blocks))  # type: ignore[attr-defined]
+        return metrics
+
+
 class TopLossReference(Rule):
     """Base of the BP-SSL references of layer-wise rules: the local rule's loss on the top block,
     backpropagated through every block, with the local rule's own parameters (prediction

@@ -30,7 +30,7 @@ from torch import nn
 
 from locallearn import losses
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule, TopLossReference, check_range
+from locallearn.rules.base import Batch, Rule, StepsBlockByBlock, TopLossReference, check_range
 from locallearn.rules.image_grid import pool_flat
 from locallearn.rules.image_options import STEPS, check_choice, check_pool
 from locallearn.rules.image_ssl import ImageRule
@@ -60,7 +60,7 @@ class InfoNCEOptions:
             check_range("rule.options.projection_dim", self.projection_dim, 1)
 
 
-class LayerwiseInfoNCE(ImageRule):
+class LayerwiseInfoNCE(StepsBlockByBlock, ImageRule):
     """BP-InfoNCE's loss on every block, each block trained from its own loss (see the module
     docstring).
 
@@ -143,9 +143,6 @@ class LayerwiseInfoNCE(ImageRule):
         metrics["loss"] = sum(per_block, carry["loss"])
         return metrics, {"x": h, "loss": metrics["loss"]}
 
-    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
-        metrics, _ = self.blocks_grads(net, self.start_carry(net, batch), 0, len(net.blocks))
-        return metrics
 
     def reference_rule(self) -> Rule:
         """BP-SSL counterpart: the top block's InfoNCE (with this rule's top projection)

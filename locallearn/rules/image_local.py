@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule, TopLossReference
+from locallearn.rules.base import Batch, Rule, StepsBlockByBlock, TopLossReference
 from locallearn.rules.image_grid import pool_flat
 from locallearn.rules.image_options import STEPS, FFOptions, LocalOptions, check_choice
 from locallearn.rules.image_ssl import ImageSSLRule
@@ -25,7 +25,7 @@ from locallearn.rules.ssl_pairs import (
 __all__ = ["FFRule", "LocalImageRule", "TopLossBackprop"]
 
 
-class LocalImageRule(ImageSSLRule):
+class LocalImageRule(StepsBlockByBlock, ImageSSLRule):
     """Layer-wise rule: each block learns from its own unified loss (see the module docstring).
 
     Args:
@@ -209,9 +209,6 @@ class LocalImageRule(ImageSSLRule):
         out = {**carry, "parts": parts, "early": early, "loss": metrics["loss"]}
         return metrics, out
 
-    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
-        metrics, _ = self.blocks_grads(net, self.start_carry(net, batch), 0, len(net.blocks))
-        return metrics
 
 
 class TopLossBackprop(TopLossReference):

@@ -109,13 +109,10 @@ from locallearn.rules.ssl_pairs import (
     paper_negative_rows,
 )
 
-__all__ = ["ImageRule", "ImageSSLRule", "RULES", "VIEW_KIND"]
+__all__ = ["ImageRule", "ImageSSLRule", "VIEW_KIND"]
 
 #: The value of ``Rule.view_kind`` of these rules: the task supplies two SSL views.
 VIEW_KIND = "ssl"
-#: Rule names of the image family (:mod:`locallearn.rules.image_local`,
-#: :mod:`locallearn.rules.image_bp`, :mod:`locallearn.rules.image_infonce`).
-RULES = ("clapp-image", "ff", "bp-ssl", "infonce-image")
 #: Values of ``rule.options.negatives`` (see :class:`~locallearn.rules.image_options.SSLOptions`).
 PAIRINGS = ("paper", "same-view")
 

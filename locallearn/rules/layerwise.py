@@ -48,7 +48,7 @@ from torch import nn
 
 from locallearn import losses
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule, TopLossReference, check_range
+from locallearn.rules.base import Batch, Rule, StepsBlockByBlock, TopLossReference, check_range
 
 LOSSES = ("clapp", "infonce", "vicreg")
 VIEWS = ("synonyms", "synonyms-per-block", "mask", "siblings")
@@ -85,7 +85,7 @@ def sibling_context(z: torch.Tensor, s: int) -> torch.Tensor:
     return ((total - groups) / (s - 1)).reshape(n, c, p)
 
 
-class Layerwise(Rule):
+class Layerwise(StepsBlockByBlock, Rule):
     """Block-by-block self-supervised learning (see the module docstring)."""
 
     name = "layerwise"
@@ -307,9 +307,6 @@ class Layerwise(Rule):
             out["h"] = h
         return metrics, out
 
-    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
-        metrics, _ = self.blocks_grads(net, self.start_carry(net, batch), 0, len(net.blocks))
-        return metrics
 
 
 class TopLossBackprop(TopLossReference):

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule, TopLossReference, check_range
+from locallearn.rules.base import Batch, Rule, StepsBlockByBlock, TopLossReference, check_range
 from locallearn.rules.image_options import check_choice
 from locallearn.rules.image_ssl import VIEW_KIND
 
@@ -155,7 +155,7 @@ def lpl_terms(
     return pull, push, decorr
 
 
-class LPL(Rule):
+class LPL(StepsBlockByBlock, Rule):
     """Latent predictive learning, every block from its own loss (see the module docstring).
 
     Args:
@@ -261,9 +261,6 @@ class LPL(Rule):
             h = net.blocks[level](h)
         return {**carry, "x": h}
 
-    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
-        metrics, _ = self.blocks_grads(net, self.start_carry(net, batch), 0, len(net.blocks))
-        return metrics
 
     def reference_rule(self) -> Rule:
         """BP-SSL counterpart: the top block's LPL loss backpropagated through every block."""

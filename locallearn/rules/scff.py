@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule, TopLossReference
+from locallearn.rules.base import Batch, Rule, StepsBlockByBlock, TopLossReference
 
 __all__ = ["SCFF", "SCFFOptions", "SCFFTopLoss", "draw_shift", "goodness", "scff_loss"]
 
@@ -133,7 +133,7 @@ def scff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, threshold_pos: float,
     return pos + neg + lam * norm
 
 
-class SCFF(Rule):
+class SCFF(StepsBlockByBlock, Rule):
     """Self-contrastive forward-forward learning of every block (see the module docstring).
 
     Metrics of each block ``k`` it trains: ``loss_block{k}`` and the mean goodness of its
@@ -268,9 +268,6 @@ class SCFF(Rule):
             h_neg = post(out_neg) if needed and out_neg is not None else None
         return {**carry, "h": h, "h_neg": h_neg}
 
-    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
-        metrics, _ = self.blocks_grads(net, self.start_carry(net, batch), 0, len(net.blocks))
-        return metrics
 
 
 class SCFFTopLoss(TopLossReference):

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule, check_range
+from locallearn.rules.base import Batch, Rule, StepsBlockByBlock, check_range
 
 __all__ = ["SoftHebb", "SoftHebbOptions", "softhebb_update"]
 
@@ -85,7 +85,7 @@ def softhebb_update(xp: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
     return dw.div_(torch.linalg.vector_norm(dw, ord=float("inf")) + 1e-30)
 
 
-class SoftHebb(Rule):
+class SoftHebb(StepsBlockByBlock, Rule):
     """Soft winner-take-all Hebbian learning of every block (see the module docstring)."""
 
     name = "softhebb"
@@ -129,9 +129,6 @@ class SoftHebb(Rule):
                 "the ranks' updates would change; valid: one process, or parallel.stages > 1 "
                 "(its blocks on separate processes)")
 
-    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
-        metrics, _ = self.blocks_grads(net, self.start_carry(net, batch), 0, len(net.blocks))
-        return metrics
 
     def start_carry(self, net: BlockNet, batch: Batch) -> dict[str, Any]:
         return {"h": batch.x, "gap_sum": 0.0, "neurons": 0}
