@@ -253,7 +253,7 @@ def test_one_depth_has_no_depth_section(tmp_path):
 
 
 def test_a_pass_that_changes_no_weight_counts_as_untrained(tmp_path):
-    from locallearn.experiments.report import _untrained
+    from locallearn.experiments.report_leaderboard import untrained as _untrained
     from locallearn.experiments.report_runs import Run
 
     def make(config):
@@ -263,3 +263,40 @@ def test_a_pass_that_changes_no_weight_counts_as_untrained(tmp_path):
     assert _untrained(make({"epochs": 1, "rule": {"options": {"plastic": False}}}))
     assert not _untrained(make({"epochs": 1, "rule": {"options": {"plastic": True}}}))
     assert not _untrained(make({"epochs": 3, "rule": {"name": "clapp-image"}}))
+
+
+def test_leaderboard_ranks_every_rule_with_its_gain_steps_time_and_memory(tmp_path):
+    """One row per rule, best probe first; each gain is against the untrained encoder of the
+    same network (SoftHebb's own network against its own untrained pass, not VGG-6's); steps
+    from metrics.jsonl, minutes from the summary's training seconds."""
+    vgg = {"kind": "vgg6", "width_mult": 0.125}
+    hebb = {"kind": "vgg6-softhebb", "width_mult": 0.125}
+    runs = [  # preset, seed, all, top, epochs, net, options, seconds, rss
+        ("random", 0, 0.50, 0.40, 0, vgg, {}, 0.0, 900),
+        ("random", 1, 0.52, 0.44, 0, vgg, {}, 0.0, 910),
+        ("clapp++", 0, 0.58, 0.47, 3, vgg, {}, 600.0, 1000),
+        ("clapp++", 1, 0.61, 0.49, 3, vgg, {}, 660.0, 1020),
+        ("softhebb-untrained", 0, 0.53, 0.43, 1, hebb, {"plastic": False}, 30.0, 800),
+        ("softhebb", 0, 0.55, 0.45, 3, hebb, {}, 300.0, 820),
+    ]
+    with ResultsStore(tmp_path) as store:
+        store.set_axes([("preset", "variants")])
+        for preset, seed, acc, top, epochs, net, options, seconds, rss in runs:
+            run_dir = _run(tmp_path, store, f"{preset}-{seed}", {"preset": preset, "seed": seed},
+                           {"rule": preset, "probe_accuracy": acc, "probe_top_accuracy": top,
+                            "seconds": seconds, "peak_rss_mib": rss},
+                           {"epochs": epochs, "net": net, "data": {"name": "cifar10"},
+                            "rule": {"options": options}}, [])
+            (run_dir / "metrics.jsonl").write_text("".join(
+                json.dumps({"epoch": e, "step": e * 100, "probe_accuracy": acc}) + "\n"
+                for e in range(epochs + 1)))
+    text = write_report(tmp_path).read_text()
+    board = text.split("## Leaderboard")[1].split("\n## ")[0]
+    lines = [line for line in board.splitlines() if line.startswith("| ")][1:]
+    assert [line.split(" | ")[0][2:] for line in lines] == [
+        "clapp++", "softhebb", "softhebb-untrained", "random"]
+    assert lines[0] == ("| clapp++ | 0, 1 | 59.5 ± 2.1 | 48.0 ± 1.4 | +8.50 ± 0.71 | "
+                        "+6.00 ± 1.41 | 300 ± 0 | 10.5 ± 0.7 | 1010 ± 14 |")
+    assert lines[1] == ("| softhebb | 0 | 55.0 | 45.0 | +2.00 | +2.00 | 300 | 5.0 | 820 |")
+    assert "| random | 0, 1 | 51.0 ± 1.4 | 42.0 ± 2.8 | untrained | untrained | 0 ± 0 |" \
+        in lines[3]

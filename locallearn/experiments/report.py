@@ -27,7 +27,6 @@ none, the summary's ``rule``; the "size" axis is ``data.train_size``; a "dataset
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 from locallearn.experiments.depth_figure import depth_section, label_without_depth
 from locallearn.experiments.report_figures import plot_alignment, plot_curves, plot_error_vs_size
+from locallearn.experiments.report_leaderboard import against_untrained, leaderboard
 from locallearn.experiments.report_runs import (
     Layout,
     Run,
@@ -43,7 +43,7 @@ from locallearn.experiments.report_runs import (
     fmt_mean_std,
     layout,
     load_runs,
-    mean_std,
+    md_table,
     ordered,
     read_alignment,
     read_curve,
@@ -69,13 +69,6 @@ MAX_EMBEDDED = 12
 
 
 # ---------------------------------------------------------------------------------- markdown
-def md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A Markdown table."""
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _slug(text: str) -> str:
     out = "".join(c if c.isalnum() or c in "-_." else "-" for c in text.replace("P*", "Pstar"))
     return out.strip("-") or "all"
@@ -172,8 +165,10 @@ def write_report(
     # ---- images: rule x dataset
     probed = [r for r in runs if r.get("probe_accuracy") is not None]
     if probed:
+        position = lambda r: _position(lay, r, rule_labels, section_labels)  # noqa: E731
+        md += leaderboard(lay, probed, position)
         md += _image_table(lay, probed, order, rule_labels, section_labels)
-        md += _against_untrained(lay, probed, rule_labels, section_labels)
+        md += against_untrained(lay, probed, position)
 
     # ---- learning curves
     md += ["## Learning curves", ""]
@@ -379,67 +374,6 @@ def _probe_curve_sections(
                f"training seconds{note} ({section or 'all runs'}):", "",
                f"![probe curves]({rel(path)})", ""]
     return md
-
-
-def _untrained(run: Run) -> bool:
-    """Whether a run's encoder is untrained: ``epochs=0``, or a rule told to change no weight
-    (``rule.options.plastic=false``: SoftHebb's pass that only gathers batch-norm statistics)."""
-    if not isinstance(run.config, dict):
-        return False
-    rule = run.config.get("rule") or {}
-    options = rule.get("options") if isinstance(rule, dict) else None
-    return run.config.get("epochs") == 0 or (isinstance(options, dict)
-                                             and options.get("plastic") is False)
-
-
-def _start_key(run: Run) -> tuple[int, str, str]:
-    """What two runs share when they start from the same weights: the seed, the network, the
-    data set."""
-    config = run.config if isinstance(run.config, dict) else {}
-    data = config.get("data") or {}
-    return (run.seed, json.dumps(config.get("net"), sort_keys=True, default=str),
-            str(data.get("name") if isinstance(data, dict) else data))
-
-
-def _points(values: Sequence[float]) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:+.2f}" + (f" ± {std:.2f}" if len(values) > 1 else "")
-
-
-def _against_untrained(
-    lay: Layout, runs: Sequence[Run], rule_labels: list[str], section_labels: list[str]
-) -> list[str]:
-    """Each trained encoder against the untrained one (``epochs=0``) of its seed, network and
-    data: the same initial weights, so the difference is what training added."""
-    start: dict[tuple[int, str, str], Run] = {}
-    for run in runs:
-        if _untrained(run):
-            start.setdefault(_start_key(run), run)
-
-    groups: dict[tuple[str, ...], list[tuple[Run, Run]]] = {}
-    for run in sorted(runs, key=lambda r: _position(lay, r, rule_labels, section_labels)):
-        base = start.get(_start_key(run))
-        if base is None or _untrained(run):
-            continue
-        label = (lay.rule_label(run), lay.section_label(run),
-                 run.values[lay.dataset] if lay.dataset else "")
-        groups.setdefault(label, []).append((run, base))
-    if not groups:
-        return []
-    rows = []
-    for (rule, section, dataset), pairs in groups.items():
-        cells = []
-        for key in ("probe_accuracy", "probe_top_accuracy"):
-            diffs = [100 * (float(r.get(key)) - float(b.get(key))) for r, b in pairs
-                     if r.get(key) is not None and b.get(key) is not None]
-            cells.append(_points(diffs) if diffs else "-")
-        name = " / ".join(v for v in (rule, section, dataset) if v)
-        rows.append([name, ", ".join(str(r.seed) for r, _ in pairs)] + cells)
-    return ["## Against the untrained encoder", "",
-            "Each trained run's linear probe minus that of the untrained encoder (`epochs=0`) of "
-            "the same seed, network and data (the same initial weights), in points; mean ± std "
-            "over the seeds that have both.", "",
-            md_table(["run", "seeds", "all blocks", "top block"], rows), ""]
 
 
 def _image_table(

@@ -40,6 +40,13 @@ class Run:
         return self.summary.get(key) if value is None else value
 
 
+def md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------- numbers
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and (sample) standard deviation; std 0 for one value."""

@@ -141,6 +141,34 @@ def parse_grid_arg(item: str) -> tuple[str, list[Any]]:
     return key, [parse_value(v) for v in split_values(raw)]
 
 
+def _is_preset_path(value: Any) -> bool:
+    return str(value).endswith((".yaml", ".yml"))
+
+
+def _variant_name(value: Any) -> str:
+    """The variant a ``--grid`` value picks: its name, or the stem of a preset's path."""
+    return Path(str(value)).stem if _is_preset_path(value) else str(value)
+
+
+def preset_variants(axis: str, values: Sequence[Any], known: dict[str, Any]) -> dict[str, Any]:
+    """The new variants that ``--grid AXIS=PATH.yaml`` adds to an axis of variants: each run
+    preset file named becomes a variant called by the file's stem that starts from it (how a new
+    rule enters a study's sweep with its own preset)."""
+    added: dict[str, Any] = {}
+    for value in values:
+        if not _is_preset_path(value):
+            continue
+        path = Path(str(value)).resolve()
+        name = path.stem
+        if not path.is_file():
+            raise ValueError(f"--grid {axis}: preset file {str(value)!r} does not exist")
+        if name in known:
+            raise ValueError(f"--grid {axis}: preset {str(value)!r} is named {name!r} like a "
+                             "variant of the sweep; pick that variant by name or rename the file")
+        added[name] = {"config": str(path)}
+    return added
+
+
 def parse_seeds(text: str | Sequence[Any]) -> list[int]:
     """``0,1,2`` (or a list) to a list of distinct non-negative seeds."""
     items = split_values(text) if isinstance(text, str) else list(text)
@@ -285,14 +313,15 @@ def load_sweep(
         if existing is not None and spec.axes[existing].variants is not None:
             old = spec.axes[existing]
             assert old.variants is not None
-            picked = [str(v) for v in values]
-            missing = [v for v in picked if v not in old.variants]
+            variants = {**old.variants, **preset_variants(name, values, old.variants)}
+            picked = [_variant_name(v) for v in values]
+            missing = [v for v in picked if v not in variants]
             if missing:
                 raise ValueError(
                     f"--grid {name}: variant {missing[0]!r} is unknown; valid: "
-                    f"{', '.join(old.variants)}"
+                    f"{', '.join(old.variants)}, or the path of a run preset (NAME.yaml)"
                 )
-            spec.axes[existing] = Axis(name, tuple(picked), {v: old.variants[v] for v in picked})
+            spec.axes[existing] = Axis(name, tuple(picked), {v: variants[v] for v in picked})
         elif existing is not None:
             spec.axes[existing] = _values(name, values)
         else:

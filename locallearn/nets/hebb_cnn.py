@@ -11,6 +11,11 @@ This module holds what both rules' networks share (:data:`HEBB_PLAN`, :class:`Tr
 :func:`pool_of`) and SoftHebb's own network (:func:`softhebb_cnn`): each block normalises its input
 with a batch norm without learned parameters, pads it (reflect) and convolves it without bias
 (:class:`HebbConv`, the block's ``pre``), then applies the triangle and the pool (its ``post``).
+
+:func:`softhebb_vgg6` puts the same linear part into the project's common network, VGG-6 (3x3
+kernels, reflect padding 1, ReLU and the 2x2 max-pools of :data:`~locallearn.nets.vgg.VGG6_PLAN`):
+the network on which every rule of the leaderboard is compared. It keeps SoftHebb's input batch
+norm and bias-free convolution (the rule needs both) and drops the triangle and the wide layers.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locallearn.nets.base import Block, BlockNet, scaled_width
+from locallearn.nets.vgg import VGG6_PLAN
 
 #: ``(channels, kernel, padding, pool)`` of each block at full width; a pool is ``("max", k, s,
 #: p)`` or ``("avg", k, s, p)``.
@@ -120,5 +126,32 @@ def softhebb_cnn(
             c_out = scaled_width(channels, width_mult)
             pre = HebbConv(c_in, c_out, kernel, padding, init_range)
             blocks.append(Block(pre, nn.Sequential(Triangle(power), pool_of(pool))))
+            c_in = c_out
+    return BlockNet(blocks, readout=None)
+
+
+def softhebb_vgg6(
+    width_mult: float = 1.0,
+    in_channels: int = 3,
+    bias: bool = False,
+    seed: int = 0,
+    init_range: float = 25.0,
+) -> BlockNet:
+    """VGG-6 (:data:`~locallearn.nets.vgg.VGG6_PLAN`) with SoftHebb's linear part in every block:
+    batch norm without learned parameters, reflect padding 1 and a 3x3 convolution without bias
+    (:class:`HebbConv`), then ReLU and, where the plan marks it, a 2x2 max-pool. Arguments as
+    :func:`softhebb_cnn`."""
+    if bias:
+        raise ValueError("net.bias=true is invalid for net.kind=vgg6-softhebb (its convolutions "
+                         "have no bias); valid: false")
+    scaled_width(1, width_mult)  # checks it
+    blocks: list[nn.Module] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        c_in = in_channels
+        for channels, pool in VGG6_PLAN:
+            c_out = scaled_width(channels, width_mult)
+            post: nn.Module = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)) if pool else nn.ReLU()
+            blocks.append(Block(HebbConv(c_in, c_out, 3, 1, init_range), post))
             c_in = c_out
     return BlockNet(blocks, readout=None)

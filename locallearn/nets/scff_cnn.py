@@ -34,6 +34,10 @@ has per-sample mean ``m_i``, centred values ``c_i`` and centred sum of squares `
 convolution has no zero padding (every window lies inside the padded map), so they cancel in the
 sum and ``out = (conv(c_i) + conv(c_j)) / (1e-10 + sqrt(S / (2N - 1))) + 2b``. One convolution of
 the centred batch gives every pair.
+
+:func:`scff_vgg6` puts the same pairing block into the project's common network, VGG-6 (3x3
+kernels, reflect padding 1, ReLU and the 2x2 max-pools of :data:`~locallearn.nets.vgg.VGG6_PLAN`):
+it keeps the rule's pairing and standardisation and drops the triangle and the wide layers.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ from torch import nn
 
 from locallearn.nets.base import Block, BlockNet, scaled_width
 from locallearn.nets.hebb_cnn import HEBB_PLAN, Triangle, pool_of
+from locallearn.nets.vgg import VGG6_PLAN
 
-__all__ = ["SCFFConv", "scff_cnn", "standardize"]
+__all__ = ["SCFFConv", "scff_cnn", "scff_vgg6", "standardize"]
 
 #: Added to the standard deviation before dividing (the reference code's constant).
 STD_EPS = 1e-10
@@ -154,5 +159,27 @@ def scff_cnn(
             pre = SCFFConv(c_in, c_out, kernel, padding, bias=bias)
             act: nn.Module = nn.ReLU() if level == last else Triangle()
             blocks.append(Block(pre, nn.Sequential(act, pool_of(pool, ceil_mode=True))))
+            c_in = c_out
+    return BlockNet(blocks, readout=None)
+
+
+def scff_vgg6(
+    width_mult: float = 1.0,
+    in_channels: int = 3,
+    bias: bool = True,
+    seed: int = 0,
+) -> BlockNet:
+    """VGG-6 (:data:`~locallearn.nets.vgg.VGG6_PLAN`) with SCFF's pairing block in every block
+    (:class:`SCFFConv`: 3x3 kernels, reflect padding 1, Xavier-uniform weights), then ReLU and,
+    where the plan marks it, a 2x2 max-pool. Arguments as :func:`scff_cnn`."""
+    scaled_width(1, width_mult)  # checks it
+    blocks: list[nn.Module] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        c_in = in_channels
+        for channels, pool in VGG6_PLAN:
+            c_out = scaled_width(channels, width_mult)
+            post: nn.Module = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)) if pool else nn.ReLU()
+            blocks.append(Block(SCFFConv(c_in, c_out, 3, 1, bias=bias), post))
             c_in = c_out
     return BlockNet(blocks, readout=None)

@@ -2,11 +2,17 @@
 
 ``build_rule(cfg)`` makes a rule from its config section; every rule is listed here, in one place
 (rule modules never import this package); :func:`register` adds one at run time.
+
+A rule outside the package: an installed package that declares an entry point in the group
+``locallearn.rules`` (``NAME = "module:Class"``) adds ``rule.name=NAME`` in every process (runs,
+sweep workers, resumed runs), loaded the first time a rule is looked up. A plugin cannot replace a
+rule of the package; one that fails to import is reported, in one line, when its name is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from importlib.metadata import entry_points
 from typing import Any
 
 from locallearn.config import from_dict
@@ -49,9 +55,38 @@ _RULES: dict[str, type[Rule]] = {
 }
 
 
+#: the entry-point group of rules from installed packages
+PLUGIN_GROUP = "locallearn.rules"
+#: plugin name -> why it could not be loaded
+_BROKEN: dict[str, str] = {}
+_plugins_loaded = False
+
+
+def _load_plugins() -> None:
+    """Add the rules of the entry-point group :data:`PLUGIN_GROUP` (once per process)."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for point in entry_points(group=PLUGIN_GROUP):
+        if point.name in _RULES:  # the package's own rule wins
+            continue
+        try:
+            cls = point.load()
+        except Exception as err:  # noqa: BLE001 - a broken plugin must not stop other runs
+            first = (str(err).splitlines() or [""])[0]
+            _BROKEN[point.name] = f"{type(err).__name__}: {first}"
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, Rule)):
+            _BROKEN[point.name] = f"{point.value} is not a subclass of locallearn.rules.base.Rule"
+            continue
+        _RULES[point.name] = cls
+
+
 def image_rule_names(view_kinds: tuple[str, ...]) -> list[str]:
     """Names of the label-free rules whose ``view_kind`` is one of ``view_kinds`` (the rules an
     image task can train)."""
+    _load_plugins()
     return [name for name, cls in _RULES.items()
             if not cls.uses_labels and cls.view_kind in view_kinds]
 
@@ -63,11 +98,16 @@ def register(name: str, rule: type[Rule]) -> None:
 
 def registered() -> list[str]:
     """Names accepted by ``rule.name``."""
+    _load_plugins()
     return list(_RULES)
 
 
 def rule_class(name: str) -> type[Rule]:
     """The class of ``rule.name=<name>``; an unknown name is a ValueError."""
+    _load_plugins()
+    if _BROKEN.get(name):
+        raise ValueError(f"rule.name={name!r}: the entry point of its package ({PLUGIN_GROUP}) "
+                         f"failed to load: {_BROKEN[name]}")
     if name not in _RULES:
         raise ValueError(f"rule.name={name!r} is unknown; valid: {', '.join(_RULES)}")
     return _RULES[name]

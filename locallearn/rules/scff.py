@@ -165,8 +165,8 @@ class SCFF(StepsBlockByBlock, Rule):
     def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
         blocks = list(net.blocks)
         if not all(hasattr(getattr(b, "pre", None), "contrast") for b in blocks):
-            raise ValueError(f"rule.name={self.name} needs net.kind=scff (blocks that pair "
-                             "images through a shared convolution)")
+            raise ValueError(f"rule.name={self.name} needs net.kind=scff or vgg6-scff (blocks "
+                             "that pair images through a shared convolution)")
         if len(self.concat) != len(blocks):
             raise ValueError(
                 f"rule.options lists give {len(self.concat)} values for a network of "

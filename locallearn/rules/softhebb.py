@@ -109,8 +109,8 @@ class SoftHebb(StepsBlockByBlock, Rule):
     def setup(self, net: BlockNet, sample_input: torch.Tensor) -> None:
         blocks = list(net.blocks)
         if not all(hasattr(b.pre, "inputs") and hasattr(b.pre, "conv") for b in blocks):
-            raise ValueError(f"rule.name={self.name} needs net.kind=softhebb (blocks of batch "
-                             "norm, padding and a convolution without bias)")
+            raise ValueError(f"rule.name={self.name} needs net.kind=softhebb or vgg6-softhebb "
+                             "(blocks of batch norm, padding and a convolution without bias)")
         if len(self.t_invert) != len(blocks):
             raise ValueError(
                 f"rule.options.t_invert={self.t_invert} gives {len(self.t_invert)} values for a "

@@ -1,0 +1,142 @@
+"""The image sections of ``locallearn report``: the leaderboard and the gains over the untrained
+encoder.
+
+A trained run is compared with the untrained run (``epochs=0``, or ``rule.options.plastic=false``:
+a pass that changes no weight) of the same seed, network config and data set: the same initial
+weights, so the difference is what training added. The leaderboard puts every rule of the sweep
+in one table, best first: the probe of all blocks and of the top block, those gains, the
+optimiser steps, the training seconds and the peak memory, each the mean ± std over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from locallearn.experiments.report_runs import (
+    Layout,
+    Run,
+    fmt_mean_std,
+    md_table,
+    mean_std,
+    read_curve,
+)
+
+__all__ = ["against_untrained", "leaderboard", "untrained"]
+
+GAIN_KEYS = ("probe_accuracy", "probe_top_accuracy")
+
+
+def untrained(run: Run) -> bool:
+    """Whether a run's encoder is untrained: ``epochs=0``, or a rule told to change no weight
+    (``rule.options.plastic=false``: SoftHebb's pass that only gathers batch-norm statistics)."""
+    if not isinstance(run.config, dict):
+        return False
+    rule = run.config.get("rule") or {}
+    options = rule.get("options") if isinstance(rule, dict) else None
+    return run.config.get("epochs") == 0 or (isinstance(options, dict)
+                                             and options.get("plastic") is False)
+
+
+def start_key(run: Run) -> tuple[int, str, str]:
+    """What two runs share when they start from the same weights: the seed, the network, the
+    data set."""
+    config = run.config if isinstance(run.config, dict) else {}
+    data = config.get("data") or {}
+    return (run.seed, json.dumps(config.get("net"), sort_keys=True, default=str),
+            str(data.get("name") if isinstance(data, dict) else data))
+
+
+def _points(values: Sequence[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:+.2f}" + (f" ± {std:.2f}" if len(values) > 1 else "")
+
+
+def _gains(pairs: Sequence[tuple[Run, Run]], key: str) -> list[float]:
+    return [100 * (float(r.get(key)) - float(b.get(key))) for r, b in pairs
+            if r.get(key) is not None and b.get(key) is not None]
+
+
+def _baselines(runs: Sequence[Run]) -> dict[tuple[int, str, str], Run]:
+    start: dict[tuple[int, str, str], Run] = {}
+    for run in runs:
+        if untrained(run):
+            start.setdefault(start_key(run), run)
+    return start
+
+
+def _groups(lay: Layout, runs: Sequence[Run], position: Callable[[Run], Any]
+            ) -> dict[str, list[Run]]:
+    """The runs of each table row (rule, section, dataset), in the tables' order."""
+    groups: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=position):
+        parts = (lay.rule_label(run), lay.section_label(run),
+                 run.values[lay.dataset] if lay.dataset else "")
+        groups.setdefault(" / ".join(v for v in parts if v), []).append(run)
+    return groups
+
+
+def against_untrained(lay: Layout, runs: Sequence[Run], position: Callable[[Run], Any]
+                      ) -> list[str]:
+    """Each trained encoder's probes minus those of the untrained one of its seed, network and
+    data, in points, per row of the tables."""
+    start = _baselines(runs)
+    rows = []
+    for name, group in _groups(lay, runs, position).items():
+        pairs = [(r, start[start_key(r)]) for r in group
+                 if not untrained(r) and start_key(r) in start]
+        if not pairs:
+            continue
+        cells = [(_points(g) if (g := _gains(pairs, key)) else "-") for key in GAIN_KEYS]
+        rows.append([name, ", ".join(str(r.seed) for r, _ in pairs)] + cells)
+    if not rows:
+        return []
+    return ["## Against the untrained encoder", "",
+            "Each trained run's linear probe minus that of the untrained encoder (`epochs=0`) of "
+            "the same seed, network and data (the same initial weights), in points; mean ± std "
+            "over the seeds that have both.", "",
+            md_table(["run", "seeds", "all blocks", "top block"], rows), ""]
+
+
+def _steps(run: Run) -> float | None:
+    """The optimiser steps a run took: the last ``step`` of its ``metrics.jsonl``."""
+    steps = [row["step"] for row in read_curve(run.path) if isinstance(row.get("step"), int)]
+    return float(max(steps)) if steps else None
+
+
+def _percent(runs: Sequence[Run], key: str) -> str:
+    values = [100 * float(r.get(key)) for r in runs if r.get(key) is not None]
+    return fmt_mean_std(values, 1) if values else "-"
+
+
+def leaderboard(lay: Layout, runs: Sequence[Run], position: Callable[[Run], Any]) -> list[str]:
+    """One table of every row (rule, section, dataset) of an image sweep, best probe first."""
+    start = _baselines(runs)
+    table = []
+    for name, group in _groups(lay, runs, position).items():
+        probes = [float(r.get("probe_accuracy")) for r in group
+                  if r.get("probe_accuracy") is not None]
+        pairs = [(r, start[start_key(r)]) for r in group
+                 if not untrained(r) and start_key(r) in start]
+        if all(untrained(r) for r in group):
+            gains = ["untrained", "untrained"]
+        else:
+            gains = [(_points(g) if (g := _gains(pairs, key)) else "-") for key in GAIN_KEYS]
+        seconds = [float(r.get("seconds")) / 60 for r in group if r.get("seconds") is not None]
+        row = [name, ", ".join(str(r.seed) for r in group),
+               _percent(group, "probe_accuracy"), _percent(group, "probe_top_accuracy"),
+               *gains, fmt_mean_std([_steps(r) for r in group], 0),
+               fmt_mean_std(seconds, 1) if seconds else "-",
+               fmt_mean_std([r.get("peak_rss_mib") for r in group], 1)]
+        table.append((-(sum(probes) / len(probes)) if probes else 0.0, row))
+    table.sort(key=lambda item: item[0])
+    return ["## Leaderboard", "",
+            "Every row of the sweep, best linear probe (all blocks) first: the probe of all "
+            "blocks and of the top block alone (%), the gain of each over the untrained encoder "
+            "of the same seed, network and data (points), the optimiser steps, the training "
+            "time (minutes, probes excluded) and the "
+            "peak memory of the run's process (MiB); mean ± std over seeds.", "",
+            md_table(["rule", "seeds", "probe, all blocks", "probe, top block",
+                      "gain, all", "gain, top", "steps", "train min", "peak MiB"],
+                     [row for _, row in table]), ""]
