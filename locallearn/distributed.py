@@ -216,6 +216,16 @@ def sync_generator(generator: torch.Generator, src: int = 0) -> None:
     generator.set_state(box[0])
 
 
+def decide(flag: bool, src: int = 0) -> bool:
+    """Rank ``src``'s ``flag`` on every rank (a decision every rank must take together, such as
+    a spent time budget, whose clocks differ); ``flag`` itself on one rank."""
+    if not is_initialized():
+        return flag
+    box = [bool(flag)]
+    dist.broadcast_object_list(box, src)
+    return bool(box[0])
+
+
 def gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """Every rank's rows concatenated in rank order (``counts[r]``: rank ``r``'s row count).
 

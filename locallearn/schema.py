@@ -508,6 +508,9 @@ class RunConfig:
     epochs: int = 60
     batch_size: int = 128
     stop_train_loss: float | None = None
+    #: a budget of training seconds (probes excluded): the run ends at the end of the first epoch
+    #: at which its training time reaches it (the equal-wall-time tables); ``None``: no budget
+    max_seconds: float | None = None
     #: stop with an error when a batch's loss exceeds this multiple of the run's first batch
     #: loss (a diverging run); ``None`` trains on whatever the loss does
     stop_loss_factor: float | None = 100.0
@@ -542,6 +545,11 @@ class RunConfig:
                 f"epochs={self.epochs} is shorter than the layer-wise schedule "
                 f"(layerwise.epochs={self.layerwise.epochs}, mode {self.layerwise.mode}: "
                 f"{self.layerwise.length()} epochs); give epochs >= {self.layerwise.length()}"
+            )
+        if self.max_seconds is not None and not 0 < self.max_seconds < float("inf"):
+            raise ValueError(
+                f"max_seconds={self.max_seconds} is invalid: must be a number of seconds > 0 "
+                "(or null: no budget)"
             )
         if self.stop_loss_factor is not None and not self.stop_loss_factor > 1:
             raise ValueError(

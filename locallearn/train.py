@@ -454,6 +454,11 @@ class Trainer:
         return {**out, "eval_seconds": round(self.eval_seconds, 3)}
 
     def _reached_stop(self) -> bool:
+        budget = self.cfg.max_seconds
+        # the training time budget, checked at the end of an epoch; data-parallel ranks follow
+        # rank 0's clock
+        if budget is not None and ddp.decide(self.seconds >= budget):
+            return True
         thr = self.cfg.stop_train_loss
         if thr is None or not self.history:
             return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -119,3 +120,26 @@ def test_two_gloo_ranks_match_one_process(tmp_path, monkeypatch, one_thread):
     # the steps did move the weights: the comparison is not between two initial networks
     init = hier_cnn(4, 2, 3, 16, 2, bias=True, seed=0).state_dict()
     assert not torch.allclose(init["blocks.0.pre.weight"], single["blocks.0.pre.weight"])
+
+
+def _decide_main(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    D.init_from_env("cpu")
+    try:  # the ranks' own flags differ; each takes rank 0's
+        decided = [D.decide(rank == 0), D.decide(rank != 0)]
+        (Path(out) / f"decide{rank}.json").write_text(json.dumps(decided))
+    finally:
+        D.cleanup()
+
+
+def test_a_decision_is_rank_zeros_on_every_rank(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert D.decide(True) is True and D.decide(False) is False  # one process: its own flag
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_decide_main, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                       join=True, start_method=method)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"decide{rank}.json").read_text()) == [True, False]

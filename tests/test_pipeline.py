@@ -204,6 +204,13 @@ def test_a_probe_inside_an_epoch_is_refused():
                    LocalImageRule(context="same"), 6, 2)
 
 
+def test_a_time_budget_is_refused_in_a_pipeline():
+    cfg = load_config(ROOT / "configs" / "images" / "clapp++-cpu.yaml",
+                      ["parallel.stages=2", "probe_every=1", "max_seconds=3600"])
+    with pytest.raises(ValueError, match="max_seconds=3600 does not run pipelined"):
+        check_pipeline(cfg, LocalImageRule(context="same"), 6, 2)
+
+
 def test_streamed_data_is_refused_before_it_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     missing = tmp_path / "no-such-folder"

@@ -187,6 +187,16 @@ def test_stop_at_train_loss_threshold(tmp_path, every):
     assert all("seconds" in row for row in rows)  # evaluated or not, on the time axis
 
 
+def test_a_time_budget_ends_the_run_at_the_end_of_an_epoch_and_counts_as_finished(tmp_path):
+    summary = run(tiny("epochs=50", "max_seconds=1e-9"), tmp_path)
+    assert summary["stopped_early"] and summary["epochs"] == 1
+    assert summary["seconds"] >= 1e-9 and summary["test_accuracy"] is not None
+    again = run(tiny("epochs=50", "max_seconds=1e-9"), tmp_path)  # finished: not trained again
+    assert again["epochs"] == 1 and again["seconds"] == summary["seconds"]
+    with pytest.raises(ValueError, match="max_seconds=0.0 is invalid: must be a number"):
+        tiny("max_seconds=0")
+
+
 def test_stop_threshold_waits_for_an_evaluated_epoch(tmp_path):
     cfg = tiny("stop_train_loss=0.5")
     trainer = Trainer(cfg, build_task(cfg), tmp_path)

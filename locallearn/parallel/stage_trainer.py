@@ -59,6 +59,10 @@ def check_settings(cfg: RunConfig) -> None:
     if cfg.optim.name == "lars":
         raise ValueError("optim.name=lars (two parameter groups: weights and the rest) does not "
                          "run pipelined; valid with parallel.stages > 1: adam, adamw, sgd")
+    if cfg.max_seconds is not None:
+        raise ValueError(f"max_seconds={cfg.max_seconds:g} does not run pipelined (each stage "
+                         "would spend the budget at its own epoch); valid with "
+                         "parallel.stages > 1: max_seconds=null")
     if cfg.layerwise.epochs is not None:
         raise ValueError("layerwise.epochs (a layer-wise schedule) does not run pipelined: a "
                          "greedy schedule trains one block at a time; valid with "
