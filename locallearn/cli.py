@@ -1,14 +1,19 @@
 """The ``locallearn`` command line.
 
 Only this module prints and chooses exit codes: 0 ok, 1 the run failed (a RunError, or any other
-error once a run has started, out of memory included), 2 bad input (a ValueError). Errors are one
-line; ``LOCALLEARN_TRACEBACK=1`` shows the traceback of an unexpected one.
+error once a run has started, out of memory and a full disk included), 2 bad input (a
+ValueError), 130 on Ctrl-C (SIGINT) and 143 on SIGTERM (what a batch scheduler or ``timeout``
+sends before it kills): both stop the run as it is, keep its finished work and last checkpoint,
+and print one line; the same command then resumes. Errors are one line;
+``LOCALLEARN_TRACEBACK=1`` shows the traceback of an unexpected one.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -86,8 +91,28 @@ def _load_registrars() -> None:
     _REGISTRARS[:] = commands.REGISTRARS
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``locallearn`` command. Returns the exit code."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals to the caller
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     _load_registrars()
     tune_cpu_allocator()
     parser = build_parser()
@@ -103,17 +128,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(err), 1)
     except ValueError as err:
         return _fail(str(err), 2)
+    except Terminated:
+        print("locallearn: terminated (SIGTERM); finished work and the last checkpoint are "
+              "kept, and the same command resumes", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("locallearn: interrupted; finished work and the last checkpoint are kept",
               file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno == errno.ENOSPC or "no space left" in str(err).lower():
+            return _fail(f"the disk is full: {err.strerror or err}", 1)
+        return _unexpected(err)
     except Exception as err:  # noqa: BLE001 - anything else: one line, exit 1
-        if os.environ.get("LOCALLEARN_TRACEBACK") == "1":
-            raise
-        what = str(err).splitlines()[0] if str(err) else ""
-        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
-            return _fail(f"out of memory: {what} (lower batch_size or the net's size)", 1)
-        return _fail(f"{type(err).__name__}: {what} (LOCALLEARN_TRACEBACK=1 shows where)", 1)
+        return _unexpected(err)
+
+
+def _unexpected(err: BaseException) -> int:
+    """One line for an error the package did not foresee (exit 1)."""
+    if os.environ.get("LOCALLEARN_TRACEBACK") == "1":
+        raise err
+    what = str(err).splitlines()[0] if str(err) else ""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return _fail(f"out of memory: {what} (lower batch_size or the net's size)", 1)
+    return _fail(f"{type(err).__name__}: {what} (LOCALLEARN_TRACEBACK=1 shows where)", 1)
 
 
 def _fail(message: str, code: int) -> int:

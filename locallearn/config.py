@@ -18,11 +18,17 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config, following ``base:`` includes."""
+def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config, following ``base:`` includes (a cycle of includes is a ValueError
+    naming it)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
+    here = path.resolve()
+    if here in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(here):], here))
+        raise ValueError(f"config includes form a cycle through base: ({cycle}); remove one "
+                         "base: key")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -32,7 +38,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
     base = data.pop("base", None)
     if base is not None:
-        merged = load_yaml(path.parent / base)
+        merged = load_yaml(path.parent / base, (*_chain, here))
         deep_merge(merged, data)
         return merged
     return data

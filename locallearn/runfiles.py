@@ -3,13 +3,17 @@
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON line per
 epoch), ``checkpoint.pt`` (the last checkpoint) and ``summary.json`` (written when the run ends);
 image runs add ``probe.json``, ``locallearn align`` adds ``alignment.json``. Files are written to
-a temporary name and renamed over the old one, so a reader never sees half a file.
+a temporary name, flushed to disk and renamed over the old one, so a reader never sees half a
+file, not even after a power loss, and a full disk leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ ANALYSIS = "analysis.json"
 __all__ = [
     "ALIGNMENT", "ANALYSIS", "CHECKPOINT", "CONFIG", "METRICS", "PROBE", "SUMMARY", "check_out_dir",
     "read_metrics",
-    "write_json_atomic", "write_text_atomic",
+    "write_durably", "write_json_atomic", "write_text_atomic",
 ]
 
 
@@ -36,12 +40,47 @@ def check_out_dir(path: str | Path) -> Path:
     return path
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file and rename it over ``path``."""
+def write_durably(path: Path, write: Callable[[Path], None]) -> None:
+    """Write ``path`` so that a crash or a power loss leaves the old file or the new one, never
+    a part: ``write`` fills a temporary file, which is flushed to disk (fsync) and renamed over
+    ``path``, and the folder's entry is flushed too. A write that fails (a full disk) removes
+    the temporary file and raises an ``OSError`` whose message says what happened."""
     path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise OSError(err.errno, f"no space left on the disk while writing {str(path)!r} "
+                          "(the previous version is kept)") from None
+        if isinstance(err, RuntimeError) and "enforce fail" in str(err):  # torch.save's writer
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(errno.ENOSPC if free < 1 << 20 else errno.EIO,
+                          f"writing {str(path)!r} failed ({free / 2**20:.0f} MiB free on its "
+                          "disk; the previous version is kept)") from None
+        raise
+    try:  # the rename itself, on file systems that allow a folder to be flushed
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` durably (:func:`write_durably`)."""
+    write_durably(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import platform
 import resource
 import time
@@ -53,6 +52,7 @@ from locallearn.runfiles import (
     METRICS,
     SUMMARY,
     check_out_dir,
+    write_durably,
     write_json_atomic,
     write_text_atomic,
 )
@@ -224,13 +224,14 @@ class Trainer:
                          if self.device.type == "cuda" else None),
             "history": self.history,
             "first_loss": self.first_loss,
+            # the run's identity: a checkpoint is never continued under another config
+            "config": to_dict(self.cfg),
         }
 
     def save_checkpoint(self) -> None:
         if self.main:
-            tmp = self.out / (CHECKPOINT + ".tmp")
-            torch.save(self.state(), tmp)
-            os.replace(tmp, self.out / CHECKPOINT)
+            state = self.state()
+            write_durably(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
         self.saved_epoch = self.epoch
         ddp.barrier()
 
@@ -242,6 +243,12 @@ class Trainer:
             # on the CPU first: RNG states must stay CPU byte tensors; load_state_dict moves the
             # rest
             state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file: one line and the way out
+            raise self._unreadable(path, err) from None
+        if isinstance(state, dict) and isinstance(state.get("config"), dict):
+            self._refuse_another_run(self._normalised(state["config"]), to_dict(self.cfg),
+                                     f" (its {CHECKPOINT} records it)")
+        try:
             self.net.load_state_dict(state["net"])
             self.rule.load_state_dict(state["rule"])
             self.rule.upgrade_state(self.net, state.get("format", 1))
@@ -260,13 +267,17 @@ class Trainer:
             self.history = list(state["history"])
             self.first_loss = state.get("first_loss")
         except Exception as err:  # noqa: BLE001 - any unreadable file: one line and the way out
-            what = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-            raise ValueError(
-                f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {what}); move it "
-                "aside to start this run again from scratch, or restore it from a copy"
-            ) from None
+            raise self._unreadable(path, err) from None
         self.saved_epoch = self.epoch
         return True
+
+    @staticmethod
+    def _unreadable(path: Path, err: BaseException) -> ValueError:
+        what = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+        return ValueError(
+            f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {what}); move it "
+            "aside to start this run again from scratch, or restore it from a copy"
+        )
 
     def _write_metrics(self) -> None:
         if not self.main:
@@ -289,20 +300,7 @@ class Trainer:
         cfg_text = yaml.safe_dump(new, sort_keys=False)
         cfg_path = self.out / CONFIG
         if cfg_path.exists() and (self.out / CHECKPOINT).exists():
-            old = self._saved_config(cfg_path)
-            where = first_difference(_comparable(old), _comparable(new))
-            if where is not None:
-                raise ValueError(
-                    f"output directory {str(self.out)!r} holds a run of another config "
-                    f"(differs at {where}); choose another --out, or remove it to start again"
-                )
-            why = ("optim.schedule=cosine anneals over the run's length"
-                   if self.cfg.optim.schedule == "cosine" else self.rule.length_refusal())
-            if old.get("epochs") != self.cfg.epochs and why:
-                raise ValueError(
-                    f"epochs={self.cfg.epochs} differs from the run in {str(self.out)!r} "
-                    f"(epochs={old.get('epochs')}) and {why}; start a new run with another --out"
-                )
+            self._refuse_another_run(self._saved_config(cfg_path), new)
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
         ddp.barrier()
@@ -319,6 +317,24 @@ class Trainer:
             self._write_metrics()  # drop lines written after the checkpoint
         return resumed
 
+    def _refuse_another_run(self, old: dict[str, Any], new: dict[str, Any],
+                            where_from: str = "") -> None:
+        """A ValueError when the run in the output directory (its config ``old``) is not this
+        run (``new``): another config, or another length where the length may not change."""
+        where = first_difference(_comparable(old), _comparable(new))
+        if where is not None:
+            raise ValueError(
+                f"output directory {str(self.out)!r} holds a run of another config{where_from} "
+                f"(differs at {where}); choose another --out, or remove it to start again"
+            )
+        why = ("optim.schedule=cosine anneals over the run's length"
+               if self.cfg.optim.schedule == "cosine" else self.rule.length_refusal())
+        if old.get("epochs") != self.cfg.epochs and why:
+            raise ValueError(
+                f"epochs={self.cfg.epochs} differs from the run in {str(self.out)!r} "
+                f"(epochs={old.get('epochs')}) and {why}; start a new run with another --out"
+            )
+
     @staticmethod
     def _saved_config(path: Path) -> dict[str, Any]:
         try:
@@ -330,7 +346,12 @@ class Trainer:
                 f"{str(path)!r} is not a readable config; move the run directory aside to "
                 "start again"
             )
-        old = migrate_config(old)
+        return Trainer._normalised(old)
+
+    @staticmethod
+    def _normalised(old: dict[str, Any]) -> dict[str, Any]:
+        """A saved config as today's code writes it (migrated, missing keys at defaults)."""
+        old = migrate_config(copy.deepcopy(old))
         try:  # keys a version did not write (added since) take their defaults
             return to_dict(build_config(copy.deepcopy(old)))
         except ValueError:

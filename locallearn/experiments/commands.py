@@ -7,6 +7,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from locallearn.runfiles import CONFIG
+
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from locallearn import distributed as ddp
@@ -17,6 +19,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if cfg.label is None:  # progress bar and summary name the preset
         cfg.label = Path(args.config).stem
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    _keep_own_input(Path(args.config), out / CONFIG, cfg)
     summary = run(cfg, out)
     if ddp.rank_from_env() != 0:  # under torchrun rank 0 reports for every rank
         return 0
@@ -29,6 +32,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {out / 'summary.json'}")
     return 0
+
+
+def _keep_own_input(preset: Path, written: Path, cfg) -> None:
+    """Refuse a preset that is the file the run writes its resolved config to, unless it holds
+    exactly that text (a run resumed from its own ``config.yaml``): its comments, ``base:``
+    includes or the command line's overrides would be written over."""
+    import yaml
+
+    from locallearn.config import to_dict
+
+    if not (written.is_file() and preset.resolve() == written.resolve()):
+        return
+    if written.read_text() != yaml.safe_dump(to_dict(cfg), sort_keys=False):
+        raise ValueError(
+            f"the preset {str(preset)!r} is the file this run writes its resolved config to, and "
+            "writing it would lose its text (comments, base:, overrides); copy it out of --out "
+            "or give another --out"
+        )
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:

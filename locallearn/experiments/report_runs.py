@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from locallearn.experiments.results import ResultsStore
-from locallearn.experiments.sweep_spec import SWEEP_FILE, value_label
+from locallearn.experiments.sweep_spec import record_path, value_label
 
 SIZE_AXIS = "data.train_size"
 DATASET_AXES = ("dataset", "data", "data.name")
@@ -116,8 +116,8 @@ def axis_label(value: Any) -> str:
 
 
 def sweep_doc(sweep_dir: Path) -> dict[str, Any]:
-    """``DIR/sweep.yaml`` (written by the sweep), or an empty mapping."""
-    path = sweep_dir / SWEEP_FILE
+    """The sweep's record in ``DIR`` (:func:`record_path`), or an empty mapping."""
+    path = record_path(sweep_dir)
     if not path.is_file():
         return {}
     try:

@@ -33,14 +33,14 @@ import yaml
 from locallearn.errors import RunError
 from locallearn.experiments.sweep_spec import (
     RUNS_DIR,
-    SWEEP_FILE,
     RunSpec,
     SweepSpec,
     check_existing,
     expand,
+    record_path,
     value_label,
 )
-from locallearn.runfiles import SUMMARY, check_out_dir
+from locallearn.runfiles import SUMMARY, check_out_dir, write_text_atomic
 
 try:  # POSIX file locks; without them (Windows) a sweep cannot guard against a second sweep
     import fcntl
@@ -173,10 +173,13 @@ def _merge_axes(new: list[dict[str, Any]], old: Any) -> list[dict[str, Any]]:
 
 
 def write_sweep_file(spec: SweepSpec, runs: Sequence[RunSpec], out: Path) -> None:
-    """Write ``DIR/sweep.yaml``: the definition of the sweep as last started, its axes holding
-    the values of earlier starts too (first started first), and the runs of every start."""
+    """Write the sweep's record (``DIR/sweep.yaml``; ``DIR/sweep-record.yaml`` when the sweep
+    file is ``DIR/sweep.yaml`` itself): the definition of the sweep as last started, its axes
+    holding the values of earlier starts too (first started first), and the runs of every
+    start."""
+    record = record_path(out, spec.source)
     try:
-        old = yaml.safe_load((out / SWEEP_FILE).read_text()) or {}
+        old = yaml.safe_load(record.read_text()) or {}
     except (OSError, yaml.YAMLError):
         old = {}
     old = old if isinstance(old, dict) else {}
@@ -197,9 +200,7 @@ def write_sweep_file(spec: SweepSpec, runs: Sequence[RunSpec], out: Path) -> Non
         "seeds": spec.seeds,
         "runs": earlier + [n for n in names if n not in earlier],
     }
-    tmp = out / (SWEEP_FILE + ".tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    os.replace(tmp, out / SWEEP_FILE)
+    write_text_atomic(record, yaml.safe_dump(doc, sort_keys=False))
 
 
 def run_sweep(

@@ -55,6 +55,8 @@ SWEEP_KEYS = ("config", "base", "settings", "grid", "variants", "seeds", "descri
 RUNS_DIR = "runs"
 #: the record of a sweep as last started, written into its folder by the launcher
 SWEEP_FILE = "sweep.yaml"
+#: the record's name when the sweep file itself is ``DIR/sweep.yaml`` (never written over)
+SWEEP_RECORD = "sweep-record.yaml"
 MAX_NAME = 180
 
 
@@ -139,6 +141,18 @@ def parse_grid_arg(item: str) -> tuple[str, list[Any]]:
     if not raw:
         raise ValueError(f"--grid {item!r} is not of the form KEY=V1,V2,...")
     return key, [parse_value(v) for v in split_values(raw)]
+
+
+def record_path(out: Path, source: Path | None = None) -> Path:
+    """Where a sweep folder's record is: ``DIR/sweep-record.yaml`` when it exists or when the
+    sweep file ``source`` is ``DIR/sweep.yaml`` itself (the user's file is never replaced),
+    else ``DIR/sweep.yaml``."""
+    out = Path(out)
+    mine = out / SWEEP_FILE
+    if (out / SWEEP_RECORD).exists() or (
+            source is not None and mine.exists() and Path(source).resolve() == mine.resolve()):
+        return out / SWEEP_RECORD
+    return mine
 
 
 def _is_preset_path(value: Any) -> bool:

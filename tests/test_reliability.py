@@ -1,0 +1,149 @@
+"""What a demanding user meets first: the user's own files are never written over, a checkpoint
+is never continued under another config, include cycles and a full disk are one line, SIGTERM
+ends a run as Ctrl-C does (exit 143) and the same command resumes it, writes are durable."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from locallearn.cli import main
+from locallearn.runfiles import write_durably
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "configs" / "rhm" / "backprop.yaml"
+ARGS = ["data.v=8", "data.n_classes=4", "data.m=4", "data.L=2", "data.train_size=2P*",
+        "data.test_size=40", "net.width=16", "batch_size=16", "progress=false",
+        "checkpoint_every=1", "threads=1", "optim.name=sgd", "optim.lr=0.1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_checkpoint_is_not_continued_under_another_config_without_config_yaml(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(PRESET), "--out", str(out), *ARGS, "epochs=1"]) == 0
+    (out / "config.yaml").unlink()
+    capsys.readouterr()
+    code = main(["run", str(PRESET), "--out", str(out), *ARGS, "epochs=2", "optim.lr=0.2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "its checkpoint.pt records it" in err and "optim.lr" in err
+    assert len(err.strip().splitlines()) == 1
+    # the same config (a longer run) continues from the checkpoint, config.yaml or not
+    assert main(["run", str(PRESET), "--out", str(out), *ARGS, "epochs=2"]) == 0
+    assert (out / "config.yaml").is_file()
+
+
+def test_a_preset_named_config_yaml_inside_out_is_never_written_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = out / "config.yaml"
+    text = f"# my preset\nbase: {PRESET}\nepochs: 1\n"
+    mine.write_text(text)
+    code = main(["run", str(mine), "--out", str(out), *ARGS])
+    err = capsys.readouterr().err
+    assert code == 2 and "writes its resolved config to" in err
+    assert mine.read_text() == text and not (out / "checkpoint.pt").exists()
+    # the run's own resolved config.yaml is a valid preset to resume from
+    other = tmp_path / "other"
+    assert main(["run", str(PRESET), "--out", str(other), *ARGS, "epochs=1"]) == 0
+    resolved = (other / "config.yaml").read_text()
+    assert main(["run", str(other / "config.yaml"), "--out", str(other)]) == 0
+    assert (other / "config.yaml").read_text() == resolved
+
+
+def test_a_sweep_file_inside_its_own_out_is_kept_and_the_command_resumes(tmp_path):
+    out = tmp_path / "study"
+    out.mkdir()
+    sweep = out / "sweep.yaml"
+    text = yaml.safe_dump({"config": str(PRESET), "settings": {"epochs": 1},
+                           "grid": {"optim.lr": [0.05, 0.1]}, "seeds": [0]})
+    sweep.write_text(text)
+    args = ["sweep", str(sweep), "--out", str(out), "--workers", "0", *ARGS[:-1]]
+    assert main(args) == 0
+    assert sweep.read_text() == text and (out / "sweep-record.yaml").is_file()
+    assert main(args) == 0  # the same command again: nothing run twice, nothing recorded twice
+    import sqlite3
+
+    with sqlite3.connect(out / "results.sqlite") as db:
+        rows = db.execute("SELECT run_dir FROM runs").fetchall()
+    assert sorted(r[0] for r in rows) == ["runs/optim.lr=0.05,seed=0", "runs/optim.lr=0.1,seed=0"]
+    assert main(["report", str(out)]) == 0
+    assert "optim.lr" in (out / "report.md").read_text()
+
+
+def test_an_include_cycle_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nepochs: 1\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    code = main(["run", str(tmp_path / "a.yaml"), "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 2 and "form a cycle through base:" in err and "a.yaml -> " in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, capsys, monkeypatch):
+    def full(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "run"
+    code = main(["run", str(PRESET), "--out", str(out), *ARGS, "epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the disk is full" in err and "checkpoint.pt" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not list(out.glob("*.tmp")) and not (out / "checkpoint.pt").exists()
+
+
+def test_writes_are_flushed_before_the_rename(tmp_path, monkeypatch):
+    flushed = []
+    real = os.fsync
+
+    def spy(fd):
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    target = tmp_path / "summary.json"
+    write_durably(target, lambda tmp: tmp.write_text("{}"))
+    assert target.read_text() == "{}"
+    assert flushed == [str(tmp_path / "summary.json.tmp"), str(tmp_path)]
+
+
+def test_sigterm_ends_a_run_with_143_and_the_same_command_resumes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "locallearn", "run", str(PRESET), "--out", str(out),
+           *ARGS, "epochs=400"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines() == [
+        "locallearn: terminated (SIGTERM); finished work and the last checkpoint are kept, and "
+        "the same command resumes"]
+    saved = torch.load(out / "checkpoint.pt", weights_only=False)["epoch"]
+    assert 1 <= saved < 400
+    done = subprocess.run([*cmd[:-1], f"epochs={saved + 1}"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == saved + 1
