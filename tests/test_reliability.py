@@ -147,3 +147,28 @@ def test_sigterm_ends_a_run_with_143_and_the_same_command_resumes(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == saved + 1
+
+
+@pytest.mark.parametrize("case", ["no test split", "one class"])
+def test_data_that_cannot_be_probed_fails_before_training(tmp_path, capsys, case):
+    from image_folder import folder_config, write_dataset
+
+    root = tmp_path / "data"
+    write_dataset(root, {"train": 6, "test": 4})
+    if case == "no test split":
+        import shutil
+
+        shutil.rmtree(root / "test")
+        expected = "test"
+    else:
+        import shutil
+
+        for split in ("train", "test"):
+            shutil.rmtree(root / split / "red")
+        expected = "holds 1 class (blue); the linear probe needs at least 2"
+    config = folder_config(tmp_path, root, epochs=3)
+    out = tmp_path / "run"
+    code = main(["run", str(config), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err, err
+    assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()

@@ -79,9 +79,20 @@ class ImageTask:
                 "needs square images"
             )
         self.classes = list(train.classes)
+        if len(self.classes) < 2:
+            raise ValueError(
+                f"{d.name}: the {self.split} split of {str(d.root)!r} holds {len(self.classes)} "
+                f"class ({', '.join(map(str, self.classes)) or 'none'}); the linear probe needs at "
+                "least 2 (one class folder per class)"
+            )
         self.train_images = images.to(device)
         self.train_labels = labels.to(device)
-        self._full_train = train  # kept for the probe when it uses the same split
+        # the probe's splits, read now: missing or unreadable data fails before training
+        _, test_split, probe_split = d.splits()
+        self._sets = {self.split: train}
+        for split in (probe_split, test_split):
+            if split not in self._sets:
+                self._sets[split] = self._load(split)
         self.views = SSLViews(d.name, mean=self.mean, std=self.std, **d.views.kwargs()).to(device)
         self.chance = 1.0 / max(len(self.classes), 1)
         self.rule_info: dict[str, Any] = {}
@@ -233,6 +244,12 @@ class ImageTask:
         return {"probe_accuracy": acc}
 
     # ------------------------------------------------------------------ the probe
+    def _split_set(self, split: str) -> ImageSet:
+        """A split of the data, read once (the probe's were read before training)."""
+        if split not in self._sets:
+            self._sets[split] = self._load(split)
+        return self._sets[split]
+
     def probe_data(
         self, d: ImageDataConfig | None = None, salt: int = 2
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -247,8 +264,8 @@ class ImageTask:
 
             return stream_probe_data(self, d, salt)
         _, test_split, probe_split = d.splits()
-        train = self._full_train if probe_split == self.split else self._load(probe_split)
-        test = self._load(test_split)
+        train = self._split_set(probe_split)
+        test = self._split_set(test_split)
         keep = subset_indices(len(train), d.probe_subset, self.subset_seed, salt)
         tr_x = train.images if keep is None else train.images[keep]
         tr_y = train.labels if keep is None else train.labels[keep]
