@@ -33,10 +33,20 @@ __all__ = [
 
 
 def check_out_dir(path: str | Path) -> Path:
-    """``path`` as an output directory: a ValueError when it exists and is not a directory."""
+    """``path`` as an output directory: a ValueError when it exists and is not a directory, or
+    when it cannot be made or written (its nearest existing folder is a file or not writable)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {str(path)!r} is a file, not a directory; give a directory")
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {str(path)!r} cannot be made: {str(parent)!r} is a file; give "
+                         "a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(path)!r} is not writable ({str(parent)!r} denies it); "
+                         "give a directory you can write to")
     return path
 
 

@@ -172,3 +172,35 @@ def test_data_that_cannot_be_probed_fails_before_training(tmp_path, capsys, case
     err = capsys.readouterr().err
     assert code == 2 and expected in err, err
     assert not (out / "checkpoint.pt").exists() and not (out / "metrics.jsonl").exists()
+
+
+def test_bad_places_and_files_are_exit_2_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [
+        (["theory", "--out", str(a_file)], "is a file, not a directory"),
+        (["run", str(PRESET), "--out", str(a_file / "x"), *ARGS, "epochs=1"],
+         "cannot be made: "),
+    ]
+    broken = tmp_path / "sweep"
+    broken.mkdir()
+    (broken / "results.sqlite").write_text("not a database")
+    cases.append((["results", str(broken)], "is not a readable results database"))
+    for argv, expected in cases:
+        started = time.perf_counter()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+        assert time.perf_counter() - started < 10, argv  # nothing computed first
+
+
+def test_probe_takes_threads_as_the_readme_says(tmp_path, capsys):
+    from image_folder import folder_config, write_dataset
+
+    root = tmp_path / "data"
+    write_dataset(root, {"train": 6, "test": 4})
+    out = tmp_path / "run"
+    assert main(["run", str(folder_config(tmp_path, root, epochs=1)), "--out", str(out)]) == 0
+    assert main(["probe", str(out), "threads=1", "probe.epochs=1"]) == 0
+    assert main(["probe", str(out), "epochs=3"]) == 2
+    assert "valid: probe.*, threads," in capsys.readouterr().err

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from locallearn.runfiles import CONFIG
+from locallearn.runfiles import CONFIG, check_out_dir
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -129,6 +129,7 @@ def _cmd_theory(args: argparse.Namespace) -> int:
     from locallearn import theory
     from locallearn.runfiles import write_json_atomic
 
+    check_out_dir(args.out)  # before the computation, not after it
     inputs = None
     if args.data == "cifar":
         from locallearn.data.images import load_images

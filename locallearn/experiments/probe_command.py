@@ -31,12 +31,17 @@ def _flat_keys(tree: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
+#: settings of the machine, not of the run, that a probe may take (``threads=1`` on a busy one)
+PROBE_RUNTIME_KEYS = ("threads",)
+
+
 def _check_override_keys(overrides: dict[str, Any]) -> None:
     for key in _flat_keys(overrides):
-        ok = key.startswith("probe.") or key in {f"data.{k}" for k in PROBE_KEYS_DATA}
+        ok = (key.startswith("probe.") or key in {f"data.{k}" for k in PROBE_KEYS_DATA}
+              or key in PROBE_RUNTIME_KEYS)
         if not ok:
             raise ValueError(
-                f"override {key!r} cannot change a saved run; valid: probe.*, "
+                f"override {key!r} cannot change a saved run; valid: probe.*, threads, "
                 + ", ".join(f"data.{k}" for k in PROBE_KEYS_DATA)
             )
 
@@ -65,6 +70,10 @@ def probe_run(
             "locallearn probe works on image runs"
         )
     cfg = build_config(deep_merge(to_dict(run.cfg), parsed))
+    if "threads" in parsed and cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     result = run.task.probe(run.net, cfg.probe, cfg.data, progress=progress)
     keys = write_probe(run.path, result)
     summary_path = run.path / SUMMARY

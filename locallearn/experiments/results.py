@@ -101,8 +101,17 @@ class ResultsStore:
             )
         self.dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        if create:
-            self._create()
+        try:
+            self.db.execute("PRAGMA schema_version").fetchone()
+            if create:
+                self._create()
+        except sqlite3.DatabaseError as err:
+            self.db.close()
+            raise ValueError(
+                f"{str(self.path)!r} is not a readable results database ({err}); move it aside: "
+                "the run folders under runs/ are kept, and the sweep started again records "
+                "them anew"
+            ) from None
 
     def close(self) -> None:
         self.db.close()
