@@ -13,9 +13,15 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+try:  # POSIX file locks; without them (Windows) nothing guards a folder against a second writer
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -24,10 +30,12 @@ CONFIG = "config.yaml"
 PROBE = "probe.json"
 ALIGNMENT = "alignment.json"
 ANALYSIS = "analysis.json"
+#: held by the process that trains in a run folder (``locallearn run`` and every sweep worker)
+RUN_LOCK = ".run.lock"
 
 __all__ = [
-    "ALIGNMENT", "ANALYSIS", "CHECKPOINT", "CONFIG", "METRICS", "PROBE", "SUMMARY", "check_out_dir",
-    "read_metrics",
+    "ALIGNMENT", "ANALYSIS", "CHECKPOINT", "CONFIG", "METRICS", "PROBE", "RUN_LOCK", "SUMMARY",
+    "check_out_dir", "file_lock", "read_metrics",
     "write_durably", "write_json_atomic", "write_text_atomic",
 ]
 
@@ -48,6 +56,25 @@ def check_out_dir(path: str | Path) -> Path:
         raise ValueError(f"--out {str(path)!r} is not writable ({str(parent)!r} denies it); "
                          "give a directory you can write to")
     return path
+
+
+@contextmanager
+def file_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive lock on ``path`` (POSIX ``flock``); yields whether it was taken."""
+    if fcntl is None:  # pragma: no cover
+        yield True
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def write_durably(path: Path, write: Callable[[Path], None]) -> None:

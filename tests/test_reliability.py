@@ -204,3 +204,16 @@ def test_probe_takes_threads_as_the_readme_says(tmp_path, capsys):
     assert main(["probe", str(out), "threads=1", "probe.epochs=1"]) == 0
     assert main(["probe", str(out), "epochs=3"]) == 2
     assert "valid: probe.*, threads," in capsys.readouterr().err
+
+
+def test_two_runs_never_train_in_one_folder(tmp_path, capsys):
+    from locallearn.runfiles import RUN_LOCK, file_lock
+
+    out = tmp_path / "run"
+    with file_lock(out / RUN_LOCK) as locked:  # another process training there
+        assert locked
+        code = main(["run", str(PRESET), "--out", str(out), *ARGS, "epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "another process is training in" in err
+    assert not (out / "checkpoint.pt").exists()
+    assert main(["run", str(PRESET), "--out", str(out), *ARGS, "epochs=1"]) == 0

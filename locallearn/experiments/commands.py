@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from locallearn.runfiles import CONFIG, check_out_dir
+from locallearn.runfiles import CONFIG, RUN_LOCK, check_out_dir, file_lock
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -19,8 +19,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if cfg.label is None:  # progress bar and summary name the preset
         cfg.label = Path(args.config).stem
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    check_out_dir(out)
     _keep_own_input(Path(args.config), out / CONFIG, cfg)
-    summary = run(cfg, out)
+    if ddp.rank_from_env() == 0:  # one lock per run folder, held by rank 0
+        with file_lock(out / RUN_LOCK, blocking=False) as locked:
+            if not locked:
+                raise ValueError(f"another process is training in {str(out)!r} (it holds "
+                                 f"{RUN_LOCK}); wait for it to end, or give another --out")
+            summary = run(cfg, out)
+    else:
+        summary = run(cfg, out)
     if ddp.rank_from_env() != 0:  # under torchrun rank 0 reports for every rank
         return 0
     keys = ("label", "rule", "test_accuracy", "readout", "probe_accuracy", "chance", "epochs",

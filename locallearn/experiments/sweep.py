@@ -20,10 +20,9 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,39 +39,14 @@ from locallearn.experiments.sweep_spec import (
     record_path,
     value_label,
 )
-from locallearn.runfiles import SUMMARY, check_out_dir, write_text_atomic
-
-try:  # POSIX file locks; without them (Windows) a sweep cannot guard against a second sweep
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from locallearn.runfiles import RUN_LOCK, SUMMARY, check_out_dir, file_lock, write_text_atomic
 
 LOCK_FILE = ".sweep.lock"
-RUN_LOCK = ".run.lock"
 
 Event = Callable[[str], None]
 
 
 # ---------------------------------------------------------------------------------- workers
-@contextmanager
-def file_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
-    """An exclusive lock on ``path`` (POSIX ``flock``); yields whether it was taken."""
-    if fcntl is None:  # pragma: no cover
-        yield True
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock
-
-
 def set_threads(threads: int) -> None:
     """Limit this process to ``threads`` CPU threads (before and after torch is imported)."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
