@@ -467,7 +467,19 @@ def test_cache_is_used_and_invalidated(tmp_path, monkeypatch):
     files_after = list(cache_dir.glob("tiny-imagenet-val-*.pt"))
     assert len(files_after) == 1 and files_after != files
 
+    # a file replaced by another of the same size and modification time is decoded again
+    path = t / "val" / "images" / "val_0.JPEG"
+    before = path.stat()
+    spare = tmp_path / "spare.JPEG"
+    _save_jpeg(spare, _solid((5, 5, 5)))
+    assert spare.stat().st_size == before.st_size  # solid colours: the same JPEG size
+    os.replace(spare, path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    replaced = load_images("tiny-imagenet", tmp_path, "val")
+    assert replaced.images[0].float().mean() < 15
+
     # a corrupt cache file is ignored and rewritten
+    third = replaced
     files_after[0].write_bytes(b"garbage")
     fourth = load_images("tiny-imagenet", tmp_path, "val")
     assert torch.equal(fourth.images, third.images)

@@ -137,7 +137,10 @@ def _cache_key(
     top = str(base)
     for rel, label in zip(files, labels):
         st = os.stat(os.path.join(top, rel))
-        h.update(f"\n{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{label}".encode())
+        # ctime and inode too: a file replaced by one of the same size and mtime (a copy with
+        # its time kept, a touch -d) is another file, and its pixels are decoded again
+        h.update(f"\n{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\t{st.st_ino}"
+                 f"\t{label}".encode())
     return h.hexdigest()
 
 
