@@ -217,3 +217,22 @@ def test_two_runs_never_train_in_one_folder(tmp_path, capsys):
     assert code == 2 and "another process is training in" in err
     assert not (out / "checkpoint.pt").exists()
     assert main(["run", str(PRESET), "--out", str(out), *ARGS, "epochs=1"]) == 0
+
+
+def test_a_finished_sweep_run_with_an_unreadable_summary_is_made_again(tmp_path, capsys):
+    from locallearn.config import to_dict
+    from locallearn.experiments.sweep import run_one
+    from locallearn.schema import load_config
+
+    raw = to_dict(load_config(PRESET, [*ARGS, "epochs=1"]))
+    out = tmp_path / "run"
+    first = run_one(raw, str(out))
+    (out / "summary.json").write_text('{"torn')
+    again = run_one(raw, str(out))  # from the final checkpoint: no training, the same numbers
+    assert again["epochs"] == 1 and again["test_accuracy"] == first["test_accuracy"]
+    assert again["seconds"] == first["seconds"]
+    (out / "summary.json").write_text('{"torn')
+    (out / "checkpoint.pt").unlink()
+    with pytest.raises(Exception, match="summary.json' cannot be read and the run has no "
+                                        "checkpoint"):
+        run_one(raw, str(out))

@@ -39,7 +39,14 @@ from locallearn.experiments.sweep_spec import (
     record_path,
     value_label,
 )
-from locallearn.runfiles import RUN_LOCK, SUMMARY, check_out_dir, file_lock, write_text_atomic
+from locallearn.runfiles import (
+    CHECKPOINT,
+    RUN_LOCK,
+    SUMMARY,
+    check_out_dir,
+    file_lock,
+    write_text_atomic,
+)
 
 LOCK_FILE = ".sweep.lock"
 
@@ -93,7 +100,14 @@ def run_one(raw: dict[str, Any], run_dir: str, threads: int | None = None) -> di
     with file_lock(out / RUN_LOCK):
         summary_path = out / SUMMARY
         if summary_path.is_file():
-            return json.loads(summary_path.read_text())
+            summary = _read_summary(summary_path)
+            if summary is not None:
+                return summary
+            if not (out / CHECKPOINT).is_file():
+                raise RunError(f"{str(summary_path)!r} cannot be read and the run has no "
+                               f"checkpoint to make it again from; move {str(out)!r} aside to "
+                               "train the run again")
+            # unreadable: the final checkpoint makes it again (its final metrics recomputed)
         return run(build_config(raw), out)
 
 
