@@ -47,6 +47,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -91,7 +94,24 @@ def init_from_env(device: str = "cpu") -> tuple[int, int]:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    exit_with_parent()
     return rank, world
+
+
+def exit_with_parent(interval: float = 1.0) -> None:
+    """End this process (one line, exit 143) when the process that started it is gone: a rank
+    whose launcher (torchrun's agent) was killed must not train on as an orphan."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                print(f"locallearn: rank {os.environ.get('RANK', '?')}: its launcher (process "
+                      f"{parent}) is gone; stopping", file=sys.stderr, flush=True)
+                os._exit(143)
+
+    threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
 
 
 def _uses_cuda(device: str) -> bool:

@@ -236,3 +236,28 @@ def test_a_finished_sweep_run_with_an_unreadable_summary_is_made_again(tmp_path,
     with pytest.raises(Exception, match="summary.json' cannot be read and the run has no "
                                         "checkpoint"):
         run_one(raw, str(out))
+
+
+def test_a_rank_whose_launcher_dies_stops_instead_of_training_as_an_orphan(tmp_path):
+    child = ("from locallearn.distributed import exit_with_parent; "
+             "exit_with_parent(0.1); print('watching', flush=True); import time; time.sleep(60)")
+    launcher = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+                f"{child!r}]); print(p.pid, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE,
+                              text=True)
+    pid = int(parent.stdout.readline())
+    assert parent.stdout.readline().strip() == "watching"  # the rank watches its launcher
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 20
+    while Path(f"/proc/{pid}").exists() and time.time() < deadline:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] \
+            if Path(f"/proc/{pid}/stat").exists() else "X"
+        if state == "Z":  # exited, waiting to be reaped by its new parent
+            break
+        time.sleep(0.1)
+    gone = not Path(f"/proc/{pid}").exists() or \
+        Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    if not gone:
+        os.kill(pid, signal.SIGKILL)
+    assert gone, "the orphaned rank kept running"
