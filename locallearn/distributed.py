@@ -46,6 +46,7 @@ backprop without masking) see only their shard's samples, as with any data-paral
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import sys
 import threading
@@ -74,8 +75,11 @@ def rank_from_env() -> int:
         raise ValueError(f"RANK={os.environ['RANK']!r} is not an integer") from None
 
 
-def init_from_env(device: str = "cpu") -> tuple[int, int]:
+def init_from_env(device: str = "cpu", timeout: float | None = None) -> tuple[int, int]:
     """Join the process group torchrun describes; returns ``(rank, world_size)``.
+
+    ``timeout``: seconds a collective operation waits for the other ranks before it fails
+    (``None``: torch's default, 30 minutes).
 
     With ``WORLD_SIZE`` unset or 1 nothing is initialised and ``(0, 1)`` is returned. The
     backend is ``nccl`` when ``device`` is CUDA (``cuda``, ``cuda:N``, or ``auto`` with CUDA
@@ -93,9 +97,16 @@ def init_from_env(device: str = "cpu") -> tuple[int, int]:
     cuda = _uses_cuda(device)
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    wait = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, **wait)
     exit_with_parent()
     return rank, world
+
+
+def peer_timeout(err: BaseException) -> bool:
+    """Whether ``err`` is a collective operation that waited longer than the group's timeout."""
+    text = str(err).lower()
+    return is_initialized() and ("timed out" in text or "timeout" in text)
 
 
 def exit_with_parent(interval: float = 1.0) -> None:

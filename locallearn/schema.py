@@ -473,14 +473,21 @@ class ParallelConfig:
             with ``torchrun --nproc_per_node=<stages>``.
         split: blocks per stage, in order (must add up to the network's blocks); ``None``:
             balanced from measured per-block step times.
+        timeout: seconds a process of a multi-process run (pipelined or data-parallel) waits for
+            another before it stops with one line naming the wait (a frozen or dead peer);
+            raise it when one rank works alone for longer (rank 0's evaluations of large data).
     """
 
     stages: int = 1
     split: list[int] | None = None
+    timeout: float = 600.0
 
     def validate(self) -> None:
         if self.stages < 1:
             raise ValueError(f"parallel.stages={self.stages} is invalid: must be >= 1")
+        if not 0 < self.timeout < float("inf"):
+            raise ValueError(f"parallel.timeout={self.timeout} is invalid: must be a number of "
+                             "seconds > 0")
         if self.split is not None:
             if len(self.split) != self.stages:
                 raise ValueError(

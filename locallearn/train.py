@@ -380,6 +380,12 @@ class Trainer:
         except (ValueError, RuntimeError, MemoryError) as err:
             what = str(err).splitlines()[0] if str(err) else type(err).__name__
             where = f"{self.label} failed at epoch {self.epoch + 1}"
+            if ddp.peer_timeout(err):
+                raise RunError(
+                    f"{where} on rank {self.rank}: another process of the run did not answer "
+                    f"within parallel.timeout={self.cfg.parallel.timeout:g} s (frozen or "
+                    f"dead); {self._kept()}"
+                ) from None
             if _out_of_memory(err):
                 raise RunError(
                     f"{where}: out of memory ({what[:200]}); lower batch_size, or use "

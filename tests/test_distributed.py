@@ -143,3 +143,35 @@ def test_a_decision_is_rank_zeros_on_every_rank(tmp_path, monkeypatch):
                        join=True, start_method=method)
     for rank in range(2):
         assert json.loads((tmp_path / f"decide{rank}.json").read_text()) == [True, False]
+
+
+def _frozen_peer_main(rank: int, world: int, port: int, out: str) -> None:
+    import os
+    import time
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    D.init_from_env("cpu", timeout=2.0)
+    try:
+        if rank == 1:  # a frozen peer
+            time.sleep(6)
+            return
+        t0 = time.perf_counter()
+        try:
+            D.barrier()
+            result = {"raised": False}
+        except RuntimeError as err:
+            result = {"raised": True, "timeout": D.peer_timeout(err)}
+        result["seconds"] = time.perf_counter() - t0
+        (Path(out) / "frozen.json").write_text(json.dumps(result))
+    finally:
+        D.cleanup()
+
+
+def test_a_frozen_peer_ends_the_wait_at_the_timeout(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_frozen_peer_main, args=(2, _free_port(), str(tmp_path)), nprocs=2,
+                       join=True, start_method=method)
+    result = json.loads((tmp_path / "frozen.json").read_text())
+    assert result["raised"] and result["timeout"] and result["seconds"] < 5, result

@@ -261,3 +261,20 @@ def test_a_rank_whose_launcher_dies_stops_instead_of_training_as_an_orphan(tmp_p
     if not gone:
         os.kill(pid, signal.SIGKILL)
     assert gone, "the orphaned rank kept running"
+
+
+def test_a_peer_timeout_is_one_line_naming_parallel_timeout(tmp_path, monkeypatch, capsys):
+    from locallearn import distributed
+    from locallearn.train import Trainer
+
+    def frozen(self):
+        raise RuntimeError("[gloo] Timed out waiting 600000ms for recv operation to complete")
+
+    monkeypatch.setattr(Trainer, "_train_and_summarise", frozen)
+    monkeypatch.setattr(distributed, "is_initialized", lambda: True)
+    code = main(["run", str(PRESET), "--out", str(tmp_path / "r"), *ARGS, "epochs=1",
+                 "parallel.timeout=600"])
+    err = capsys.readouterr().err
+    assert code == 1 and "did not answer within parallel.timeout=600 s" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["run", str(PRESET), "--out", str(tmp_path / "s"), "parallel.timeout=0"]) == 2

@@ -36,7 +36,7 @@ def run(cfg: RunConfig, out_dir: str | Path) -> dict[str, Any]:
     check_out_dir(out_dir)
     tune_cpu_allocator()
     started = ddp.world_size_from_env() > 1 and not ddp.is_initialized()
-    ddp.init_from_env(cfg.device)
+    ddp.init_from_env(cfg.device, cfg.parallel.timeout)
     try:
         with torch.random.fork_rng(devices=[]):
             rule = build_rule(cfg.rule, cfg.seed)  # bad rule options fail before the data loads
