@@ -279,3 +279,16 @@ def test_a_peer_timeout_is_one_line_naming_parallel_timeout(tmp_path, monkeypatc
     assert code == 1 and "did not answer within parallel.timeout=600 s" in err
     assert len(err.strip().splitlines()) == 1
     assert main(["run", str(PRESET), "--out", str(tmp_path / "s"), "parallel.timeout=0"]) == 2
+
+
+def test_one_rhm_size_in_two_spellings_is_refused(tmp_path):
+    from locallearn.experiments.sweep_spec import expand, load_sweep
+
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "settings": {"data": {"name": "rhm", "v": 4, "n_classes": 2, "m": 2, "s": 2, "L": 3,
+                              "test_size": 50}, "net.width": 16, "epochs": 1},
+        "grid": {"data.train_size": [16, "1P*"]}}))  # P* = n_classes * m**L = 16
+    with pytest.raises(ValueError, match=r"have the same config.*a size in samples and in P"):
+        expand(load_sweep(sweep))
+    assert len(expand(load_sweep(sweep, grid=["data.train_size=16,2P*"]))) == 2

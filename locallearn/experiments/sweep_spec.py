@@ -390,13 +390,14 @@ def run_name(values: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------- expansion
-def _size_check(cfg: Any, cache: dict[tuple, Any]) -> None:
-    """RHM runs: the grammar is valid and the training size (maybe in P*) fits ``P_max``."""
+def _size_check(cfg: Any, cache: dict[tuple, Any]) -> int | None:
+    """RHM runs: the grammar is valid and the training size (maybe in P*) fits ``P_max``;
+    returns that size in samples (``None`` for other data)."""
     from locallearn.schema import resolve_size
 
     d = cfg.data
     if getattr(d, "name", None) != "rhm":
-        return
+        return None
     key = (d.v, d.n_classes, d.m, d.s, d.L, d.seed_rules)
     if key not in cache:
         from locallearn.data.rhm import RHM
@@ -412,6 +413,7 @@ def _size_check(cfg: Any, cache: dict[tuple, Any]) -> None:
             f"data.train_size={d.train_size!r} ({n}) + data.test_size={d.test_size} is invalid: "
             f"must be <= P_max = {p_max}"
         )
+    return n
 
 
 def _resources(cfg: Any, threads: int) -> tuple[int, float]:
@@ -473,19 +475,23 @@ def expand(spec: SweepSpec, threads: int = 1) -> list[RunSpec]:
         name = run_name(run_values)
         try:
             cfg = build_config(raw)
-            _size_check(cfg, sizes)
+            samples = _size_check(cfg, sizes)
         except ValueError as err:
             raise ValueError(f"run {name}: {err}") from None
         raw = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        same_as = copy.deepcopy(raw)  # what the run is: 1P* and the number it stands for agree
+        if samples is not None:
+            same_as["data"]["train_size"] = samples
         cpus, gpus = _resources(cfg, threads)
         run = RunSpec(name, run_values, raw, cpus, gpus)
         if name in names:
             raise ValueError(f"two runs of the sweep get the folder name {name!r}")
-        same = configs.setdefault(json.dumps(raw, sort_keys=True, default=str), name)
+        same = configs.setdefault(json.dumps(same_as, sort_keys=True, default=str), name)
         if same != name:
             raise ValueError(
                 f"runs {same} and {name} have the same config: the grid gives one value in two "
-                "spellings (e.g. 1e-3 and 0.001) or two variants that set the same; keep one"
+                "spellings (e.g. 1e-3 and 0.001, or a size in samples and in P*) or two variants "
+                "that set the same; keep one"
             )
         names[name] = run
         runs.append(run)
