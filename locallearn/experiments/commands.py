@@ -197,6 +197,38 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     add_probe(sub)
 
 
+def _cmd_rules(args: argparse.Namespace) -> int:
+    from locallearn.rules import registered, rule_class
+    from locallearn.rules.catalog import describe
+
+    names = args.names or registered()
+    infos = describe({name: rule_class(name) for name in names})
+    for info in infos:
+        print(f"{info.name}: {info.summary}")
+        seen = "labels" if info.uses_labels else "no labels"
+        views = f", views: {info.view_kind}" if info.view_kind else ""
+        print(f"  sees: {seen}{views}")
+        for key, value in info.settings.items():
+            print(f"  rule.{key} = {value!r}")
+        for opt in info.options:
+            print(f"  rule.options.{opt.name} = {opt.default!r}" +
+                  (f"  # {opt.meaning}" if opt.meaning else ""))
+        print()
+    return 0
+
+
+def _add_rules(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "rules", help="list the rules, their settings and options with defaults and meanings",
+        description="Every rule.name the package (and installed plugins) offers: what it sees, "
+                    "the rule.* settings it reads and its rule.options, with their defaults "
+                    "and meanings, read from the rules' own Options dataclasses.",
+    )
+    p.add_argument("names", nargs="*", help="rules to show (default: all)")
+    p.set_defaults(func=_cmd_rules)
+
+
 REGISTRARS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_run, _add_demo, _add_probe, _add_align, _add_analyze, _add_theory, *_sweep_registrars(),
+    _add_rules, _add_run, _add_demo, _add_probe, _add_align, _add_analyze, _add_theory,
+    *_sweep_registrars(),
 ]
