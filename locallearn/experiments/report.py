@@ -129,7 +129,35 @@ def write_report(
         md += [str(description).rstrip(".") + ".", ""]
     md.append(_overview(runs, axes, sessions, lay))
 
-    # ---- tables per section
+    probed = [r for r in runs if r.get("probe_accuracy") is not None]
+    position = lambda r: _position(lay, r, rule_labels, section_labels)  # noqa: E731
+    if probed:  # image sweeps: every rule in one table first
+        md += ["", *leaderboard(lay, probed, position)]
+    md += _grid_tables(lay, runs, by_section, section_labels, rule_labels)
+
+    # ---- RHM: error against P/P*, sample complexity
+    rhm = [r for r in runs if r.get("P_star") is not None and r.get("test_accuracy") is not None]
+    if rhm and lay.size is not None:
+        md += _rhm_sections(lay, by_section, rule_labels, figs, rel, target_error)
+        by_depth = label_without_depth(lay.rule, rhm)
+        md += depth_section(rhm, by_depth, ordered({by_depth(r) for r in rhm}, rule_labels),
+                            figs, rel, target_error, crossing, md_table)
+
+    # ---- images: rule x dataset
+    if probed:
+        md += _image_table(lay, probed, order, rule_labels, section_labels)
+        md += against_untrained(lay, probed, position)
+
+    md += _curve_sections(lay, by_section, section_labels, figs, rel)
+    md += _alignment_and_analyses(lay, runs, figs, rel)
+    report.write_text("\n".join(md).rstrip() + "\n")
+    return report
+
+
+def _grid_tables(lay: Layout, runs: Sequence[Run], by_section: dict[str, list[Run]],
+                 section_labels: list[str], rule_labels: list[str]) -> list[str]:
+    """One table per section: mean ± std over seeds of each metric per grid point."""
+    md: list[str] = []
     metrics = [(k, name) for k, name in METRICS if any(r.get(k) is not None for r in runs)]
     md += ["", "## Results per grid point (mean ± std over seeds)", ""]
     for section in section_labels:
@@ -153,25 +181,13 @@ def write_report(
                 for k, _ in metrics
             ])
         md += [md_table(head, rows), ""]
+    return md
 
-    # ---- RHM: error against P/P*, sample complexity
-    rhm = [r for r in runs if r.get("P_star") is not None and r.get("test_accuracy") is not None]
-    if rhm and lay.size is not None:
-        md += _rhm_sections(lay, by_section, rule_labels, figs, rel, target_error)
-        by_depth = label_without_depth(lay.rule, rhm)
-        md += depth_section(rhm, by_depth, ordered({by_depth(r) for r in rhm}, rule_labels),
-                            figs, rel, target_error, crossing, md_table)
 
-    # ---- images: rule x dataset
-    probed = [r for r in runs if r.get("probe_accuracy") is not None]
-    if probed:
-        position = lambda r: _position(lay, r, rule_labels, section_labels)  # noqa: E731
-        md += leaderboard(lay, probed, position)
-        md += _image_table(lay, probed, order, rule_labels, section_labels)
-        md += against_untrained(lay, probed, position)
-
-    # ---- learning curves
-    md += ["## Learning curves", ""]
+def _curve_sections(lay: Layout, by_section: dict[str, list[Run]], section_labels: list[str],
+                    figs: Path, rel: Any) -> list[str]:
+    """The learning curves of ``metrics.jsonl`` per section, then the probe curves."""
+    md = ["## Learning curves", ""]
     any_curve = False
     for section in section_labels:
         srun = by_section[section]
@@ -200,8 +216,13 @@ def write_report(
     if not any_curve:
         md += ["No run has a metrics.jsonl with curves.", ""]
     md += _probe_curve_sections(lay, by_section, figs, rel)
+    return md
 
-    # ---- alignment and analyses
+
+def _alignment_and_analyses(lay: Layout, runs: Sequence[Run], figs: Path, rel: Any
+                            ) -> list[str]:
+    """The alignment figure (runs with ``alignment.json``) and the analyses' figures."""
+    md: list[str] = []
     aligned: dict[str, list[list[dict[str, Any]]]] = {}
     for run in runs:
         rows = read_alignment(run.path)
@@ -231,8 +252,7 @@ def write_report(
                 md += [f"{run.row['run_dir']} — {png.name}:", "", f"![{png.stem}]({rel(png)})", ""]
                 shown += 1
         md.append("")
-    report.write_text("\n".join(md).rstrip() + "\n")
-    return report
+    return md
 
 
 def _section_labels(lay: Layout, runs: Sequence[Run]) -> list[str]:
