@@ -532,6 +532,8 @@ class RunConfig:
     threads: int = 0  # CPU threads of torch (0: torch's default); 1 is fastest on a busy machine
     progress: bool = True
     label: str | None = None  # shown in progress bars, summaries and plots (default: rule.name)
+    #: follow the run live: ``tensorboard`` and/or ``wandb`` (:mod:`locallearn.tracking`)
+    track: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         for key in ("epochs", "seed", "align_every", "threads"):
@@ -553,6 +555,10 @@ class RunConfig:
                 f"(layerwise.epochs={self.layerwise.epochs}, mode {self.layerwise.mode}: "
                 f"{self.layerwise.length()} epochs); give epochs >= {self.layerwise.length()}"
             )
+        unknown = [t for t in self.track if t not in ("tensorboard", "wandb")]
+        if unknown or len(set(self.track)) != len(self.track):
+            raise ValueError(f"track={self.track} is invalid; valid: a list of tensorboard, "
+                             "wandb (each once), or [] (no tracking)")
         if self.max_seconds is not None and not 0 < self.max_seconds < float("inf"):
             raise ValueError(
                 f"max_seconds={self.max_seconds} is invalid: must be a number of seconds > 0 "
@@ -653,7 +659,7 @@ LEGACY_PROBE_KEYS = {"probe_augment": "augment", "probe_per_block": "per_block",
 #: checkpoint has the one-process layout, so it may resume with another split or in one
 #: process)
 #: (``compile`` too: compiled blocks give the same results)
-RUNTIME_KEYS = ("progress", "threads", "device", "label", "parallel", "compile")
+RUNTIME_KEYS = ("progress", "threads", "device", "label", "parallel", "compile", "track")
 
 
 def without_runtime_keys(raw: dict[str, Any]) -> dict[str, Any]:

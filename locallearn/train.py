@@ -58,6 +58,8 @@ from locallearn.runfiles import (
 )
 from locallearn.schema import RUNTIME_KEYS, RunConfig, build_config, migrate_config
 from locallearn.task import Task
+from locallearn.tracking import Tracker, open_trackers
+from locallearn.tracking import require as require_tracker
 
 #: Version of the checkpoint layout. 2: image rules' prediction matrices act on pooled features
 #: flattened position-major (earlier checkpoints are upgraded when loaded).
@@ -158,6 +160,10 @@ class Trainer:
         self.seconds = 0.0  # training steps
         self.eval_seconds = 0.0  # evaluations, alignment and final metrics (the probe)
         self.history: list[dict[str, Any]] = []
+        self.tracker: Tracker | None = None  # TensorBoard / W&B (``track``), on rank 0
+        self._tracked = 0  # rows of history already logged to the trackers
+        for name in cfg.track if self.main else ():
+            require_tracker(name)  # a missing package is bad input, found before training
         self.first_loss: float | None = None  # of the run's first batch (the blow-up guard)
         self.saved_epoch: int | None = None  # epoch of the checkpoint on disk
         self._epoch_t0 = time.perf_counter()
@@ -284,6 +290,10 @@ class Trainer:
             return
         lines = "".join(json.dumps(row) + "\n" for row in self.history)
         write_text_atomic(self.out / METRICS, lines)
+        if self.tracker is not None:  # the rows not logged yet, to TensorBoard / W&B
+            for row in self.history[self._tracked:]:
+                self.tracker.log(row, int(row.get("step", self.step)))
+        self._tracked = len(self.history)
 
     # ------------------------------------------------------------------ the loop
     def prepare_output(self) -> bool:
@@ -417,6 +427,21 @@ class Trainer:
                 "(starting it again resumes from there)")
 
     def _train_and_summarise(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.main and cfg.track:
+            self.tracker = open_trackers(cfg.track, self.out, self.label, to_dict(cfg))
+            self._tracked = len(self.history)  # a resumed run logs from its checkpoint on
+        try:
+            summary = self._train_and_summarise_rows()
+            if self.tracker is not None:
+                self.tracker.log(summary, self.step, prefix="final/")
+            return summary
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
+                self.tracker = None
+
+    def _train_and_summarise_rows(self) -> dict[str, Any]:
         cfg = self.cfg
         if self.epoch == 0 and not self.history:
             row = self.evaluate(0, {})
