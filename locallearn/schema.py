@@ -501,6 +501,29 @@ class ParallelConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where a run's scalars go besides ``metrics.jsonl`` (:mod:`locallearn.tracking`).
+
+    Attributes:
+        tensorboard: event files in ``OUT/tensorboard/`` (``tensorboard --logdir OUT``).
+        wandb: a Weights & Biases project name (``None``: off); ``WANDB_MODE=offline`` keeps
+            the run on the machine.
+    """
+
+    tensorboard: bool = False
+    wandb: str | None = None
+
+    def validate(self) -> None:
+        if self.wandb is not None and not str(self.wandb).strip():
+            raise ValueError("log.wandb='' is invalid: give a project name (or null: off)")
+
+    def trackers(self) -> list[str]:
+        """The trackers this section turns on."""
+        return [name for name, on in (("tensorboard", self.tensorboard),
+                                      ("wandb", self.wandb is not None)) if on]
+
+
+@dataclass
 class RunConfig:
     """Everything one run needs; the output directory holds a copy."""
 
@@ -532,8 +555,8 @@ class RunConfig:
     threads: int = 0  # CPU threads of torch (0: torch's default); 1 is fastest on a busy machine
     progress: bool = True
     label: str | None = None  # shown in progress bars, summaries and plots (default: rule.name)
-    #: follow the run live: ``tensorboard`` and/or ``wandb`` (:mod:`locallearn.tracking`)
-    track: list[str] = field(default_factory=list)
+    #: follow the run live in TensorBoard and/or W&B (:mod:`locallearn.tracking`)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> None:
         for key in ("epochs", "seed", "align_every", "threads"):
@@ -555,10 +578,6 @@ class RunConfig:
                 f"(layerwise.epochs={self.layerwise.epochs}, mode {self.layerwise.mode}: "
                 f"{self.layerwise.length()} epochs); give epochs >= {self.layerwise.length()}"
             )
-        unknown = [t for t in self.track if t not in ("tensorboard", "wandb")]
-        if unknown or len(set(self.track)) != len(self.track):
-            raise ValueError(f"track={self.track} is invalid; valid: a list of tensorboard, "
-                             "wandb (each once), or [] (no tracking)")
         if self.max_seconds is not None and not 0 < self.max_seconds < float("inf"):
             raise ValueError(
                 f"max_seconds={self.max_seconds} is invalid: must be a number of seconds > 0 "
@@ -659,7 +678,7 @@ LEGACY_PROBE_KEYS = {"probe_augment": "augment", "probe_per_block": "per_block",
 #: checkpoint has the one-process layout, so it may resume with another split or in one
 #: process)
 #: (``compile`` too: compiled blocks give the same results)
-RUNTIME_KEYS = ("progress", "threads", "device", "label", "parallel", "compile", "track")
+RUNTIME_KEYS = ("progress", "threads", "device", "label", "parallel", "compile", "log")
 
 
 def without_runtime_keys(raw: dict[str, Any]) -> dict[str, Any]:

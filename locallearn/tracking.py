@@ -1,4 +1,5 @@
-"""Following a run live in TensorBoard or Weights & Biases (``track=[tensorboard, wandb]``).
+"""Following a run live in TensorBoard or Weights & Biases (``log.tensorboard=true``,
+``log.wandb=PROJECT``).
 
 Every row the loop writes to ``metrics.jsonl`` (an epoch's training metrics and evaluation, a
 probe during training) is also logged to the trackers, each number under its key at the row's
@@ -7,11 +8,11 @@ numbers (the probe of the frozen encoder, ...) are logged once at the end, under
 ``metrics.jsonl`` stays the record; tracking is a view of it and never changes the run, so it is
 a runtime key (a run resumes with it on or off).
 
-- ``tensorboard``: event files in ``OUT/tensorboard/`` (``tensorboard --logdir OUT``), written by
-  ``torch.utils.tensorboard`` (needs the ``tensorboard`` package).
-- ``wandb``: one W&B run per run folder (its id derived from the folder, so a resumed run
-  continues the same W&B run), the resolved config as its config, files in ``OUT/wandb/``;
-  ``WANDB_MODE=offline`` keeps it on the machine (needs the ``wandb`` package).
+- ``log.tensorboard=true``: event files in ``OUT/tensorboard/`` (``tensorboard --logdir OUT``),
+  written by ``torch.utils.tensorboard`` (needs the ``tensorboard`` package).
+- ``log.wandb=PROJECT``: one W&B run per run folder in that project (its id derived from the
+  folder, so a resumed run continues the same W&B run), the resolved config as its config, files
+  in ``OUT/wandb/``; ``WANDB_MODE=offline`` keeps it on the machine (needs ``wandb``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def require(name: str) -> None:
         importlib.import_module(_PACKAGES[name])
     except ImportError:
         raise ValueError(
-            f"track={name} needs the {_PACKAGES[name]} package, which is not installed; "
+            f"log.{name} needs the {_PACKAGES[name]} package, which is not installed; "
             f"pip install {_PACKAGES[name]} (or pip install 'locallearn[tracking]')"
         ) from None
 
@@ -49,7 +50,8 @@ def require(name: str) -> None:
 class Tracker:
     """The trackers of one run (none: every call does nothing)."""
 
-    def __init__(self, names: list[str], out: Path, label: str, config: dict[str, Any]):
+    def __init__(self, names: list[str], out: Path, label: str, config: dict[str, Any],
+                 project: str | None = None):
         self._writers: list[Any] = []
         self._wandb: Any = None
         for name in names:
@@ -62,7 +64,7 @@ class Tracker:
                 import wandb
 
                 run_id = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
-                self._wandb = wandb.init(project=config.get("project") or "locallearn",
+                self._wandb = wandb.init(project=project or "locallearn",
                                          name=label, id=run_id, resume="allow",
                                          dir=str(out), config=config)
 
@@ -84,6 +86,6 @@ class Tracker:
         self._writers, self._wandb = [], None
 
 
-def open_trackers(names: list[str], out: Path, label: str, config: dict[str, Any]) -> Tracker:
-    """The run's :class:`Tracker` (``names``: the config's ``track``)."""
-    return Tracker(list(names), Path(out), label, config)
+def open_trackers(log: Any, out: Path, label: str, config: dict[str, Any]) -> Tracker:
+    """The run's :class:`Tracker` (``log``: the config's ``log`` section)."""
+    return Tracker(log.trackers(), Path(out), label, config, log.wandb)

@@ -162,7 +162,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.tracker: Tracker | None = None  # TensorBoard / W&B (``track``), on rank 0
         self._tracked = 0  # rows of history already logged to the trackers
-        for name in cfg.track if self.main else ():
+        for name in cfg.log.trackers() if self.main else ():
             require_tracker(name)  # a missing package is bad input, found before training
         self.first_loss: float | None = None  # of the run's first batch (the blow-up guard)
         self.saved_epoch: int | None = None  # epoch of the checkpoint on disk
@@ -428,8 +428,8 @@ class Trainer:
 
     def _train_and_summarise(self) -> dict[str, Any]:
         cfg = self.cfg
-        if self.main and cfg.track:
-            self.tracker = open_trackers(cfg.track, self.out, self.label, to_dict(cfg))
+        if self.main and cfg.log.trackers():
+            self.tracker = open_trackers(cfg.log, self.out, self.label, to_dict(cfg))
             self._tracked = len(self.history)  # a resumed run logs from its checkpoint on
         try:
             summary = self._train_and_summarise_rows()

@@ -1,4 +1,5 @@
-"""``track``: every row of metrics.jsonl also reaches TensorBoard and W&B, at its step."""
+"""``log.tensorboard``, ``log.wandb``: every row of metrics.jsonl also reaches TensorBoard and
+W&B, at its step."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def test_tensorboard_holds_every_number_of_metrics_jsonl_at_its_step(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    summary = run(load_config(None, TINY + ["track=[tensorboard]"]), tmp_path)
+    summary = run(load_config(None, TINY + ["log.tensorboard=true"]), tmp_path)
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     rows = _rows(tmp_path)
@@ -54,10 +55,11 @@ def test_wandb_gets_one_run_per_folder_with_the_config_and_every_row(tmp_path, m
         return FakeRun()
 
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
-    run(load_config(None, TINY + ["track=[wandb]", "epochs=1"]), tmp_path / "a")
-    run(load_config(None, TINY + ["track=[wandb]", "epochs=2"]), tmp_path / "a")  # extended
+    run(load_config(None, TINY + ["log.wandb=my-project", "epochs=1"]), tmp_path / "a")
+    run(load_config(None, TINY + ["log.wandb=my-project", "epochs=2"]), tmp_path / "a")  # extended
     first, second = calls["init"]
     assert first["id"] == second["id"] and first["resume"] == "allow"
+    assert first["project"] == "my-project"
     assert first["config"]["data"]["L"] == 2 and calls["finish"] == 2
     steps = [step for step, values in calls["log"] if "loss" in values]
     assert steps == sorted(set(steps)) and len(steps) == 2  # epochs 1 and 2, each once
@@ -67,8 +69,8 @@ def test_wandb_gets_one_run_per_folder_with_the_config_and_every_row(tmp_path, m
 def test_a_tracker_that_is_not_installed_or_unknown_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails
     args = ["run", "configs/rhm/backprop.yaml", "--out", str(tmp_path / "r"), *TINY]
-    assert main([*args, "track=[wandb]"]) == 2
+    assert main([*args, "log.wandb=p"]) == 2
     err = capsys.readouterr().err
-    assert "track=wandb needs the wandb package" in err and len(err.strip().splitlines()) == 1
-    assert main([*args, "track=[mlflow]"]) == 2
-    assert "valid: a list of tensorboard, wandb" in capsys.readouterr().err
+    assert "log.wandb needs the wandb package" in err and len(err.strip().splitlines()) == 1
+    assert main([*args, "log.mlflow=true"]) == 2
+    assert "log.mlflow" in capsys.readouterr().err
