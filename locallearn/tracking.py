@@ -63,10 +63,14 @@ class Tracker:
             else:
                 import wandb
 
-                run_id = hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:16]
                 self._wandb = wandb.init(project=project or "locallearn",
-                                         name=label, id=run_id, resume="allow",
+                                         name=label, id=self.run_id(out), resume="allow",
                                          dir=str(out), config=config)
+
+    @staticmethod
+    def run_id(out: Path) -> str:
+        """The W&B run id of a run folder (the same folder, the same W&B run)."""
+        return hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:16]
 
     def log(self, row: dict[str, Any], step: int, prefix: str = "") -> None:
         """Every number of ``row`` at optimiser step ``step``."""

@@ -74,3 +74,17 @@ def test_a_tracker_that_is_not_installed_or_unknown_is_one_line(tmp_path, monkey
     assert "log.wandb needs the wandb package" in err and len(err.strip().splitlines()) == 1
     assert main([*args, "log.mlflow=true"]) == 2
     assert "log.mlflow" in capsys.readouterr().err
+
+
+def test_wandb_offline_writes_its_run_into_the_run_folder(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from locallearn.tracking import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(load_config(None, TINY + ["log.wandb=offline-test", "epochs=1"]), tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = list(runs[0].glob("run-*.wandb"))
+    assert len(records) == 1 and records[0].stat().st_size > 0
+    assert runs[0].name.endswith(Tracker.run_id(tmp_path))  # a resumed run continues this one
