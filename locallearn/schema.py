@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from locallearn.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
+from locallearn.data.images import DATASETS
 
 _P_STAR = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*?\s*P\*\s*$")
 
@@ -60,14 +61,11 @@ class RHMDataConfig:
             raise ValueError(f"data.test_size={self.test_size} is invalid: must be >= 0")
 
 
-IMAGE_DATASETS = ("cifar10", "stl10", "tiny-imagenet", "imagenet", "folder")
+#: the image datasets' names (from the one table of datasets, :data:`DATASETS`)
+IMAGE_DATASETS = tuple(DATASETS)
 #: Default (SSL training split, test split, probe training split) of each dataset.
 DEFAULT_SPLITS: dict[str, tuple[str, str, str]] = {
-    "cifar10": ("train", "test", "train"),
-    "stl10": ("train+unlabeled", "test", "train"),
-    "tiny-imagenet": ("train", "val", "train"),
-    "imagenet": ("train", "val", "train"),
-    "folder": ("train", "test", "train"),
+    name: info.default_splits for name, info in DATASETS.items()
 }
 
 
@@ -172,7 +170,7 @@ class ImageDataConfig:
                   "schedule": "none", "init": "zero", "init_scale": 0.11048543456039805},
     }
 
-    name: Literal["cifar10", "stl10", "tiny-imagenet", "imagenet", "folder"] = "cifar10"
+    name: Literal[IMAGE_DATASETS] = "cifar10"  # type: ignore[valid-type]
     root: str = "data/cifar10"
     split: str | None = None
     test_split: str | None = None
@@ -192,24 +190,27 @@ class ImageDataConfig:
 
     def streams(self) -> bool:
         """Whether the images are decoded batch by batch (``streaming``, default per dataset)."""
-        return self.name == "imagenet" if self.streaming is None else bool(self.streaming)
+        if self.streaming is None:
+            return DATASETS[self.name].streaming == "always"
+        return bool(self.streaming)
 
     def validate(self) -> None:
         for key in ("subset", "probe_subset", "test_subset"):
             value = getattr(self, key)
             if value is not None and value < 2:
                 raise ValueError(f"data.{key}={value} is invalid: must be >= 2 (or null: all)")
-        if self.download and self.name in ("folder", "imagenet"):
+        info = DATASETS[self.name]
+        if self.download and info.download is None:
             raise ValueError(
                 f"data.download=true is invalid for data.name={self.name} (no public download)"
             )
-        if self.streams() and self.name not in ("imagenet", "folder"):
-            raise ValueError(
-                f"data.streaming=true is invalid for data.name={self.name}; valid: imagenet, folder"
-            )
-        if self.name == "imagenet" and not self.streams():
-            raise ValueError("data.streaming=false is invalid for data.name=imagenet (too large "
-                             "for memory)")
+        if self.streams() and info.streaming == "never":
+            streamed = [n for n, i in DATASETS.items() if i.streaming != "never"]
+            raise ValueError(f"data.streaming=true is invalid for data.name={self.name}; valid: "
+                             f"{', '.join(streamed)}")
+        if info.streaming == "always" and not self.streams():
+            raise ValueError(f"data.streaming=false is invalid for data.name={self.name} (too "
+                             "large for memory)")
         for key in ("image_size", "load_size", "workers", "prefetch"):
             if getattr(self, key) is not None and not self.streams():
                 raise ValueError(f"data.{key} applies to streamed data only (data.streaming=true)")

@@ -36,8 +36,9 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from locallearn.data.images import DATASETS, Resource, dataset_info
 
 __all__ = ["RESOURCES", "Resource", "download", "extract", "fetch", "file_digest", "verify"]
 
@@ -47,47 +48,10 @@ _CHUNK = 1 << 20
 _USER_AGENT = "locallearn-download/0.1 (python urllib)"
 
 
-@dataclass(frozen=True)
-class Resource:
-    """One downloadable dataset archive.
-
-    Attributes:
-        name: dataset name (as in :func:`locallearn.data.images.load_images`).
-        url: official address of the archive.
-        filename: file name of the archive inside ``root``.
-        md5: MD5 checksum of the archive (hex).
-        folder: the top-level folder that the archive extracts to.
-    """
-
-    name: str
-    url: str
-    filename: str
-    md5: str
-    folder: str
-
-
+#: ``name -> Resource`` of the datasets with a public download (a view of
+#: :data:`locallearn.data.images.DATASETS`, the one table of datasets)
 RESOURCES: dict[str, Resource] = {
-    "cifar10": Resource(
-        name="cifar10",
-        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        filename="cifar-10-python.tar.gz",
-        md5="c58f30108f718f92721af3b95e74349a",
-        folder="cifar-10-batches-py",
-    ),
-    "stl10": Resource(
-        name="stl10",
-        url="http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
-        filename="stl10_binary.tar.gz",
-        md5="91f7769df0f17e558f3565bffb0c7dfb",
-        folder="stl10_binary",
-    ),
-    "tiny-imagenet": Resource(
-        name="tiny-imagenet",
-        url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
-        filename="tiny-imagenet-200.zip",
-        md5="90528d7ca1a48142e341f4ef8d21d0de",
-        folder="tiny-imagenet-200",
-    ),
+    name: info.download for name, info in DATASETS.items() if info.download is not None
 }
 
 
@@ -110,9 +74,10 @@ def download(name: str, root: str | Path, progress: bool = True,
         ValueError: unknown name, checksum mismatch, unsafe archive.
         RuntimeError: network failure (the partial download is kept for the next call).
     """
-    key = str(name).strip().lower().replace("_", "-")
-    key = {"cifar-10": "cifar10", "stl-10": "stl10", "tinyimagenet": "tiny-imagenet",
-           "tiny-imagenet-200": "tiny-imagenet"}.get(key, key)
+    try:
+        key = dataset_info(name).name
+    except ValueError:
+        key = str(name)
     if key not in RESOURCES:
         raise ValueError(
             f"no download for dataset {name!r}; downloadable: {', '.join(sorted(RESOURCES))}"

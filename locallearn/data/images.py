@@ -45,9 +45,10 @@ changes; listing, decoding and the cache are in :mod:`locallearn.data.image_file
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -63,6 +64,7 @@ __all__ = [
     "DATASETS",
     "DatasetInfo",
     "ImageSet",
+    "Resource",
     "dataset_info",
     "load_images",
     "channel_stats",
@@ -92,6 +94,13 @@ class DatasetInfo:
         mean: per-channel mean of the pixel values scaled to [0, 1], RGB order.
         std: per-channel standard deviation of the pixel values scaled to [0, 1], RGB order.
         crop_scale: default area range of the self-supervised random resized crop.
+        default_splits: the splits a run reads by default: ``(self-supervised training, probe
+            test, probe training)``.
+        reader: the function that loads one split into memory (``None``: streamed only).
+        streaming: ``never`` (decoded into memory), ``optional`` (``data.streaming=true``
+            streams it) or ``always`` (too large for memory).
+        download: the official archive (``None``: no public download).
+        aliases: other spellings of the name.
     """
 
     name: str
@@ -101,69 +110,37 @@ class DatasetInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     crop_scale: tuple[float, float]
+    default_splits: tuple[str, str, str] = ("train", "test", "train")
+    reader: Callable[[Path, str, DecodeOptions], ImageSet] | None = None
+    streaming: Literal["never", "optional", "always"] = "never"
+    download: Resource | None = None
+    aliases: tuple[str, ...] = ()
 
 
-# Normalisation constants. CIFAR-10: per-channel mean and standard deviation over all pixels of
-# the official training set. STL-10 and Tiny ImageNet: the values in common use for these
-# datasets (official releases; on the 32x32 Tiny ImageNet copy the means agree to 0.001 while the
-# standard deviations are about 9% lower, 0.252/0.245/0.259, because downsampling smooths the
-# pixels). ``folder``: the ImageNet constants, a neutral default for natural
-# images; pass explicit mean/std to the augmentation module for other data, or compute them with
-# :func:`channel_stats`.
-DATASETS: dict[str, DatasetInfo] = {
-    "cifar10": DatasetInfo(
-        name="cifar10",
-        image_size=32,
-        num_classes=10,
-        splits=("train", "test"),
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-        crop_scale=(0.25, 1.0),
-    ),
-    "stl10": DatasetInfo(
-        name="stl10",
-        image_size=96,
-        num_classes=10,
-        splits=("train", "test", "unlabeled", "train+unlabeled"),
-        mean=(0.4467, 0.4398, 0.4066),
-        std=(0.2603, 0.2566, 0.2713),
-        crop_scale=(0.08, 1.0),
-    ),
-    "tiny-imagenet": DatasetInfo(
-        name="tiny-imagenet",
-        image_size=64,
-        num_classes=200,
-        splits=("train", "val", "test"),
-        mean=(0.4802, 0.4481, 0.3975),
-        std=(0.2770, 0.2691, 0.2821),
-        crop_scale=(0.08, 1.0),
-    ),
-    "imagenet": DatasetInfo(
-        name="imagenet",
-        image_size=224,
-        num_classes=1000,
-        splits=("train", "val"),
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        crop_scale=(0.08, 1.0),
-    ),
-    "folder": DatasetInfo(
-        name="folder",
-        image_size=None,
-        num_classes=None,
-        splits=(),
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
-        crop_scale=(0.08, 1.0),
-    ),
-}
+@dataclass(frozen=True)
+class Resource:
+    """One downloadable dataset archive.
+
+    Attributes:
+        name: dataset name (as in :func:`load_images`).
+        url: official address of the archive.
+        filename: file name of the archive inside ``root``.
+        md5: MD5 checksum of the archive (hex).
+        folder: the top-level folder that the archive extracts to.
+    """
+
+    name: str
+    url: str
+    filename: str
+    md5: str
+    folder: str
 
 
 def _canonical_name(name: str) -> str:
     key = str(name).strip().lower().replace("_", "-")
-    aliases = {"cifar-10": "cifar10", "stl-10": "stl10", "tinyimagenet": "tiny-imagenet",
-               "tiny-imagenet-200": "tiny-imagenet", "ilsvrc2012": "imagenet"}
-    key = aliases.get(key, key)
+    for info in DATASETS.values():
+        if key in info.aliases:
+            key = info.name
     if key not in DATASETS:
         raise ValueError(
             f"unknown dataset name {name!r}; valid names: {', '.join(sorted(DATASETS))}"
@@ -309,18 +286,12 @@ def load_images(
         workers=workers,
         progress=progress,
     )
-    if key == "cifar10":
-        return _load_cifar10(root_path, split, opts)
-    if key == "stl10":
-        return _load_stl10(root_path, split)
-    if key == "tiny-imagenet":
-        return _load_tiny_imagenet(root_path, split, opts)
-    if key == "imagenet":
+    if info.reader is None:
         raise ValueError(
-            "imagenet: too large to decode into memory; it is read image by image "
+            f"{key}: too large to decode into memory; it is read image by image "
             "(locallearn.data.streaming.open_stream)"
         )
-    return _load_folder(root_path, split, opts)
+    return info.reader(root_path, split, opts)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -450,7 +421,7 @@ def _stl_count(path: Path) -> int:
     return size // _STL10_IMAGE_BYTES
 
 
-def _load_stl10(root: Path, split: str) -> ImageSet:
+def _load_stl10(root: Path, split: str, opts: DecodeOptions | None = None) -> ImageSet:
     sdir = _stl_dir(root)
     if sdir is None:
         raise ValueError(
@@ -655,3 +626,98 @@ def subset_indices(n: int, size: int | None, seed: int, salt: int) -> torch.Tens
         return None
     gen = torch.Generator().manual_seed(seed * 1000 + salt)
     return torch.randperm(n, generator=gen)[:size].sort().values
+
+
+# ----------------------------------------------------------------------------------------------
+# the table of datasets
+
+# Normalisation constants. CIFAR-10: per-channel mean and standard deviation over all pixels of
+# the official training set. STL-10 and Tiny ImageNet: the values in common use for these
+# datasets (official releases; on the 32x32 Tiny ImageNet copy the means agree to 0.001 while the
+# standard deviations are about 9% lower, 0.252/0.245/0.259, because downsampling smooths the
+# pixels). ``folder``: the ImageNet constants, a neutral default for natural
+# images; pass explicit mean/std to the augmentation module for other data, or compute them with
+# :func:`channel_stats`.
+#: ``data.name`` -> everything the library knows of an image dataset: the one table of them
+#: (the config's names and default splits, the readers, streaming, downloads and constants).
+DATASETS: dict[str, DatasetInfo] = {
+    "cifar10": DatasetInfo(
+        name="cifar10",
+        image_size=32,
+        num_classes=10,
+        splits=("train", "test"),
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        crop_scale=(0.25, 1.0),
+        reader=_load_cifar10,
+        download=Resource(
+            name="cifar10",
+            url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            filename="cifar-10-python.tar.gz",
+            md5="c58f30108f718f92721af3b95e74349a",
+            folder="cifar-10-batches-py",
+        ),
+        aliases=("cifar-10",),
+    ),
+    "stl10": DatasetInfo(
+        name="stl10",
+        image_size=96,
+        num_classes=10,
+        splits=("train", "test", "unlabeled", "train+unlabeled"),
+        mean=(0.4467, 0.4398, 0.4066),
+        std=(0.2603, 0.2566, 0.2713),
+        crop_scale=(0.08, 1.0),
+        default_splits=("train+unlabeled", "test", "train"),
+        reader=_load_stl10,
+        download=Resource(
+            name="stl10",
+            url="http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz",
+            filename="stl10_binary.tar.gz",
+            md5="91f7769df0f17e558f3565bffb0c7dfb",
+            folder="stl10_binary",
+        ),
+        aliases=("stl-10",),
+    ),
+    "tiny-imagenet": DatasetInfo(
+        name="tiny-imagenet",
+        image_size=64,
+        num_classes=200,
+        splits=("train", "val", "test"),
+        mean=(0.4802, 0.4481, 0.3975),
+        std=(0.2770, 0.2691, 0.2821),
+        crop_scale=(0.08, 1.0),
+        default_splits=("train", "val", "train"),
+        reader=_load_tiny_imagenet,
+        download=Resource(
+            name="tiny-imagenet",
+            url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+            filename="tiny-imagenet-200.zip",
+            md5="90528d7ca1a48142e341f4ef8d21d0de",
+            folder="tiny-imagenet-200",
+        ),
+        aliases=("tinyimagenet", "tiny-imagenet-200"),
+    ),
+    "imagenet": DatasetInfo(
+        name="imagenet",
+        image_size=224,
+        num_classes=1000,
+        splits=("train", "val"),
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        crop_scale=(0.08, 1.0),
+        default_splits=("train", "val", "train"),
+        streaming="always",
+        aliases=("ilsvrc2012",),
+    ),
+    "folder": DatasetInfo(
+        name="folder",
+        image_size=None,
+        num_classes=None,
+        splits=(),
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        crop_scale=(0.08, 1.0),
+        reader=_load_folder,
+        streaming="optional",
+    ),
+}
