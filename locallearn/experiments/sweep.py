@@ -223,26 +223,8 @@ def run_sweep(
     """
     from locallearn.experiments.results import ResultsStore, code_version
 
-    if backend not in ("local", "ray"):
-        raise ValueError(f"backend {backend!r} is unknown; valid: local, ray")
-    if workers < 0:
-        raise ValueError(f"workers={workers} is invalid: must be >= 0")
-    if backend == "ray" and workers == 0:
-        raise ValueError("workers=0 (in-process) is for the local backend")
     in_process_threads = threads  # workers=0: change this process's threads only if asked
-    if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
-    if threads < 1:
-        raise ValueError(f"threads={threads} is invalid: must be >= 1")
-    if retries < 0:
-        raise ValueError(f"retries={retries} is invalid: must be >= 0")
-    import multiprocessing
-
-    if start_method not in multiprocessing.get_all_start_methods():
-        raise ValueError(
-            f"start method {start_method!r} is unknown here; valid: "
-            f"{', '.join(multiprocessing.get_all_start_methods())}"
-        )
+    threads = _check_options(backend, workers, threads, retries, start_method)
     emit = on_event or (lambda _msg: None)
     runs = expand(spec, threads)  # validates every config before anything starts
     out = check_out_dir(out)
@@ -257,21 +239,7 @@ def run_sweep(
         write_sweep_file(spec, runs, out)
         version = code_version()
         outcome = SweepOutcome(total=len(runs))
-        recorded = store.recorded_dirs()
-        todo: list[RunSpec] = []
-        for run in runs:
-            rel = f"{RUNS_DIR}/{run.name}"
-            if rel in recorded:
-                outcome.skipped += 1
-                continue
-            summary_path = run.run_dir(out) / SUMMARY
-            if summary_path.is_file():
-                summary = _read_summary(summary_path)
-                if summary is not None:
-                    store.record(rel, run.values, summary, version)
-                    outcome.recorded_late += 1
-                    continue
-            todo.append(run)
+        todo = _pending(runs, out, store, version, outcome)
         emit(f"sweep: {len(runs)} runs; {outcome.skipped + outcome.recorded_late} recorded, "
              f"{len(todo)} to run ({backend}, workers={workers}, threads={threads})")
         sampler = _LoadSampler()
@@ -295,20 +263,11 @@ def run_sweep(
             emit(f"failed {run.name}: {msg}")
 
         try:
-            if not todo:
-                pass
-            elif backend == "ray":
+            if todo and backend == "ray":
                 _run_ray(todo, out, workers, threads, ray_address, done, failed, sampler)
-            elif workers == 0:
-                for run in todo:
-                    emit(f"start {run.name}")
-                    try:
-                        summary = run_one(run.raw, str(run.run_dir(out)), in_process_threads)
-                    except Exception as err:  # noqa: BLE001 - a failed run, reported
-                        failed(run, err)
-                        continue
-                    done(run, summary)
-            else:
+            elif todo and workers == 0:
+                _run_here(todo, out, in_process_threads, done, failed, emit)
+            elif todo:
                 _run_local(todo, out, workers, threads, retries, done, failed, emit, sampler,
                            start_method)
         finally:
@@ -326,6 +285,66 @@ def run_sweep(
             "retry the failed ones"
         )
     return outcome
+
+
+def _check_options(backend: str, workers: int, threads: int | None, retries: int,
+                   start_method: str) -> int:
+    """One-line ValueErrors for the launcher's options; returns the threads per run."""
+    import multiprocessing
+
+    if backend not in ("local", "ray"):
+        raise ValueError(f"backend {backend!r} is unknown; valid: local, ray")
+    if workers < 0:
+        raise ValueError(f"workers={workers} is invalid: must be >= 0")
+    if backend == "ray" and workers == 0:
+        raise ValueError("workers=0 (in-process) is for the local backend")
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
+    if threads < 1:
+        raise ValueError(f"threads={threads} is invalid: must be >= 1")
+    if retries < 0:
+        raise ValueError(f"retries={retries} is invalid: must be >= 0")
+    if start_method not in multiprocessing.get_all_start_methods():
+        raise ValueError(
+            f"start method {start_method!r} is unknown here; valid: "
+            f"{', '.join(multiprocessing.get_all_start_methods())}"
+        )
+    return threads
+
+
+def _pending(runs: list[RunSpec], out: Path, store: Any, version: str,
+             outcome: SweepOutcome) -> list[RunSpec]:
+    """The runs left to train: recorded runs are skipped, finished but unrecorded ones are
+    recorded now (counted in ``outcome``)."""
+    recorded = store.recorded_dirs()
+    todo: list[RunSpec] = []
+    for run in runs:
+        rel = f"{RUNS_DIR}/{run.name}"
+        if rel in recorded:
+            outcome.skipped += 1
+            continue
+        summary_path = run.run_dir(out) / SUMMARY
+        summary = _read_summary(summary_path) if summary_path.is_file() else None
+        if summary is not None:
+            store.record(rel, run.values, summary, version)
+            outcome.recorded_late += 1
+            continue
+        todo.append(run)
+    return todo
+
+
+def _run_here(todo: list[RunSpec], out: Path, threads: int | None,
+              done: Callable[[RunSpec, dict[str, Any]], None],
+              failed: Callable[[RunSpec, BaseException], None], emit: Event) -> None:
+    """``workers=0``: every run in this process, one after the other."""
+    for run in todo:
+        emit(f"start {run.name}")
+        try:
+            summary = run_one(run.raw, str(run.run_dir(out)), threads)
+        except Exception as err:  # noqa: BLE001 - a failed run, reported
+            failed(run, err)
+            continue
+        done(run, summary)
 
 
 def _read_summary(path: Path) -> dict[str, Any] | None:
