@@ -266,6 +266,55 @@ def _check_axis_name(name: str) -> None:
         raise ValueError(f"grid axis {name!r} is invalid: use letters, digits, '_', '-', '.'")
 
 
+def _read_sweep_file(path: Path, spec: SweepSpec) -> None:
+    """Fill ``spec`` from the sweep file (or run preset) at ``path``."""
+    if not path.is_file():
+        raise ValueError(f"sweep file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        msg = str(err).replace("\n", " ")
+        raise ValueError(f"sweep file {str(path)!r} is not valid YAML: {msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"sweep file {str(path)!r} must hold a mapping")
+    spec.source = path
+    sweep_like = any(k in data for k in ("grid", "variants", "seeds", "settings", "config"))
+    if not sweep_like:
+        spec.config = path  # a run preset: one grid point
+    else:
+        unknown = [k for k in data if k not in SWEEP_KEYS]
+        if unknown:
+            raise ValueError(
+                f"unknown sweep key {unknown[0]!r} in {str(path)!r}; valid: "
+                f"{', '.join(SWEEP_KEYS)} (run settings go under settings:)"
+            )
+        if "config" in data and "base" in data:
+            raise ValueError(f"sweep file {str(path)!r}: give config or base, not both")
+        preset = data.get("config", data.get("base"))
+        if preset is not None:
+            spec.config = path.parent / str(preset)
+            if not spec.config.is_file():
+                raise ValueError(f"config {str(preset)!r} of {str(path)!r} does not exist")
+        spec.settings = nest(data.get("settings") or {}, "settings")
+        spec.description = str(data.get("description") or "")
+        if "variants" in data:
+            spec.axes.append(_variants("variant", data["variants"]))
+        file_grid = data.get("grid") or {}
+        if not isinstance(file_grid, dict):
+            raise ValueError(f"grid of {str(path)!r} must be a mapping of axes")
+        for name, values in file_grid.items():
+            name = str(name)
+            if any(a.name == name for a in spec.axes):
+                raise ValueError(f"grid axis {name!r} is given twice")
+            axis = _variants(name, values) if isinstance(values, dict) else _values(
+                name, values
+            )
+            spec.axes.append(axis)
+        if "seeds" in data:
+            spec.seeds = parse_seeds(data["seeds"] if isinstance(data["seeds"], list)
+                                     else str(data["seeds"]))
+
+
 def load_sweep(
     path: str | Path | None,
     grid: Sequence[str] = (),
@@ -275,52 +324,7 @@ def load_sweep(
     """Read a sweep file (or a run preset) and apply ``--grid``/``--seeds``/overrides."""
     spec = SweepSpec(overrides=list(overrides))
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"sweep file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            msg = str(err).replace("\n", " ")
-            raise ValueError(f"sweep file {str(path)!r} is not valid YAML: {msg}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"sweep file {str(path)!r} must hold a mapping")
-        spec.source = path
-        sweep_like = any(k in data for k in ("grid", "variants", "seeds", "settings", "config"))
-        if not sweep_like:
-            spec.config = path  # a run preset: one grid point
-        else:
-            unknown = [k for k in data if k not in SWEEP_KEYS]
-            if unknown:
-                raise ValueError(
-                    f"unknown sweep key {unknown[0]!r} in {str(path)!r}; valid: "
-                    f"{', '.join(SWEEP_KEYS)} (run settings go under settings:)"
-                )
-            if "config" in data and "base" in data:
-                raise ValueError(f"sweep file {str(path)!r}: give config or base, not both")
-            preset = data.get("config", data.get("base"))
-            if preset is not None:
-                spec.config = path.parent / str(preset)
-                if not spec.config.is_file():
-                    raise ValueError(f"config {str(preset)!r} of {str(path)!r} does not exist")
-            spec.settings = nest(data.get("settings") or {}, "settings")
-            spec.description = str(data.get("description") or "")
-            if "variants" in data:
-                spec.axes.append(_variants("variant", data["variants"]))
-            file_grid = data.get("grid") or {}
-            if not isinstance(file_grid, dict):
-                raise ValueError(f"grid of {str(path)!r} must be a mapping of axes")
-            for name, values in file_grid.items():
-                name = str(name)
-                if any(a.name == name for a in spec.axes):
-                    raise ValueError(f"grid axis {name!r} is given twice")
-                axis = _variants(name, values) if isinstance(values, dict) else _values(
-                    name, values
-                )
-                spec.axes.append(axis)
-            if "seeds" in data:
-                spec.seeds = parse_seeds(data["seeds"] if isinstance(data["seeds"], list)
-                                         else str(data["seeds"]))
+        _read_sweep_file(Path(path), spec)
     for item in grid:
         name, values = parse_grid_arg(item)
         existing = next((i for i, a in enumerate(spec.axes) if a.name == name), None)
