@@ -56,23 +56,9 @@ def analyze_run(
     Raises:
         ValueError: missing directory, not a run, not an RHM run, bad arguments.
     """
-    from locallearn.config import load_yaml
     from locallearn.experiments.runs import load_run
-    from locallearn.rules.backprop import BackpropNoMask
-    from locallearn.rules.feedback import DirectFeedback
 
-    path = Path(run_dir)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-        raise ValueError(f"analyze: n_samples={n_samples!r} is invalid: must be an integer >= 2")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"analyze: seed={seed!r} is invalid: must be an integer >= 0")
-    if not path.is_dir():
-        raise ValueError(f"analyze: run directory {str(path)!r} does not exist")
-    if (path / CONFIG).is_file():
-        data = load_yaml(path / CONFIG).get("data") or {}
-        name = data.get("name", "rhm") if isinstance(data, dict) else None
-        if name != "rhm":
-            raise ValueError(f"analyze: {str(path)!r} is a run on data.name={name!r}, not rhm")
+    path = _check_arguments(Path(run_dir), n_samples, seed)
     run = load_run(path, device=device)
     task = run.task
     rhm = getattr(task, "rhm", None)
@@ -94,18 +80,7 @@ def analyze_run(
         weight_decay=probe_cfg.weight_decay, steps=probe_cfg.steps,
     )
     rows += synonym_sensitivity(net, rhm, test_tokens, gen, encode=task.encode)
-
-    x = task.encode(test_tokens)
-    torch.manual_seed(run.cfg.seed)
-    init_net = task.build_net().eval()
-    if all(hasattr(block, "post") for block in net.blocks):  # not for discrete codes
-        rows += masking(init_net, x, state="init")
-        rows += masking(net, x, state="trained")
-    if isinstance(run.rule, DirectFeedback) and run.rule.n_blocks:
-        fixed = [run.rule.feedback(level) for level in range(run.rule.n_blocks)]
-        rows += masking(net, x, feedback=fixed, state="trained")
-    elif isinstance(run.rule, BackpropNoMask):
-        rows += masking(net, x, mode="mean-gates", state="trained")
+    rows += _masking_rows(run, task.encode(test_tokens))
 
     _write_json(path / ANALYSIS, rows)
     if plots:
@@ -114,6 +89,45 @@ def analyze_run(
         title = (f"{rule}, epoch {run.epoch}: RHM v={d.v} n_c={d.n_classes} m={d.m} "
                  f"s={d.s} L={d.L}, P={task.n_train}")
         plot_analysis(rows, path, title)
+    return rows
+
+
+def _check_arguments(path: Path, n_samples: int, seed: int) -> Path:
+    """One-line ValueErrors for bad arguments or a folder that holds no RHM run."""
+    from locallearn.config import load_yaml
+
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
+        raise ValueError(f"analyze: n_samples={n_samples!r} is invalid: must be an integer >= 2")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"analyze: seed={seed!r} is invalid: must be an integer >= 0")
+    if not path.is_dir():
+        raise ValueError(f"analyze: run directory {str(path)!r} does not exist")
+    if (path / CONFIG).is_file():
+        data = load_yaml(path / CONFIG).get("data") or {}
+        name = data.get("name", "rhm") if isinstance(data, dict) else None
+        if name != "rhm":
+            raise ValueError(f"analyze: {str(path)!r} is a run on data.name={name!r}, not rhm")
+    return path
+
+
+def _masking_rows(run: Any, x: torch.Tensor) -> list[dict[str, Any]]:
+    """Masking of the untrained and the trained network, and through the rule's own backward
+    path where it has one (DFA's fixed feedback, backprop's batch-averaged gates)."""
+    from locallearn.rules.backprop import BackpropNoMask
+    from locallearn.rules.feedback import DirectFeedback
+
+    net = run.net
+    torch.manual_seed(run.cfg.seed)
+    init_net = run.task.build_net().eval()
+    rows: list[dict[str, Any]] = []
+    if all(hasattr(block, "post") for block in net.blocks):  # not for discrete codes
+        rows += masking(init_net, x, state="init")
+        rows += masking(net, x, state="trained")
+    if isinstance(run.rule, DirectFeedback) and run.rule.n_blocks:
+        fixed = [run.rule.feedback(level) for level in range(run.rule.n_blocks)]
+        rows += masking(net, x, feedback=fixed, state="trained")
+    elif isinstance(run.rule, BackpropNoMask):
+        rows += masking(net, x, mode="mean-gates", state="trained")
     return rows
 
 
