@@ -230,26 +230,36 @@ def latent_probes(
                 input_baseline, weight_decay, steps,
             ))
     if flat:
-        yt, ye = lat_train[0][:, 0], lat_test[0][:, 0]
-        whole = None
-        if input_baseline:
-            whole = _probe_accuracy(
-                one_hot_train.flatten(1), yt, one_hot_test.flatten(1), ye,
+        rows += _flat_rows(rhm, h_train, h_test, lat_train[0][:, 0], lat_test[0][:, 0],
+                           (one_hot_train, one_hot_test) if input_baseline else None,
+                           weight_decay, steps)
+    return rows
+
+
+def _flat_rows(rhm: RHM, h_train: list[torch.Tensor], h_test: list[torch.Tensor],
+               yt: torch.Tensor, ye: torch.Tensor,
+               inputs: tuple[torch.Tensor, torch.Tensor] | None,
+               weight_decay: float, steps: int) -> list[dict[str, Any]]:
+    """The class probed from each block's whole output (``features="flat"``); with ``inputs``
+    (the one-hot training and test inputs) the same probe on the whole input beside it."""
+    whole = None
+    if inputs is not None:
+        whole = _probe_accuracy(inputs[0].flatten(1), yt, inputs[1].flatten(1), ye,
+                                rhm.n_classes, weight_decay, steps)
+    rows: list[dict[str, Any]] = []
+    for layer in range(1, rhm.L + 1):
+        row = {
+            "measure": "probe", "layer": layer, "depth": 0,
+            "value": _probe_accuracy(
+                h_train[layer - 1].flatten(1), yt, h_test[layer - 1].flatten(1), ye,
                 rhm.n_classes, weight_decay, steps,
-            )
-        for layer in range(1, rhm.L + 1):
-            row = {
-                "measure": "probe", "layer": layer, "depth": 0,
-                "value": _probe_accuracy(
-                    h_train[layer - 1].flatten(1), yt, h_test[layer - 1].flatten(1), ye,
-                    rhm.n_classes, weight_decay, steps,
-                ),
-                "chance": _majority(yt, ye, rhm.n_classes),
-                "uniform_chance": 1.0 / rhm.n_classes, "features": "flat", "split": "random",
-            }
-            if whole is not None:
-                row["input_patch"] = whole
-            rows.append(row)
+            ),
+            "chance": _majority(yt, ye, rhm.n_classes),
+            "uniform_chance": 1.0 / rhm.n_classes, "features": "flat", "split": "random",
+        }
+        if whole is not None:
+            row["input_patch"] = whole
+        rows.append(row)
     return rows
 
 
