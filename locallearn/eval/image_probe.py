@@ -294,145 +294,181 @@ def run_probe(
     if settings.epochs < 0 or settings.batch_size < 1:
         raise ValueError("probe: epochs must be >= 0 and batch_size >= 1")
     net.eval()
-    side = int(train_images.shape[-1])
-    device = train_images.device
-    layout = probe_layout(net, side, settings.grid)
-    keep = tuple(range(len(layout.pools))) if settings.blocks is None else settings.blocks
-    if any(not 0 <= k < len(layout.pools) for k in keep):
-        raise ValueError(f"probe.blocks={[k + 1 for k in keep]} is invalid for a network of "
-                         f"{len(layout.pools)} blocks; valid: 1..{len(layout.pools)}")
-    pools = layout.pools
-    dims = [layout.slices[k].stop - layout.slices[k].start for k in keep]
-    slices, at = [], 0
-    for d in dims:
-        slices.append(slice(at, at + d))
-        at += d
-    fb = settings.feature_batch
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16)
+    plan = _FeaturePlan.of(net, int(train_images.shape[-1]), settings)
+    autocast = torch.autocast(train_images.device.type, dtype=torch.bfloat16,
+                              enabled=settings.bf16)
 
     def features(images: torch.Tensor, flip: bool = False) -> torch.Tensor:
         with autocast:
-            return encoder_features(net, images, transform, pools, fb, keep, flip)
+            return encoder_features(net, images, transform, plan.pools, settings.feature_batch,
+                                    plan.keep, flip)
 
     clean = features(train_images)
     # the largest |feature| per column without a temporary of the features' size (before any
     # standardisation: a unit that never fires is zero there)
-    silent = silent_fractions(torch.maximum(clean.amax(0), clean.amin(0).neg()), slices)
+    silent = silent_fractions(torch.maximum(clean.amax(0), clean.amin(0).neg()), plan.slices)
     test = features(test_images)
     use_flip = settings.flip and augment is None and settings.epochs > 0
     flipped = features(train_images, flip=True) if use_flip else None
     cached = (clean, test) + ((flipped,) if flipped is not None else ())
     if settings.standardize == "sample":
         for t in cached:
-            standardize_samples(t, slices)
+            standardize_samples(t, plan.slices)
     feature_seconds = time.perf_counter() - t0
+    groups = [slice(0, clean.shape[1])] + (plan.slices if settings.per_block else [])
+    if settings.epochs == 0:
+        logits_of, how = _fit_full_batch(clean, train_labels, n_classes, groups, settings)
+    else:
+        logits_of, how = _fit_minibatch(
+            net, plan, clean, flipped, cached, train_images, train_labels, n_classes, groups,
+            settings, augment, autocast, progress)
+
+    with torch.no_grad():
+        accs = [float((logits_of(test, k).argmax(1) == test_labels).float().mean())
+                for k in range(len(groups))]
+        train_acc = float((logits_of(clean, 0).argmax(1) == train_labels).float().mean())
+    protocol = (f"{plan.describe(settings)}, {how}; {clean.shape[0]} training and "
+                f"{test.shape[0]} test images{'; ' + description if description else ''}")
+    return ProbeResult(
+        accuracy=accs[0],
+        train_accuracy=train_acc,
+        protocol=protocol,
+        block_accuracies=accs[1:] if settings.per_block else None,
+        feature_dims=plan.dims,
+        pools=[plan.pools[k] for k in plan.keep],
+        n_train=int(clean.shape[0]),
+        n_test=int(test.shape[0]),
+        seconds=round(time.perf_counter() - t0, 3),
+        silent_fractions=silent,
+        extra={"blocks": [k + 1 for k in plan.keep], "n_blocks": len(plan.layout.pools),
+               "feature_seconds": round(feature_seconds, 3),
+               "fit_seconds": round(time.perf_counter() - t0 - feature_seconds, 3)},
+    )
+
+
+@dataclass
+class _FeaturePlan:
+    """Which blocks the probe reads and where each one's features sit in the concatenation."""
+
+    layout: Any
+    keep: tuple[int, ...]
+    pools: list[int]
+    dims: list[int]
+    slices: list[slice]
+
+    @classmethod
+    def of(cls, net: BlockNet, side: int, settings: ProbeSettings) -> _FeaturePlan:
+        layout = probe_layout(net, side, settings.grid)
+        keep = tuple(range(len(layout.pools))) if settings.blocks is None else settings.blocks
+        if any(not 0 <= k < len(layout.pools) for k in keep):
+            raise ValueError(f"probe.blocks={[k + 1 for k in keep]} is invalid for a network "
+                             f"of {len(layout.pools)} blocks; valid: 1..{len(layout.pools)}")
+        dims = [layout.slices[k].stop - layout.slices[k].start for k in keep]
+        slices, at = [], 0
+        for d in dims:
+            slices.append(slice(at, at + d))
+            at += d
+        return cls(layout, keep, list(layout.pools), dims, slices)
+
+    def describe(self, settings: ProbeSettings) -> str:
+        """The features' half of the protocol string."""
+        grid = [self.layout.cells[k] for k in self.keep]
+        names = ("blocks " + ", ".join(str(k + 1) for k in self.keep)
+                 if settings.blocks is not None else f"blocks 1-{len(self.dims)}")
+        standard = {"feature": "standardised", "sample": "standardised per image and block",
+                    "none": "not standardised"}[settings.standardize]
+        return (
+            f"linear probe on the concatenated average-pooled features of {names} "
+            f"(grids {'-'.join(map(str, grid))}, pool sizes "
+            f"{'-'.join(str(self.pools[k]) for k in self.keep)}, "
+            f"{sum(self.dims)} values, {standard}{', bf16 encoder' if settings.bf16 else ''})"
+        )
+
+
+Logits = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def _fit_full_batch(clean: torch.Tensor, labels: torch.Tensor, n_classes: int,
+                    groups: list[slice], settings: ProbeSettings) -> tuple[Logits, str]:
+    """One full-batch L-BFGS probe per group of features (``probe.epochs=0``)."""
+    weights = [fit_linear_probe(clean[:, sl], labels, n_classes, settings.weight_decay,
+                                settings.steps) for sl in groups]
+
+    def logits_of(feats: torch.Tensor, k: int) -> torch.Tensor:
+        w, b = weights[k]
+        return feats[:, groups[k]] @ w.t() + b
+
+    return logits_of, (f"full-batch L-BFGS ({settings.steps} iterations, L2 "
+                       f"{settings.weight_decay:g})")
+
+
+def _fit_minibatch(
+    net: BlockNet, plan: _FeaturePlan, clean: torch.Tensor, flipped: torch.Tensor | None,
+    cached: tuple[torch.Tensor, ...], images: torch.Tensor, labels: torch.Tensor,
+    n_classes: int, groups: list[slice], settings: ProbeSettings, augment: Augment | None,
+    autocast: Any, progress: bool,
+) -> tuple[Logits, str]:
+    """Minibatch Adam on the cached features (flipped ones drawn at random with
+    ``probe.augment=flip``) or on augmented images' features; standardises ``cached`` in place
+    (``probe.standardize=feature``)."""
+    device = clean.device
     if settings.standardize == "feature":
         mean = clean.mean(0)
         std = clean.std(0, unbiased=False).clamp_min(1e-6)
     else:
         mean = torch.zeros(clean.shape[1], device=device)
         std = torch.ones(clean.shape[1], device=device)
-    groups = [slice(0, clean.shape[1])] + (slices if settings.per_block else [])
+    gen = torch.Generator().manual_seed(settings.seed)
+    drop_gen = torch.Generator(device=device).manual_seed(settings.seed + 1)
+    params = _linear_layers(groups, n_classes, device, settings, gen)
+    opt = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    halve_after = {int(settings.epochs * r) for r in HALVING_POINTS}
 
-    if settings.epochs == 0:
-        weights = []
-        for sl in groups:
-            w, b = fit_linear_probe(clean[:, sl], train_labels, n_classes,
-                                    settings.weight_decay, settings.steps)
-            weights.append((w, b))
+    def logits_of(z: torch.Tensor, k: int) -> torch.Tensor:
+        return z[:, groups[k]] @ params[2 * k].t() + params[2 * k + 1]
 
-        def logits_of(feats: torch.Tensor, k: int) -> torch.Tensor:
-            w, b = weights[k]
-            return feats[:, groups[k]] @ w.t() + b
-
-        how = f"full-batch L-BFGS ({settings.steps} iterations, L2 {settings.weight_decay:g})"
-    else:
-        gen = torch.Generator().manual_seed(settings.seed)
-        drop_gen = torch.Generator(device=device).manual_seed(settings.seed + 1)
-        params = _linear_layers(groups, n_classes, device, settings, gen)
-        opt = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-        halve_after = {int(settings.epochs * r) for r in HALVING_POINTS}
-
-        def logits_of(z: torch.Tensor, k: int) -> torch.Tensor:
-            return z[:, groups[k]] @ params[2 * k].t() + params[2 * k + 1]
-
-        # standardise once, in place (clean features); augmented batches are standardised as
-        # they come
-        if settings.standardize == "feature":
-            for t in cached:
-                t.sub_(mean).div_(std)
-
-        n = clean.shape[0]
-        bar = tqdm(range(settings.epochs), desc="probe", unit="epoch", disable=not progress,
-                   leave=False)
-        for epoch in bar:
-            perm = torch.randperm(n, generator=gen).to(device)
-            flips = (torch.rand(n, generator=gen) < 0.5).to(device) if flipped is not None \
-                else None
-            for start in range(0, n, settings.batch_size):
-                idx = perm[start : start + settings.batch_size]
-                if augment is not None:
-                    x = augment(train_images[idx], gen)
-                    with torch.no_grad(), autocast:
-                        feats = block_features(net, x, pools, keep)
-                    if settings.standardize == "sample":
-                        standardize_samples(feats, slices)
-                    feats = (feats - mean) / std
-                elif flips is not None:
-                    feats = torch.where(flips[start : start + len(idx), None], flipped[idx],
-                                        clean[idx])
-                else:
-                    feats = clean[idx]
-                if settings.dropout:
-                    keep_p = 1.0 - settings.dropout
-                    mask = keep_mask(feats.shape, keep_p, drop_gen, device)
-                    feats = torch.where(mask, feats * (1.0 / keep_p), 0.0)
-                y = train_labels[idx]
-                opt.zero_grad(set_to_none=True)
-                with torch.enable_grad():
-                    loss = sum(F.cross_entropy(logits_of(feats, k), y) for k in range(len(groups)))
-                    loss.backward()
-                opt.step()
-            if settings.schedule == "halving" and epoch + 1 in halve_after:
-                for group in opt.param_groups:
-                    group["lr"] *= 0.5
-        bar.close()
-        aug = ("train-time crop + flip" if augment is not None
-               else "train-time flip" if flipped is not None else "no augmentation")
-        extra = settings.describe()
-        how = (f"Adam lr {settings.lr:g}, weight decay {settings.weight_decay:g}, "
-               f"{settings.epochs} epochs, batch {settings.batch_size}, {aug}"
-               f"{', ' + extra if extra else ''}")
-
-    with torch.no_grad():
-        accs = [float((logits_of(test, k).argmax(1) == test_labels).float().mean())
-                for k in range(len(groups))]
-        train_acc = float((logits_of(clean, 0).argmax(1) == train_labels).float().mean())
-    grid = [layout.cells[k] for k in keep]
-    names = ("blocks " + ", ".join(str(k + 1) for k in keep)) if settings.blocks is not None \
-        else f"blocks 1-{len(dims)}"
-    standard = {"feature": "standardised", "sample": "standardised per image and block",
-                "none": "not standardised"}[settings.standardize]
-    protocol = (
-        f"linear probe on the concatenated average-pooled features of {names} "
-        f"(grids {'-'.join(map(str, grid))}, pool sizes "
-        f"{'-'.join(str(pools[k]) for k in keep)}, "
-        f"{sum(dims)} values, {standard}{', bf16 encoder' if settings.bf16 else ''}), {how}; "
-        f"{clean.shape[0]} training and "
-        f"{test.shape[0]} test images{'; ' + description if description else ''}"
-    )
-    return ProbeResult(
-        accuracy=accs[0],
-        train_accuracy=train_acc,
-        protocol=protocol,
-        block_accuracies=accs[1:] if settings.per_block else None,
-        feature_dims=dims,
-        pools=[pools[k] for k in keep],
-        n_train=int(clean.shape[0]),
-        n_test=int(test.shape[0]),
-        seconds=round(time.perf_counter() - t0, 3),
-        silent_fractions=silent,
-        extra={"blocks": [k + 1 for k in keep], "n_blocks": len(layout.pools),
-               "feature_seconds": round(feature_seconds, 3),
-               "fit_seconds": round(time.perf_counter() - t0 - feature_seconds, 3)},
-    )
+    # standardise once, in place (clean features); augmented batches as they come
+    if settings.standardize == "feature":
+        for t in cached:
+            t.sub_(mean).div_(std)
+    n = clean.shape[0]
+    bar = tqdm(range(settings.epochs), desc="probe", unit="epoch", disable=not progress,
+               leave=False)
+    for epoch in bar:
+        perm = torch.randperm(n, generator=gen).to(device)
+        flips = (torch.rand(n, generator=gen) < 0.5).to(device) if flipped is not None \
+            else None
+        for start in range(0, n, settings.batch_size):
+            idx = perm[start : start + settings.batch_size]
+            if augment is not None:
+                x = augment(images[idx], gen)
+                with torch.no_grad(), autocast:
+                    feats = block_features(net, x, plan.pools, plan.keep)
+                if settings.standardize == "sample":
+                    standardize_samples(feats, plan.slices)
+                feats = (feats - mean) / std
+            elif flips is not None:
+                feats = torch.where(flips[start : start + len(idx), None], flipped[idx],
+                                    clean[idx])
+            else:
+                feats = clean[idx]
+            if settings.dropout:
+                keep_p = 1.0 - settings.dropout
+                mask = keep_mask(feats.shape, keep_p, drop_gen, device)
+                feats = torch.where(mask, feats * (1.0 / keep_p), 0.0)
+            y = labels[idx]
+            opt.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                loss = sum(F.cross_entropy(logits_of(feats, k), y) for k in range(len(groups)))
+                loss.backward()
+            opt.step()
+        if settings.schedule == "halving" and epoch + 1 in halve_after:
+            for group in opt.param_groups:
+                group["lr"] *= 0.5
+    bar.close()
+    aug = ("train-time crop + flip" if augment is not None
+           else "train-time flip" if flipped is not None else "no augmentation")
+    extra = settings.describe()
+    return logits_of, (f"Adam lr {settings.lr:g}, weight decay {settings.weight_decay:g}, "
+                       f"{settings.epochs} epochs, batch {settings.batch_size}, {aug}"
+                       f"{', ' + extra if extra else ''}")
