@@ -88,20 +88,12 @@ def run_stream_probe(
     layout = probe_layout(net, side, settings.grid)
     pools, slices = layout.pools, layout.slices
     dims = [s.stop - s.start for s in slices]
-    bs = settings.batch_size  # one batch size for every pass: one bound on decoded pixels
-    # 1. statistics of the clean training features
-    total = total_sq = None
-    count = 0
-    for images, _ in train_batches(None, bs):
-        f = _features(net, transform(center_crop(images, side)), pools, settings.bf16).double()
-        total = f.sum(0) if total is None else total + f.sum(0)
-        total_sq = f.square().sum(0) if total_sq is None else total_sq + f.square().sum(0)
-        count += f.shape[0]
-    if count == 0:
-        raise ValueError("probe: the probe training split has no images")
-    mean = (total / count).float()
-    std = (total_sq / count - (total / count).square()).clamp_min(0).sqrt().float()
-    std = std.clamp_min(1e-6)
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return _features(net, transform(images), pools, settings.bf16)
+
+    mean, std, total_sq, count = _feature_stats(features, train_batches, side,
+                                                settings.batch_size)
     silent = silent_fractions(total_sq, slices)
     groups = [slice(0, sum(dims))] + (slices if settings.per_block else [])
     params = []
@@ -109,60 +101,21 @@ def run_stream_probe(
         params.append(torch.zeros(n_classes, sl.stop - sl.start, device=device,
                                   requires_grad=True))
         params.append(torch.zeros(n_classes, device=device, requires_grad=True))
-    opt = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
     def logits_of(z: torch.Tensor, k: int) -> torch.Tensor:
         return z[:, groups[k]] @ params[2 * k].t() + params[2 * k + 1]
 
-    def check(y: torch.Tensor, what: str) -> None:
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
-            raise ValueError(f"probe: the {what} split has images without a label in "
-                             f"0..{n_classes - 1}")
+    def standardised(images: torch.Tensor) -> torch.Tensor:
+        return (features(images) - mean) / std
 
-    # 2. training epochs
-    gen = torch.Generator().manual_seed(settings.seed)
-    correct = torch.zeros((), dtype=torch.long, device=device)  # read once, at the end
-    seen = 0
-    bar = tqdm(range(settings.epochs), desc="probe", unit="epoch", disable=not progress,
-               leave=False)
-    for epoch in bar:
-        order = torch.randperm(n_train, generator=gen)
-        last = epoch == settings.epochs - 1
-        for images, y in train_batches(order, settings.batch_size):
-            if epoch == 0:  # the labels are the same every epoch: checked once
-                check(y, "probe training")
-            crops = (random_crop_flip(images, side, gen) if augment
-                     else center_crop(images, side))
-            feats = (_features(net, transform(crops), pools, settings.bf16) - mean) / std
-            opt.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                outs = [logits_of(feats, k) for k in range(len(groups))]
-                loss = sum(F.cross_entropy(o, y) for o in outs)
-                loss.backward()
-            opt.step()
-            if last:
-                correct += (outs[0].detach().argmax(1) == y).sum()
-                seen += int(y.numel())
-    bar.close()
-    # 3. test
-    hits = torch.zeros(len(groups), dtype=torch.long, device=device)
-    n_test = 0
-    with torch.no_grad():
-        for images, y in test_batches(None, bs):
-            check(y, "test")
-            feats = (_features(net, transform(center_crop(images, side)), pools,
-                               settings.bf16) - mean) / std
-            for k in range(len(groups)):
-                hits[k] += (logits_of(feats, k).argmax(1) == y).sum()
-            n_test += int(y.numel())
-    if n_test == 0:
-        raise ValueError("probe: the test split has no images")
-    accs = [h / n_test for h in hits.tolist()]
-    grid = layout.cells
+    train_acc = _train(standardised, logits_of, params, len(groups), train_batches, n_train,
+                       n_classes, side, settings, augment, progress)
+    accs, n_test = _test(standardised, logits_of, len(groups), test_batches, n_classes, side,
+                         settings.batch_size, device)
     aug = "train-time random crop + flip" if augment else "centre crops"
     protocol = (
         f"linear probe on the concatenated average-pooled features of blocks 1-{len(dims)} "
-        f"(grids {'-'.join(map(str, grid))}, pool sizes {'-'.join(map(str, pools))}, "
+        f"(grids {'-'.join(map(str, layout.cells))}, pool sizes {'-'.join(map(str, pools))}, "
         f"{sum(dims)} values, standardised{', bf16 encoder' if settings.bf16 else ''}), "
         f"Adam lr {settings.lr:g}, weight decay "
         f"{settings.weight_decay:g}, {settings.epochs} epochs, batch {settings.batch_size}, {aug}; "
@@ -171,7 +124,7 @@ def run_stream_probe(
     )
     return ProbeResult(
         accuracy=accs[0],
-        train_accuracy=int(correct) / max(seen, 1),
+        train_accuracy=train_acc,
         protocol=protocol,
         block_accuracies=accs[1:] if settings.per_block else None,
         feature_dims=dims,
@@ -181,3 +134,79 @@ def run_stream_probe(
         seconds=round(time.perf_counter() - t0, 3),
         silent_fractions=silent,
     )
+
+
+def _check_labels(y: torch.Tensor, n_classes: int, what: str) -> None:
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= n_classes):
+        raise ValueError(f"probe: the {what} split has images without a label in "
+                         f"0..{n_classes - 1}")
+
+
+def _feature_stats(features: Callable[[torch.Tensor], torch.Tensor], batches: Batches,
+                   side: int, bs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Mean, standard deviation (at least 1e-6) and sum of squares of the clean training
+    features, and the number of training images: one pass over the centre crops."""
+    total = total_sq = None
+    count = 0
+    for images, _ in batches(None, bs):
+        f = features(center_crop(images, side)).double()
+        total = f.sum(0) if total is None else total + f.sum(0)
+        total_sq = f.square().sum(0) if total_sq is None else total_sq + f.square().sum(0)
+        count += f.shape[0]
+    if count == 0 or total is None or total_sq is None:
+        raise ValueError("probe: the probe training split has no images")
+    mean = (total / count).float()
+    std = (total_sq / count - (total / count).square()).clamp_min(0).sqrt().float()
+    return mean, std.clamp_min(1e-6), total_sq, count
+
+
+def _train(standardised: Callable[[torch.Tensor], torch.Tensor], logits_of: Callable,
+           params: list[torch.Tensor], n_groups: int, batches: Batches, n_train: int,
+           n_classes: int, side: int, settings: ProbeSettings, augment: bool,
+           progress: bool) -> float:
+    """The probe's Adam epochs over the streamed training images; returns the accuracy of the
+    last epoch's minibatches."""
+    opt = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    gen = torch.Generator().manual_seed(settings.seed)
+    correct = torch.zeros((), dtype=torch.long, device=params[0].device)  # read once, at the end
+    seen = 0
+    bar = tqdm(range(settings.epochs), desc="probe", unit="epoch", disable=not progress,
+               leave=False)
+    for epoch in bar:
+        order = torch.randperm(n_train, generator=gen)
+        last = epoch == settings.epochs - 1
+        for images, y in batches(order, settings.batch_size):
+            if epoch == 0:  # the labels are the same every epoch: checked once
+                _check_labels(y, n_classes, "probe training")
+            crops = (random_crop_flip(images, side, gen) if augment
+                     else center_crop(images, side))
+            feats = standardised(crops)
+            opt.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                outs = [logits_of(feats, k) for k in range(n_groups)]
+                loss = sum(F.cross_entropy(o, y) for o in outs)
+                loss.backward()
+            opt.step()
+            if last:
+                correct += (outs[0].detach().argmax(1) == y).sum()
+                seen += int(y.numel())
+    bar.close()
+    return int(correct) / max(seen, 1)
+
+
+def _test(standardised: Callable[[torch.Tensor], torch.Tensor], logits_of: Callable,
+          n_groups: int, batches: Batches, n_classes: int, side: int, bs: int,
+          device: torch.device) -> tuple[list[float], int]:
+    """Each probe's accuracy on the streamed test images (centre crops), and their number."""
+    hits = torch.zeros(n_groups, dtype=torch.long, device=device)
+    n_test = 0
+    with torch.no_grad():
+        for images, y in batches(None, bs):
+            _check_labels(y, n_classes, "test")
+            feats = standardised(center_crop(images, side))
+            for k in range(n_groups):
+                hits[k] += (logits_of(feats, k).argmax(1) == y).sum()
+            n_test += int(y.numel())
+    if n_test == 0:
+        raise ValueError("probe: the test split has no images")
+    return [h / n_test for h in hits.tolist()], n_test
