@@ -1,7 +1,8 @@
 """What the training loop needs from a task (data + network + evaluation).
 
 The loop (:mod:`locallearn.train`) is handed an object with this shape and never asks which task
-it is; :mod:`locallearn.experiments.tasks` builds one from a config by ``data.name``.
+it is; :mod:`locallearn.experiments.tasks` builds one from a config by ``data.name``. The tasks
+subclass :class:`Task`, so the optional hooks (a probe during training) have their defaults here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class Task(Protocol):
     rule_info: dict[str, Any]
     #: facts written to the summary (sizes, P*, ...)
     info: dict[str, Any]
+    #: whether :meth:`curve_probe` measures something (``probe_every`` needs it)
+    has_curve_probe: bool = False
 
     def build_net(self) -> BlockNet: ...
 
@@ -45,3 +48,8 @@ class Task(Protocol):
     def final_metrics(self, net: BlockNet, rule: Rule, out_dir: Path) -> dict[str, Any]:
         """Runs once when training ends (the net in eval mode); the result joins
         ``summary.json`` (the linear probe of image encoders; ``{}`` when there is nothing)."""
+
+    def curve_probe(self, net: BlockNet) -> dict[str, float]:
+        """A quick probe during training (``probe_every``; :attr:`has_curve_probe`): metrics
+        written to ``metrics.jsonl`` with the step and the training seconds."""
+        raise NotImplementedError(f"{type(self).__name__} has no probe during training")

@@ -138,14 +138,10 @@ class Trainer:
         if cfg.compile:
             self.net.compile_blocks()
         if cfg.probe_every > 0:
-            if not hasattr(task, "curve_probe"):
+            if not task.has_curve_probe:
                 raise ValueError(
                     f"probe_every={cfg.probe_every:g} needs a task with a probe during training "
                     "(image datasets); valid here: 0"
-                )
-            if not hasattr(task, "steps_per_epoch") and not float(cfg.probe_every).is_integer():
-                raise ValueError(
-                    f"probe_every={cfg.probe_every:g} is invalid for this task: whole epochs only"
                 )
         self.params = self.rule.trained_parameters(self.net)
         ddp.broadcast_params(list(self.params) + list(self.rule.buffers()))
@@ -527,8 +523,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ probes during training
     def _batches_per_epoch(self) -> int:
-        count = getattr(self.task, "steps_per_epoch", None)
-        return max(int(count(self.cfg.batch_size)), 1) if count is not None else 1
+        return max(int(self.task.steps_per_epoch(self.cfg.batch_size)), 1)
 
     def _probe_due(self, before: float, after: float) -> bool:
         """Whether a multiple of ``probe_every`` lies in the epochs ``(before, after]``."""
@@ -546,7 +541,7 @@ class Trainer:
 
     def curve_metrics(self) -> dict[str, Any]:
         """The task's probe of the current encoder."""
-        return dict(self.task.curve_probe(self.net))  # type: ignore[attr-defined]
+        return dict(self.task.curve_probe(self.net))
 
     def curve_probe(self) -> dict[str, Any]:
         """:meth:`curve_metrics` in eval mode, with its cost in ``curve_seconds``."""

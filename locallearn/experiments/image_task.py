@@ -40,6 +40,7 @@ from locallearn.nets.image_nets import IMAGE_NETS
 from locallearn.rules.base import Batch, Rule
 from locallearn.runfiles import PROBE, write_json_atomic
 from locallearn.schema import ImageDataConfig, ProbeConfig, RunConfig
+from locallearn.task import Task
 
 NET_KINDS = tuple(IMAGE_NETS)
 #: What an image rule may ask for (``Rule.view_kind``): two augmented views of each image
@@ -47,8 +48,10 @@ NET_KINDS = tuple(IMAGE_NETS)
 IMAGE_VIEW_KINDS = ("ssl", "image")
 
 
-class ImageTask:
+class ImageTask(Task):
     """Self-supervised training of an image encoder, evaluated by a linear probe."""
+
+    has_curve_probe = True
 
     def __init__(self, cfg: RunConfig, device: torch.device):
         d = cfg.data

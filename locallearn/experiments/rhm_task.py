@@ -17,6 +17,7 @@ from locallearn.nets.clusterer import predictor_clusterer_net
 from locallearn.nets.hier_cnn import hier_cnn
 from locallearn.rules.base import Batch, Rule
 from locallearn.schema import RunConfig, resolve_size
+from locallearn.task import Task
 
 
 def uniform_inputs(rhm: RHM) -> bool:
@@ -29,7 +30,7 @@ def uniform_inputs(rhm: RHM) -> bool:
 RHM_NETS = ("hier-cnn", "predictor-clusterer")
 
 
-class RHMTask:
+class RHMTask(Task):
     """Class prediction on an RHM dataset drawn without replacement."""
 
     def __init__(self, cfg: RunConfig, device: torch.device):
