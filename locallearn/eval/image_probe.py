@@ -298,22 +298,10 @@ def run_probe(
     autocast = torch.autocast(train_images.device.type, dtype=torch.bfloat16,
                               enabled=settings.bf16)
 
-    def features(images: torch.Tensor, flip: bool = False) -> torch.Tensor:
-        with autocast:
-            return encoder_features(net, images, transform, plan.pools, settings.feature_batch,
-                                    plan.keep, flip)
-
-    clean = features(train_images)
-    # the largest |feature| per column without a temporary of the features' size (before any
-    # standardisation: a unit that never fires is zero there)
-    silent = silent_fractions(torch.maximum(clean.amax(0), clean.amin(0).neg()), plan.slices)
-    test = features(test_images)
     use_flip = settings.flip and augment is None and settings.epochs > 0
-    flipped = features(train_images, flip=True) if use_flip else None
+    clean, test, flipped, silent = _cached_features(net, plan, train_images, test_images,
+                                                    transform, settings, autocast, use_flip)
     cached = (clean, test) + ((flipped,) if flipped is not None else ())
-    if settings.standardize == "sample":
-        for t in cached:
-            standardize_samples(t, plan.slices)
     feature_seconds = time.perf_counter() - t0
     groups = [slice(0, clean.shape[1])] + (plan.slices if settings.per_block else [])
     if settings.epochs == 0:
@@ -344,6 +332,29 @@ def run_probe(
                "feature_seconds": round(feature_seconds, 3),
                "fit_seconds": round(time.perf_counter() - t0 - feature_seconds, 3)},
     )
+
+
+def _cached_features(
+    net: BlockNet, plan: _FeaturePlan, train_images: torch.Tensor, test_images: torch.Tensor,
+    transform: Transform, settings: ProbeSettings, autocast: Any, flip: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list[float]]:
+    """The clean training and test features (and the flipped training images' with ``flip``),
+    standardised per image where asked, and each block's share of silent units."""
+    def features(images: torch.Tensor, flip: bool = False) -> torch.Tensor:
+        with autocast:
+            return encoder_features(net, images, transform, plan.pools, settings.feature_batch,
+                                    plan.keep, flip)
+
+    clean = features(train_images)
+    # the largest |feature| per column without a temporary of the features' size (before any
+    # standardisation: a unit that never fires is zero there)
+    silent = silent_fractions(torch.maximum(clean.amax(0), clean.amin(0).neg()), plan.slices)
+    test = features(test_images)
+    flipped = features(train_images, flip=True) if flip else None
+    if settings.standardize == "sample":
+        for t in (clean, test) + ((flipped,) if flipped is not None else ()):
+            standardize_samples(t, plan.slices)
+    return clean, test, flipped, silent
 
 
 @dataclass

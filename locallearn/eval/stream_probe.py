@@ -96,11 +96,9 @@ def run_stream_probe(
                                                 settings.batch_size)
     silent = silent_fractions(total_sq, slices)
     groups = [slice(0, sum(dims))] + (slices if settings.per_block else [])
-    params = []
-    for sl in groups:
-        params.append(torch.zeros(n_classes, sl.stop - sl.start, device=device,
-                                  requires_grad=True))
-        params.append(torch.zeros(n_classes, device=device, requires_grad=True))
+    params = [p for sl in groups for p in (
+        torch.zeros(n_classes, sl.stop - sl.start, device=device, requires_grad=True),
+        torch.zeros(n_classes, device=device, requires_grad=True))]
 
     def logits_of(z: torch.Tensor, k: int) -> torch.Tensor:
         return z[:, groups[k]] @ params[2 * k].t() + params[2 * k + 1]

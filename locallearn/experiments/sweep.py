@@ -214,8 +214,7 @@ def run_sweep(
         threads: torch threads per run (default: the CPUs divided among the workers).
         retries: how many times a local run whose worker process died is started again.
         on_event: called with one line of text per event (start, finish, failure).
-        start_method: how local workers start (``spawn``: fresh interpreters, safe with any
-            threads in this process; ``fork`` starts faster where available).
+        start_method: how local workers start (``spawn``: fresh interpreters; ``fork``).
 
     Raises:
         ValueError: a bad config, backend or option (nothing is started).
@@ -248,20 +247,7 @@ def run_sweep(
         if todo:
             session = store.start_session(backend, workers, threads, len(runs), len(todo))
 
-        def done(run: RunSpec, summary: dict[str, Any]) -> None:
-            inserted = store.record(f"{RUNS_DIR}/{run.name}", run.values, summary, version)
-            outcome.finished += int(inserted)
-            n = outcome.skipped + outcome.recorded_late + outcome.finished
-            acc = summary.get("test_accuracy")
-            shown = f"test_accuracy {acc:.3f}" if isinstance(acc, float) else ""
-            emit(f"[{n}/{len(runs)}] finished {run.name} {shown} "
-                 f"({float(summary.get('seconds') or 0):.0f} s)")
-
-        def failed(run: RunSpec, err: BaseException) -> None:
-            msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-            outcome.failed.append((run.name, msg))
-            emit(f"failed {run.name}: {msg}")
-
+        done, failed = _recorders(store, version, outcome, len(runs), emit)
         try:
             if todo and backend == "ray":
                 _run_ray(todo, out, workers, threads, ray_address, done, failed, sampler)
@@ -285,6 +271,28 @@ def run_sweep(
             "retry the failed ones"
         )
     return outcome
+
+
+def _recorders(store: Any, version: str, outcome: SweepOutcome, total: int, emit: Event
+               ) -> tuple[Callable[[RunSpec, dict[str, Any]], None],
+                          Callable[[RunSpec, BaseException], None]]:
+    """What happens when a run finishes (recorded, counted, announced) or fails."""
+
+    def done(run: RunSpec, summary: dict[str, Any]) -> None:
+        inserted = store.record(f"{RUNS_DIR}/{run.name}", run.values, summary, version)
+        outcome.finished += int(inserted)
+        n = outcome.skipped + outcome.recorded_late + outcome.finished
+        acc = summary.get("test_accuracy")
+        shown = f"test_accuracy {acc:.3f}" if isinstance(acc, float) else ""
+        emit(f"[{n}/{total}] finished {run.name} {shown} "
+             f"({float(summary.get('seconds') or 0):.0f} s)")
+
+    def failed(run: RunSpec, err: BaseException) -> None:
+        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+        outcome.failed.append((run.name, msg))
+        emit(f"failed {run.name}: {msg}")
+
+    return done, failed
 
 
 def _check_options(backend: str, workers: int, threads: int | None, retries: int,
