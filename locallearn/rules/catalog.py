@@ -67,6 +67,12 @@ def _attribute_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def _plain(text: str) -> str:
+    """Docstring text as plain text: one line, cross-references and literals unmarked."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return " ".join(text.replace("``", "").split())
+
+
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -79,11 +85,11 @@ def describe(rules: dict[str, type[Rule]]) -> list[RuleInfo]:
     """A :class:`RuleInfo` for every ``name -> class`` of ``rules``, in their order."""
     out = []
     for name, cls in rules.items():
-        summary = inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].replace("\n", " ")
+        summary = _plain(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0])
         options: list[OptionInfo] = []
         if cls.Options is not NoOptions and dataclasses.is_dataclass(cls.Options):
             docs = _attribute_docs(cls.Options)
-            options = [OptionInfo(f.name, _default(f), docs.get(f.name, ""))
+            options = [OptionInfo(f.name, _default(f), _plain(docs.get(f.name, "")))
                        for f in dataclasses.fields(cls.Options)]
         settings = cls.settings_for({})
         out.append(RuleInfo(name, summary, bool(cls.uses_labels), cls.view_kind, settings,

@@ -20,7 +20,9 @@ __all__ = ["BPSSL"]
 
 
 class BPSSL(ImageSSLRule):
-    """End-to-end backprop of a self-supervised loss on the top block (BP-CLAPP++, BP-InfoNCE).
+    """Implements BP-CLAPP++ and BP-InfoNCE (arXiv 2601.21683): end-to-end backprop of a
+    self-supervised loss on the top block. Options:
+    :class:`~locallearn.rules.image_options.BPOptions`; ``docs/image-rules.md``.
 
     Args:
         loss: ``clapp`` (the unified loss on the grid-pooled top block) or ``infonce``.

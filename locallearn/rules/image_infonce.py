@@ -61,8 +61,8 @@ class InfoNCEOptions:
 
 
 class LayerwiseInfoNCE(StepsBlockByBlock, ImageRule):
-    """BP-InfoNCE's loss on every block, each block trained from its own loss (see the module
-    docstring).
+    """Implements the layer-wise InfoNCE (BP-InfoNCE's loss of arXiv 2601.21683 on every block,
+    each block from its own loss). Options: :class:`InfoNCEOptions`; ``docs/image-rules.md``.
 
     Args:
         pool: ``global``, ``auto`` or pool sizes per block.

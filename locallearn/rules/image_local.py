@@ -26,7 +26,10 @@ __all__ = ["FFRule", "LocalImageRule", "TopLossBackprop"]
 
 
 class LocalImageRule(StepsBlockByBlock, ImageSSLRule):
-    """Layer-wise rule: each block learns from its own unified loss (see the module docstring).
+    """Implements CLAPP and CLAPP++ (arXiv 2601.21683): every block learns from its own unified
+    loss, with context from itself, from the top block (DFB) or both. Options:
+    :class:`~locallearn.rules.image_options.LocalOptions`; what it computes:
+    ``docs/image-rules.md``.
 
     Args:
         context: ``same``, ``top`` or ``both``.
@@ -230,7 +233,9 @@ class TopLossBackprop(TopLossReference):
 
 
 class FFRule(LocalImageRule):
-    """``ff``: :class:`LocalImageRule` with ``B`` fixed to the identity and context ``same``."""
+    """Implements the Forward-Forward-style member of the CLAPP family (arXiv 2601.21683):
+    :class:`LocalImageRule` with ``B`` fixed to the identity and context ``same``. Options:
+    :class:`~locallearn.rules.image_options.FFOptions`."""
 
     name = "ff"
     Options = FFOptions

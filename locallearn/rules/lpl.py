@@ -1,67 +1,9 @@
 """``lpl``: latent predictive learning (Nat. Neurosci. 26:1906, 2023), layer by layer.
 
-Every block learns from its own output on the two views of a batch, with its input detached (no
-signal crosses blocks). With ``z`` the block's output average-pooled globally, ``B x C`` per view
-(``rule.options.pooling=global``, the default; the block's output is the map after its max-pool,
-see :func:`locallearn.nets.vgg.vgg11`), the block's loss is::
-
-    L = pull * mse(z1, z2) + push * (H(z1) + H(z2)) / 2 + decorr * (D(z1) + D(z2)) / 2
-
-    H(z) = -mean_c log(Var_b(z_c) + eps)                  Var_b = sum_b (z_bc - m_c)^2 / (B - 1)
-    D(z) = sum_{j != k} Cov_jk^2 / (C^2 - C)              Cov = (z - m)^T (z - m) / (B - 1)
-
-with ``m`` the batch mean of ``z`` (detached), ``mse`` the mean of the squared difference over
-the ``B x C`` values, weights ``pull = 1``, ``push = 1``, ``decorr = 10`` and ``eps = 1e-4``
-(``rule.options``). The run's loss is the sum of the blocks' losses; each block's loss is
-backpropagated as soon as it is computed (its graph freed before the next block runs), which gives
-the gradients of the reference's one backward of the sum, since the blocks' inputs are detached.
-The blocks can train on separate processes (``parallel.stages``, the same arithmetic). Under data
-parallelism each rank's part of the batch gives its own Hebbian and decorrelation statistics (as
-VICReg's under this project's convention, and as the reference's multi-GPU runs take each GPU's
-batch on its own): ``N`` ranks equal one process taking the parts one after the other.
-
-Facts of the reference code (its public repository at commit 0210f55; ``module.py`` is
-``models/module.py``, ``encoders.py`` is ``models/encoders.py``), kept here:
-
-- What the loss reads (``encoders.py`` L28-53, L72-73, L105-117): a block is convolution, ReLU
-  and, after layers 1, 2, 4, 6 and 8, a 2x2 max-pool; ``z`` is the adaptive average pool to 1x1 of
-  that block's output, so of the map *after* the max-pool (at 32 px the last map is 1x1). The
-  projector is the identity unless ``--use_projector_mlp`` (default off: ``module.py`` L39,
-  ``encoders.py`` L97-103). The block output is detached before the next block (L117).
-- The predictive term is ``F.mse_loss(z1, z2)`` (``module.py`` L72, L126-133) with no
-  stop-gradient: both views receive its gradient, each pulled towards the other (the paper's
-  learning rule, in the erratum's form at ``erratum/erratum.md`` L28, moves only the present
-  output towards the earlier one).
-- The Hebbian term (``module.py`` L93-101): the batch mean is detached and the sum of squares is
-  divided by ``B - 1``; it is applied as the average over the two views (L142-147). Detaching the
-  mean changes no gradient in exact arithmetic (the centred values sum to zero over the batch).
-- The decorrelation term (``module.py`` L103-108): the centred covariance (mean detached) with
-  its diagonal set to zero, divided by ``B - 1``, squared and summed, divided by ``C^2 - C``;
-  averaged over the two views (L160-165). The repository's erratum (``erratum/erratum.md``
-  L11-36) corrects the published formula, which summed squared products sample by sample, to
-  this expression of the code.
-- The total (``module.py`` L190-192) is ``pull_coeff * sum_l pull_l + push_coeff * sum_l push_l
-  + decorr_coeff * sum_l decorr_l`` with defaults 1, 1, 10 (L50-52, and the command-line defaults
-  L261-263), one backward.
-- The per-layer terms are written into ``torch.zeros(n_layers)`` (L118-120), a tensor of the
-  default dtype: a float64 run of that code keeps float64 only with the default dtype set to
-  float64 (otherwise each term is rounded to float32 before the sum).
-- ``torch.randperm`` is drawn at every step (L122) even when ``--shuffle_positives`` (an
-  ablation that pairs each image with another image's view, L130-131) is off; the option
-  ``--stale_estimates`` (L79-83, L100, L135-158) replaces the batch statistics of the Hebbian
-  term by the previous batch's. Neither is part of this rule.
-- ``--no_pooling`` (``module.py`` L15-18, L127-128, L143-144, L161-163), here
-  ``rule.options.pooling=none``: the predictive term is the mse of the whole maps; the Hebbian
-  term is that of the 4-D map, one variance over the batch per (channel, position), averaged over
-  channels and positions; only the decorrelation term stacks the positions as samples
-  (``B * H * W`` rows of ``C`` channels, divisor ``B * H * W - 1``).
-
-Its update is a three-factor rule: for a unit ``c`` of block ``l`` and sample ``b`` of view ``v``
-the factor is ``dL/dz_bc = pull * 2 (z_bc - z'_bc) / (B C)`` (``z'``: the same image's other
-view) ``- push * (z_bc - m_c) / ((B - 1) (Var_c + eps) C)`` (away from the batch mean, scaled by the
-inverse variance) ``+ decorr * 2 sum_{k != c} Cov_ck (z_bk - m_k) / ((B - 1) (C^2 - C))``, spread
-evenly over the block's output positions, routed through the max-pool and gated by the ReLU's
-derivative, times the block's input patch (the Hebbian term of the weight's gradient).
+Every block learns from its own globally pooled output on the two views of a batch: a predictive
+term, a Hebbian (variance) term and a decorrelation term, its input detached. The terms, the
+erratum's decorrelation expression the code follows and the absence of a stop-gradient:
+``docs/local-rules.md``.
 """
 
 from __future__ import annotations
@@ -156,7 +98,9 @@ def lpl_terms(
 
 
 class LPL(StepsBlockByBlock, Rule):
-    """Latent predictive learning, every block from its own loss (see the module docstring).
+    """Implements LPL (latent predictive learning; Nat. Neurosci. 26:1906, 2023): every block
+    from its own predictive, Hebbian and decorrelation terms. Options: :class:`LPLOptions`;
+    ``docs/local-rules.md``.
 
     Args:
         pull, push, decorr: weights of the predictive, Hebbian and decorrelation terms.

@@ -1,55 +1,10 @@
-"""SCFF: self-contrastive forward-forward (Nat. Commun. 2025, arXiv 2409.11593).
+"""``scff``: self-contrastive forward-forward (Nat. Commun. 2025, arXiv 2409.11593).
 
-Each block of :func:`locallearn.nets.scff_cnn.scff_cnn` learns from its own loss on pairs of
-images, with no labels and no augmentation beyond a random horizontal flip of the batch. For a
-block with pre-activation ``out`` (the pairing convolution of :class:`~locallearn.nets.scff_cnn.
-SCFFConv`):
-
-1. positive pair: each image with itself; negative pair: each image ``i`` with image
-   ``(i + s) mod B`` of the same batch, the shift ``s`` drawn once per batch and block as the
-   first entry of ``randperm(B - 1) + 1`` from the run's generator;
-2. goodness per image and location: ``G = mean_c relu(out)^2`` (a ReLU, whatever the block's
-   own activation);
-3. loss, with thresholds ``theta+`` (``threshold_pos``), ``theta-`` (``threshold_neg``) and
-   weight ``lam`` per block::
-
-       L = mean_b mean_hw log(1 + exp(-(G+ - theta+)))
-         + mean_b mean_hw log(1 + exp(G- - theta-))
-         + lam * mean_b ||G+_b||_2          (the norm over the map of each image)
-
-4. ``.grad`` of the block's weight and bias is ``dL/dparams``; what the block passes on is its
-   activation and pool of ``out`` (triangle for blocks 1-2, ReLU for block 3), detached, for the
-   positive and, where the next block needs them, the negative pairs.
-
-Deeper blocks (``rule.options.concat``, one flag per block): a block with the flag *pairs* again:
-it takes the positive output of the block below, standardises it per sample and forms new
-positive and negative pairs (with its own shift). A block without it reads both streams of the
-block below as they come (positive outputs and the outputs of the negative pairs) and convolves
-each once (:meth:`~locallearn.nets.scff_cnn.SCFFConv.single`: pad, standardise, convolve, the bias
-counted once). Block 1 always pairs.
-
-Greedy training (one block at a time, the blocks below frozen): the published run trained block
-2 without pairing (flags 1, 0) but ran it paired when block 3 trained above it (flags 1, 1, 1):
-the reference code takes every block's flag from the configuration of the block being trained.
-So with ``rule.options.frozen_concat`` (the default) the frozen blocks below pair, whatever their
-own flag (:meth:`SCFF.frozen_carry`), and the block that trains follows its own flag: the
-arithmetic of each published stage. With the flag false they keep their own flags (what a run
-that trains every block together does throughout).
-
-Properties of the reference code kept here on purpose (its ``ContrastFF_CIFAR.py`` at commit
-a6fc0f8, see ``tests/data/README.md``):
-
-- the bias of a paired convolution counts twice (the same convolution on both halves, summed);
-- the pair is standardised *after* the reflect padding, over the padded map, so the padded
-  border weighs in the mean and deviation;
-- the deviation is the unbiased one (``N - 1``), over the ``2C`` channels of the pair, and
-  ``1e-10`` is added to it before dividing;
-- the two logistic terms are written ``log(1 + exp(.))`` and not as a softplus: they overflow to
-  infinity (and their gradient to NaN) for goodness beyond about 700 in float64 (88 in float32),
-  which the training loop's loss guard then reports.
-
-The input of block 1 is the normalised image batch of the image task (``batch.x``), which the
-block standardises per sample as step 1 of its pairing.
+Every block learns from its goodness on an image paired with itself (positive) and with another
+image of the batch (negative), through the pairing convolution of
+:class:`~locallearn.nets.scff_cnn.SCFFConv`. What it computes and the reference code's quirks
+kept here (the bias counted twice, the standardisation after the padding, ``log(1+exp)``
+written literally, the frozen stages' pairing): ``docs/local-rules.md``.
 """
 
 from __future__ import annotations
@@ -134,7 +89,9 @@ def scff_loss(g_pos: torch.Tensor, g_neg: torch.Tensor, threshold_pos: float,
 
 
 class SCFF(StepsBlockByBlock, Rule):
-    """Self-contrastive forward-forward learning of every block (see the module docstring).
+    """Implements SCFF (self-contrastive forward-forward; Nat. Commun. 2025, arXiv
+    2409.11593): every block from its goodness on positive and negative pairs. Options:
+    :class:`SCFFOptions`; what it computes and the reference's quirks: ``docs/local-rules.md``.
 
     Metrics of each block ``k`` it trains: ``loss_block{k}`` and the mean goodness of its
     positive and negative pairs, ``goodness_pos_block{k}`` and ``goodness_neg_block{k}``;

@@ -1,37 +1,9 @@
-"""SoftHebb: soft winner-take-all Hebbian learning (ICLR 2023, arXiv 2209.11883).
+"""``softhebb``: soft winner-take-all Hebbian learning (ICLR 2023, arXiv 2209.11883).
 
-Each block of :func:`locallearn.nets.hebb_cnn.softhebb_cnn` learns from its own input and output,
-with no loss and no gradient. For a block with weights ``W`` (one row ``w_k`` per output channel)
-and its normalised, padded input ``x``:
-
-1. ``u = conv(x, W)`` (no bias);
-2. soft winner-take-all over the channels at every (image, location):
-   ``y = softmax_k(t_inv * u)`` (``rule.options.t_invert``, one per block: 1, 0.65, 0.25);
-3. anti-Hebbian sign: every channel but the winner (the largest ``u``) takes ``-y``;
-4. ``dW_k = sum y_k x_patch - (sum y_k u_k) w_k`` over the batch and every output location
-   (the instar / Oja form);
-5. ``dW`` is divided by its largest magnitude over the whole block (plus ``1e-30``);
-6. each neuron's rate is ``eta0 * (| ||w_k|| - 1 | + 1e-10) ** 0.5`` (``rule.options.lr_power``):
-   it vanishes as the neuron's norm reaches 1.
-
-How the update reaches an ordinary optimiser: the rule writes ``.grad = -rate_k * dW`` with
-``rate_k = (| ||w_k|| - 1 | + 1e-10) ** lr_power`` measured on the weights before the step, so
-plain SGD (no momentum, no weight decay) with the block's learning rate ``eta0``
-(``optim.block_lr``: 0.08, 0.005, 0.01) applies ``w <- w + eta0 * rate_k * dW``, the reference
-code's step (there a negative learning-rate tensor and an SGD variant that takes it). The sign and
-the per-neuron factor live in the rule; the optimiser is stock.
-
-The whole pass runs without autograd. The block's input goes through its batch norm in training
-mode (batch statistics; the running statistics are updated once per batch), as in the reference
-code, and the blocks are updated together after one forward pass (block ``l+1`` sees block ``l``'s
-output under the weights of before the step). The triangle after the convolution only shapes
-what the next block sees.
-
-One quirk of the reference code is kept: it holds each inverse temperature as a float32 number
-(0.65 is 0.64999998 there), which shows in float64 runs only; so does the rule.
-
-The reported ``loss`` is not a loss (the rule has none): it is the mean over every neuron of
-``| ||w_k|| - 1 |``, which the rule drives to 0; per block as ``norm_gap_block{l}``.
+Every block learns from its own input and output, without a loss or a gradient; the update and
+its per-neuron rate reach a stock SGD through ``.grad``. What it computes, how the update reaches
+the optimiser and the reference code's quirks kept here (the inverse temperature held in
+float32): ``docs/local-rules.md``.
 """
 
 from __future__ import annotations
@@ -86,7 +58,10 @@ def softhebb_update(xp: torch.Tensor, u: torch.Tensor, weight: torch.Tensor,
 
 
 class SoftHebb(StepsBlockByBlock, Rule):
-    """Soft winner-take-all Hebbian learning of every block (see the module docstring)."""
+    """Implements SoftHebb (soft winner-take-all Hebbian learning; ICLR 2023, arXiv
+    2209.11883): every block from its own input and output, no loss. Options:
+    :class:`SoftHebbOptions`; what it computes and the reference's quirks:
+    ``docs/local-rules.md``."""
 
     name = "softhebb"
     uses_labels = False
