@@ -262,20 +262,14 @@ class NetConfig:
 
 @dataclass
 class RuleConfig:
-    """The learning rule, its settings and its options.
-
-    ``loss``, ``view``, ``f``, ``negatives``, ``temperature``: settings that some rules read
-    (each rule says which, :attr:`locallearn.rules.base.Rule.settings`); ``None`` until the config
-    is built, then the rule's default for the ones it reads. A setting the rule does not read is
-    an error. ``options``: the rule's typed options (:attr:`locallearn.rules.base.Rule.Options`).
+    """The learning rule and its options: ``options`` are checked against the rule's typed
+    ``Options`` dataclass (:attr:`locallearn.rules.base.Rule.Options`), the one place of every
+    setting a rule reads, and hold all of them once the config is built (defaults included).
+    Keys of earlier versions (``rule.loss``, ``view``, ``f``, ``negatives``, ``temperature`` and
+    ``rule.options.negatives``) are translated (:func:`translate_rule_keys`).
     """
 
     name: str = "backprop"
-    loss: str | None = None
-    view: str | None = None
-    f: str | None = None
-    negatives: str | None = None
-    temperature: float | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -619,13 +613,52 @@ def check_probe_protocol(cfg: RunConfig) -> None:
                          "probe on standardised clean features)")
 
 
+#: keys of the rule section of earlier versions -> their place in ``rule.options`` today
+LEGACY_RULE_KEYS = {"loss": "loss", "view": "view", "f": "f", "negatives": "negative_image",
+                    "temperature": "temperature"}
+
+
+def translate_rule_keys(raw: dict[str, Any]) -> list[str]:
+    """Move the rule keys of earlier versions into ``rule.options``, in place: ``rule.loss``,
+    ``view``, ``f``, ``temperature`` keep their names, ``rule.negatives`` (which image is the
+    negative) becomes ``negative_image`` and ``rule.options.negatives`` (which view of it)
+    ``negative_view``. A value the config also gives under the new name is kept. Returns the
+    new names of the keys that moved."""
+    rule = raw.get("rule")
+    if not isinstance(rule, dict):
+        return []
+    options = rule.get("options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        return []
+    moved = []
+    if "negatives" in options:
+        value = options.pop("negatives")
+        if value is not None:
+            options.setdefault("negative_view", value)
+            moved.append("negative_view")
+    for old, new in LEGACY_RULE_KEYS.items():
+        if old in rule:
+            value = rule.pop(old)
+            if value is not None:
+                options.setdefault(new, value)
+                moved.append(new)
+    rule["options"] = options
+    return moved
+
+
 def build_config(raw: dict[str, Any]) -> RunConfig:
     """A checked :class:`RunConfig` from a mapping (the data section by its ``name``).
 
     Keys that only another kind of data reads (``net.channels_last`` on an RHM run) are errors;
-    those this data reads get its defaults when unset.
+    those this data reads get its defaults when unset. Rule keys of earlier versions are
+    translated (:func:`translate_rule_keys`).
     """
     raw = dict(raw)
+    if isinstance(raw.get("rule"), dict):
+        raw["rule"] = {**raw["rule"], "options": dict(raw["rule"].get("options") or {})}
+        translate_rule_keys(raw)
     data = raw.pop("data", None) or {}
     if not isinstance(data, dict):
         raise ValueError(f"data must be a mapping, got {data!r}")
@@ -711,21 +744,32 @@ def migrate_config(raw: dict[str, Any]) -> dict[str, Any]:
             if isinstance(raw.get(section), dict):
                 for key in keys:
                     raw[section].pop(key, None)
+    moved = translate_rule_keys(raw)
     rule = raw.get("rule")
-    if isinstance(rule, dict):
-        from locallearn.rules import registered, rule_class
-        from locallearn.rules.base import SETTING_KEYS
+    if moved and isinstance(rule, dict):
+        from dataclasses import fields
 
-        if rule.get("name", "backprop") in registered():
-            used = rule_class(rule.get("name", "backprop")).settings_for(rule)
-            for key in SETTING_KEYS:
-                if key not in used:
-                    rule.pop(key, None)
+        from locallearn.rules import registered, rule_class
+
+        if rule.get("name", "backprop") in registered():  # defaults written for other rules
+            own = {f.name for f in fields(rule_class(rule.get("name", "backprop")).Options)}
+            for key in moved:
+                if key not in own:
+                    rule["options"].pop(key, None)
     return raw
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
     raw = load_yaml(path) if path is not None else {}
-    deep_merge(raw, parse_overrides(overrides or []))
+    merge_layer(raw, parse_overrides(overrides or []))
     return build_config(raw)
+
+
+def merge_layer(raw: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """Merge a later layer of settings (overrides, a sweep's settings or grid point) into
+    ``raw``, each with the rule keys of earlier versions translated first, so that a later
+    layer wins whichever spelling each uses."""
+    translate_rule_keys(raw)
+    translate_rule_keys(layer)
+    return deep_merge(raw, layer)

@@ -125,12 +125,12 @@ def test_projections_are_seeded_by_the_run_seed():
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
-        ({"temperature": 0.0}, "rule.temperature=0.0 is invalid"),
+        ({"options": {"temperature": 0.0}}, "rule.options.temperature=0.0 is invalid"),
         ({"options": {"projection_dim": 0}}, "projection_dim=0 is invalid"),
         ({"options": {"step": "all"}}, "rule.options.step='all' is invalid"),
         ({"options": {"pool": "grid"}}, "rule.options.pool='grid' is invalid"),
         ({"options": {"micro_batches": 2}}, "unknown config key 'rule.options.micro_batches'"),
-        ({"f": "hinge"}, "rule.f='hinge' does not apply to rule.name=infonce-image"),
+        ({"options": {"f": "hinge"}}, "unknown config key 'rule.options.f'"),
     ],
 )
 def test_bad_options_are_one_line_errors(extra, match):

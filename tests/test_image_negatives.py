@@ -35,11 +35,12 @@ def test_presets_pair_as_the_paper_code(preset):
 
 
 @pytest.mark.parametrize("options, negatives, match", [
-    ({"negatives": "other"}, "next", "rule.options.negatives"),
-    ({"negatives": "paper"}, "random", "needs rule.negatives=next"),
+    ({"negative_view": "other"}, "next", "rule.options.negative_view"),
+    ({"negative_view": "paper"}, "random", "needs rule.options.negative_image=next"),
 ])
 def test_bad_pairings_are_one_line_errors(options, negatives, match):
-    cfg = RuleConfig(name="clapp-image", f="hinge", negatives=negatives, options=options)
+    cfg = RuleConfig(name="clapp-image",
+                     options={"f": "hinge", "negative_image": negatives, **options})
     with pytest.raises(ValueError, match=match) as info:
         build_rule(cfg, 0)
     assert "\n" not in str(info.value)
@@ -58,7 +59,7 @@ def test_micro_batches_are_exact_for_both_pairings(pairing, name):
     batch = _batch()
     grads = {}
     for parts in (1, 3):
-        options = {"negatives": pairing, "micro_batches": parts}
+        options = {"negative_view": pairing, "micro_batches": parts}
         if name == "clapp-image":
             options["context"] = "both"
         net = vgg6(1 / 32, seed=0).double()

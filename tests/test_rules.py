@@ -267,8 +267,9 @@ def test_layerwise_never_sees_labels_and_skips_readout():
 
 
 def test_bad_rule_options():
-    for kwargs, key in [(dict(loss="x"), "rule.loss"), (dict(view="y"), "rule.view"),
-                        (dict(f="z"), "rule.f"), (dict(negatives="w"), "rule.negatives")]:
+    for kwargs, key in [(dict(loss="x"), "rule.options.loss"),
+                        (dict(view="y"), "rule.options.view"), (dict(f="z"), "rule.options.f"),
+                        (dict(negatives="w"), "rule.options.negative_image")]:
         with pytest.raises(ValueError, match=key):
             Layerwise(**kwargs)
     with pytest.raises(ValueError, match="dfa, drtp, sign-dfa"):

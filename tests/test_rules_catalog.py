@@ -1,5 +1,5 @@
-"""``locallearn rules``: every rule with what it sees, its settings and its options, read from
-the rules' own classes."""
+"""``locallearn rules``: every rule with what it sees and its options, read from the rules' own
+classes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 
 from locallearn.cli import main
 from locallearn.rules import registered, rule_class
-from locallearn.rules.catalog import describe
+from locallearn.rules.catalog import RuleInfo, describe
 
 
 def test_every_option_of_every_rule_is_listed_with_its_default_and_meaning():
@@ -28,7 +28,9 @@ def test_every_option_of_every_rule_is_listed_with_its_default_and_meaning():
     context = next(o for o in clapp.options if o.name == "context")  # from a subclass's docs
     pool = next(o for o in clapp.options if o.name == "pool")  # from the base class's docs
     assert "CLAPP" in context.meaning and "global" in pool.meaning
-    assert clapp.settings == {"f": "hinge", "negatives": "next"}
+    defaults = {o.name: o.default for o in clapp.options}
+    assert (defaults["f"], defaults["negative_image"]) == ("hinge", "next")
+    assert "settings" not in RuleInfo.__dataclass_fields__  # one place per rule: its options
 
 
 def test_the_command_prints_the_chosen_rules(capsys):

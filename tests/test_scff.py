@@ -323,8 +323,8 @@ def test_the_rule_section_builds_from_config():
     cfg = RuleConfig(name="scff", options={"concat": [True, True, True]})
     rule = build_rule(cfg, 0)
     assert isinstance(rule, SCFF) and rule.concat == [True, True, True]
-    with pytest.raises(ValueError, match="rule.f"):
-        build_rule(RuleConfig(name="scff", f="hinge"), 0)
+    with pytest.raises(ValueError, match="rule.options.f"):
+        build_rule(RuleConfig(name="scff", options={"f": "hinge"}), 0)
 
 
 def test_presets_hold_the_published_settings():

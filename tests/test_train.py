@@ -223,7 +223,7 @@ def test_stop_threshold_waits_for_an_evaluated_epoch(tmp_path):
         (["net.width=[8,8]"], "net.widths=[8, 8] is invalid"),
         (["rule.name=layerwise", "rule.view=siblings", "data.L=1", "data.train_size=8",
           "data.test_size=8"], "needs data.L >= 2"),
-        (["rule.name=layerwise", "rule.loss=mse"], "rule.loss='mse' is unknown"),
+        (["rule.name=layerwise", "rule.loss=mse"], "rule.options.loss='mse' is unknown"),
         (["net.kind=vgg6"], "does not fit data.name=rhm"),
         (["device=tpu"], "device='tpu' is invalid"),
         (["noequals"], "is not of the form key=value"),

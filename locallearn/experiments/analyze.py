@@ -85,7 +85,8 @@ def analyze_run(
     _write_json(path / ANALYSIS, rows)
     if plots:
         d, r = run.cfg.data, run.cfg.rule
-        rule = f"{r.name} ({r.loss}, {r.view})" if r.name == "layerwise" else run.rule.name
+        rule = (f"{r.name} ({r.options.get('loss')}, {r.options.get('view')})"
+                if r.name == "layerwise" else run.rule.name)
         title = (f"{rule}, epoch {run.epoch}: RHM v={d.v} n_c={d.n_classes} m={d.m} "
                  f"s={d.s} L={d.L}, P={task.n_train}")
         plot_analysis(rows, path, title)

@@ -208,8 +208,6 @@ def _cmd_rules(args: argparse.Namespace) -> int:
         seen = "labels" if info.uses_labels else "no labels"
         views = f", views: {info.view_kind}" if info.view_kind else ""
         print(f"  sees: {seen}{views}")
-        for key, value in info.settings.items():
-            print(f"  rule.{key} = {value!r}")
         for opt in info.options:
             print(f"  rule.options.{opt.name} = {opt.default!r}" +
                   (f"  # {opt.meaning}" if opt.meaning else ""))
@@ -219,10 +217,10 @@ def _cmd_rules(args: argparse.Namespace) -> int:
 
 def _add_rules(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "rules", help="list the rules, their settings and options with defaults and meanings",
-        description="Every rule.name the package (and installed plugins) offers: what it sees, "
-                    "the rule.* settings it reads and its rule.options, with their defaults "
-                    "and meanings, read from the rules' own Options dataclasses.",
+        "rules", help="list the rules and their options with defaults and meanings",
+        description="Every rule.name the package (and installed plugins) offers: what it sees "
+                    "and its rule.options, with their defaults and meanings, read from the "
+                    "rules' own Options dataclasses.",
     )
     p.add_argument("names", nargs="*", help="rules to show (default: all)")
     p.set_defaults(func=_cmd_rules)

@@ -49,7 +49,7 @@ from locallearn.config import (
     split_key_value,
 )
 from locallearn.runfiles import CONFIG
-from locallearn.schema import migrate_config, without_runtime_keys
+from locallearn.schema import merge_layer, migrate_config, without_runtime_keys
 
 SWEEP_KEYS = ("config", "base", "settings", "grid", "variants", "seeds", "description")
 RUNS_DIR = "runs"
@@ -469,10 +469,10 @@ def expand(spec: SweepSpec, threads: int = 1) -> list[RunSpec]:
                              if not isinstance(value, (list, dict))
                              else nest({axis.name: value}, "grid"))
         raw = base(preset)
-        deep_merge(raw, copy.deepcopy(spec.settings))
-        deep_merge(raw, copy.deepcopy(overrides))
+        merge_layer(raw, copy.deepcopy(spec.settings))
+        merge_layer(raw, copy.deepcopy(overrides))
         for part in parts:
-            deep_merge(raw, copy.deepcopy(part))
+            merge_layer(raw, copy.deepcopy(part))
         raw["seed"] = seed
         raw["progress"] = False
         run_values = {**values, "seed": seed}

@@ -17,7 +17,7 @@ from typing import Any
 
 from locallearn.config import from_dict
 from locallearn.rules.backprop import Backprop, BackpropNoMask
-from locallearn.rules.base import SETTING_KEYS, Batch, NoOptions, Rule
+from locallearn.rules.base import Batch, NoOptions, Rule
 from locallearn.rules.feedback import DirectFeedback
 from locallearn.rules.image_bp import BPSSL
 from locallearn.rules.image_infonce import LayerwiseInfoNCE
@@ -92,7 +92,7 @@ def image_rule_names(view_kinds: tuple[str, ...]) -> list[str]:
 
 
 def register(name: str, rule: type[Rule]) -> None:
-    """Make ``rule.name=<name>`` build ``rule`` (its ``Options``, ``settings``, ``from_config``)."""
+    """Make ``rule.name=<name>`` build ``rule`` (its ``Options`` and ``from_config``)."""
     _RULES[name] = rule
 
 
@@ -127,31 +127,16 @@ def rule_options(cfg: Any) -> Any:
 
 
 def check_rule_config(cfg: Any) -> None:
-    """Check the rule section ``cfg`` and fill in its settings, in place.
-
-    A setting (``rule.loss``, ``rule.view``, ``rule.f``, ``rule.negatives``,
-    ``rule.temperature``) that the rule does not read is a ValueError naming it; the settings
-    it reads and that are unset (``None``) get the rule's defaults. The options are checked,
-    and the rule is made once so that its own value checks run (before any data is loaded).
-    """
+    """Check the rule section ``cfg``: its options against the rule's ``Options`` dataclass,
+    then the rule is made once so that its own value checks run (before any data is loaded)."""
     cls = rule_class(cfg.name)
-    section = {key: getattr(cfg, key) for key in SETTING_KEYS}
-    used = cls.settings_for(section)
-    for key in SETTING_KEYS:
-        value = getattr(cfg, key)
-        if key not in used and value is not None:
-            reads = ", ".join(f"rule.{k}" for k in used) or "none of them"
-            raise ValueError(
-                f"rule.{key}={value!r} does not apply to rule.name={cfg.name} (its settings: "
-                f"{reads}); remove it"
-            )
-        if key in used and value is None:
-            setattr(cfg, key, used[key])
-    cls.from_config(cfg, rule_options(cfg), 0)
+    options = rule_options(cfg)
+    cls.from_config(cfg, options, 0)
+    cfg.options = dataclasses.asdict(options)  # every option written down, defaults included
 
 
 def build_rule(cfg: Any, seed: int = 0, **task_info: Any) -> Rule:
-    """A rule from its config section (``cfg.name``, its settings and ``cfg.options``).
+    """A rule from its config section (``cfg.name`` and ``cfg.options``).
 
     ``task_info`` carries facts of the task a rule may need (``s``: the RHM branching factor).
     The section is checked (:func:`check_rule_config`) on a copy; bad values are ValueErrors.

@@ -7,7 +7,6 @@ buffers (fixed random feedback matrices); they live in the rule module and are s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,10 +36,6 @@ class Batch:
     block_views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
-#: Keys of the rule section, besides ``name`` and ``options``, that a rule may read.
-SETTING_KEYS = ("loss", "view", "f", "negatives", "temperature")
-
-
 @dataclass
 class NoOptions:
     """The ``rule.options`` of a rule that has none."""
@@ -56,10 +51,8 @@ class Rule(nn.Module):
         trains_codes: whether the rule trains blocks that output discrete codes (a block with
             ``emits_codes = True``, which no gradient crosses); such blocks take no other rule,
             and such a rule takes no other network (:func:`check_fits`).
-        Options: the typed dataclass of the rule's ``rule.options`` (an unknown key or a bad
-            value is a one-line error).
-        settings: the keys of :data:`SETTING_KEYS` (``rule.loss``, ``rule.f``...) the rule reads,
-            with their defaults; giving any other one is an error.
+        Options: the typed dataclass of the rule's ``rule.options``, the one place of every
+            setting the rule reads (an unknown key or a bad value is a one-line error).
 
     A rule is made from its config section by :meth:`from_config` (see
     :func:`locallearn.rules.build_rule`).
@@ -70,17 +63,10 @@ class Rule(nn.Module):
     view_kind: str | None = None
     trains_codes: ClassVar[bool] = False
     Options: ClassVar[type] = NoOptions
-    settings: ClassVar[dict[str, Any]] = {}
-
-    @classmethod
-    def settings_for(cls, section: Mapping[str, Any]) -> dict[str, Any]:
-        """The settings this rule reads given its section (some depend on ``rule.loss``), with
-        their defaults."""
-        return dict(cls.settings)
 
     @classmethod
     def from_config(cls, cfg: Any, options: Any, seed: int, **task_info: Any) -> Rule:
-        """The rule of config section ``cfg`` (settings filled in), its typed ``options``, the
+        """The rule of config section ``cfg``, its typed ``options``, the
         run's ``seed`` and facts of the task (``s``: the RHM branching factor)."""
         return cls()
 

@@ -1,10 +1,9 @@
 """What every rule reads, from the rules themselves: ``locallearn rules`` prints it.
 
-For each registered rule: its one-line description (the class docstring's first line), whether it
-sees labels, the views it takes, the top-level settings it reads (``rule.f``, ...) with their
-defaults, and its ``rule.options`` with their defaults and meanings, read from the ``Options``
-dataclass (its fields, and the ``Attributes:`` section of its docstring and of the classes it
-extends).
+For each registered rule: its description (the class docstring's first paragraph), whether it
+sees labels, the views it takes, and its ``rule.options`` with their defaults and meanings, read
+from the ``Options`` dataclass (its fields, and the ``Attributes:`` section of its docstring and
+of the classes it extends).
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ class RuleInfo:
     summary: str
     uses_labels: bool
     view_kind: str | None
-    settings: dict[str, Any]
     options: list[OptionInfo]
 
 
@@ -91,7 +89,5 @@ def describe(rules: dict[str, type[Rule]]) -> list[RuleInfo]:
             docs = _attribute_docs(cls.Options)
             options = [OptionInfo(f.name, _default(f), _plain(docs.get(f.name, "")))
                        for f in dataclasses.fields(cls.Options)]
-        settings = cls.settings_for({})
-        out.append(RuleInfo(name, summary, bool(cls.uses_labels), cls.view_kind, settings,
-                            options))
+        out.append(RuleInfo(name, summary, bool(cls.uses_labels), cls.view_kind, options))
     return out

@@ -3,9 +3,6 @@ encoder (BP-CLAPP++, BP-InfoNCE); see :mod:`locallearn.rules.image_ssl` for the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -39,20 +36,12 @@ class BPSSL(ImageSSLRule):
 
     name = "bp-ssl"
     Options = BPOptions
-    settings = {"loss": "clapp", "f": "hinge", "negatives": "next", "temperature": 0.1}
-
-    @classmethod
-    def settings_for(cls, section: Mapping[str, Any]) -> dict[str, Any]:
-        loss = section.get("loss") or cls.settings["loss"]
-        keys = ("loss", "temperature") if loss == "infonce" else ("loss", "f", "negatives")
-        return {k: cls.settings[k] for k in keys}
 
     @classmethod
     def from_config(cls, cfg, options: BPOptions, seed: int, **task_info) -> BPSSL:
         o = options
-        return cls(cfg.loss, o.pool, cfg.f or "hinge", cfg.negatives or "next", o.score_norm,
-                   0.1 if cfg.temperature is None else cfg.temperature, o.projection_dim,
-                   seed, o.micro_batches, pairing=o.negatives)
+        return cls(o.loss, o.pool, o.f, o.negative_image, o.score_norm, o.temperature,
+                   o.projection_dim, seed, o.micro_batches, pairing=o.negative_view)
 
     def __init__(
         self,
@@ -69,13 +58,13 @@ class BPSSL(ImageSSLRule):
     ) -> None:
         super().__init__(pool, f, negatives, score_norm, micro_batches, pairing)
         self.seed = seed
-        check_choice("rule.loss", loss, ("clapp", "infonce"))
+        check_choice("rule.options.loss", loss, ("clapp", "infonce"))
         if micro_batches > 1 and loss != "clapp":
             raise ValueError(
-                "rule.options.micro_batches > 1 needs rule.loss=clapp (InfoNCE's negatives "
+                "rule.options.micro_batches > 1 needs rule.options.loss=clapp (InfoNCE's negatives "
                 "are the batch's other images, inside the graph)"
             )
-        check_range("rule.temperature", temperature, 0, low_open=True)
+        check_range("rule.options.temperature", temperature, 0, low_open=True)
         self.loss_kind = loss
         self.temperature = temperature
         self.projection_dim = projection_dim

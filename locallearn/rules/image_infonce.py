@@ -48,9 +48,11 @@ class InfoNCEOptions:
         projection_dim: output size of every block's projection (default: the block's pooled
             size, i.e. its channels with global pooling).
         step: ``block`` (backward per block, graph freed) or ``summed`` (one backward).
+        temperature: the InfoNCE temperature.
     """
 
     pool: list[int] | str = "global"
+    temperature: float = 0.1
     projection_dim: int | None = None
     step: Literal["block", "summed"] = "block"
 
@@ -74,12 +76,11 @@ class LayerwiseInfoNCE(StepsBlockByBlock, ImageRule):
 
     name = "infonce-image"
     Options = InfoNCEOptions
-    settings = {"temperature": 0.1}
 
     @classmethod
     def from_config(cls, cfg, options: InfoNCEOptions, seed: int, **task_info) -> LayerwiseInfoNCE:
         o = options
-        return cls(o.pool, cfg.temperature, o.projection_dim, o.step, seed)
+        return cls(o.pool, o.temperature, o.projection_dim, o.step, seed)
 
     def __init__(
         self,
@@ -90,7 +91,7 @@ class LayerwiseInfoNCE(StepsBlockByBlock, ImageRule):
         seed: int = 0,
     ) -> None:
         super().__init__(pool)
-        check_range("rule.temperature", temperature, 0, low_open=True)
+        check_range("rule.options.temperature", temperature, 0, low_open=True)
         check_choice("rule.options.step", step, STEPS)
         self.temperature = temperature
         self.projection_dim = projection_dim

@@ -46,13 +46,12 @@ class LocalImageRule(StepsBlockByBlock, ImageSSLRule):
 
     name = "clapp-image"
     Options = LocalOptions
-    settings = {"f": "hinge", "negatives": "next"}
 
     @classmethod
     def from_config(cls, cfg, options: LocalOptions, seed: int, **task_info) -> LocalImageRule:
         o = options
-        return cls(o.context, o.pool, cfg.f, cfg.negatives, o.step, o.score_norm,
-                   micro_batches=o.micro_batches, pairing=o.negatives)
+        return cls(o.context, o.pool, o.f, o.negative_image, o.step, o.score_norm,
+                   micro_batches=o.micro_batches, pairing=o.negative_view)
 
     def __init__(
         self,
@@ -239,13 +238,12 @@ class FFRule(LocalImageRule):
 
     name = "ff"
     Options = FFOptions
-    settings = {"f": "softplus", "negatives": "next"}
 
     @classmethod
     def from_config(cls, cfg, options: FFOptions, seed: int, **task_info) -> FFRule:
         o = options
-        return cls(o.pool, cfg.f, cfg.negatives, o.step, o.score_norm, o.micro_batches,
-                   pairing=o.negatives)
+        return cls(o.pool, o.f, o.negative_image, o.step, o.score_norm, o.micro_batches,
+                   pairing=o.negative_view)
 
     def __init__(
         self,

@@ -100,20 +100,20 @@ class ImageSSLRule(ImageRule):
         super().__init__(pool)
         if pairing is None:  # the paper code's pairing where it is defined
             pairing = "paper" if negatives == "next" else "same-view"
-        check_choice("rule.f", f, losses.F_KINDS)
-        check_choice("rule.negatives", negatives, NEGATIVES)
-        check_choice("rule.options.negatives", pairing, PAIRINGS)
+        check_choice("rule.options.f", f, losses.F_KINDS)
+        check_choice("rule.options.negative_image", negatives, NEGATIVES)
+        check_choice("rule.options.negative_view", pairing, PAIRINGS)
         if pairing == "paper" and negatives != "next":
             raise ValueError(
-                f"rule.options.negatives=paper (the paper code's pairing) needs rule.negatives="
-                f"next, not {negatives!r}; for random negatives use rule.options.negatives="
-                "same-view"
+                "rule.options.negative_view=paper (the paper code's pairing) needs "
+                f"rule.options.negative_image=next, not {negatives!r}; for random negatives use "
+                "rule.options.negative_view=same-view"
             )
         check_micro_batches(micro_batches)
         if micro_batches > 1 and f == "softplus-diff":
             raise ValueError(
-                "rule.options.micro_batches > 1 does not fit rule.f=softplus-diff (it couples "
-                "each positive score with its negative); valid f: hinge, softplus, linear"
+                "rule.options.micro_batches > 1 does not fit rule.options.f=softplus-diff (it "
+                "couples each positive score with its negative); valid f: hinge, softplus, linear"
             )
         self.micro_batches = micro_batches
         self.f = f

@@ -111,7 +111,6 @@ class LatentPrediction(Rule):
     uses_labels = False
     view_kind = None
     Options: ClassVar[type] = LatentOptions
-    settings: ClassVar[dict[str, Any]] = {}  # reads none of rule.loss, view, f, ...
 
     @classmethod
     def from_config(cls, cfg: Any, options: Any, seed: int, **task_info: Any) -> LatentPrediction:

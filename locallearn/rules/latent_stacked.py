@@ -107,7 +107,6 @@ class LatentStacked(Rule):
     view_kind = None
     trains_codes = True
     Options: ClassVar[type] = StackedOptions
-    settings: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def from_config(cls, cfg: Any, options: Any, seed: int, **task_info: Any) -> LatentStacked:

@@ -38,9 +38,8 @@ Settings: ``rule.loss``, ``rule.view``; ``rule.f`` and ``rule.negatives`` for ``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -60,11 +59,30 @@ class LayerwiseOptions:
     """``rule.options`` of ``layerwise``.
 
     Attributes:
+        loss: the block loss: ``clapp``, ``infonce`` or ``vicreg``.
+        view: the second view of a sample: ``synonyms`` (from the generator),
+            ``synonyms-per-block``, ``mask`` or ``siblings`` (the module docstring).
+        f: the function of the ``clapp`` score loss (:mod:`locallearn.losses`).
+        negative_image: the ``clapp`` negative of each sample: ``next`` or ``random``.
+        temperature: the ``infonce`` temperature.
         score_norm: scale of the bilinear scores (:func:`locallearn.losses.score_scale`):
             ``dims`` (default here: ``1 / C``) or ``none`` (the sum).
     """
 
+    loss: str = "clapp"
+    view: str = "synonyms"
+    f: str = "hinge"
+    negative_image: Literal["next", "random"] = "next"
+    temperature: float = 0.1
     score_norm: Literal["none", "dims"] = "dims"
+
+    def validate(self) -> None:
+        applies = {"f": "clapp", "negative_image": "clapp", "temperature": "infonce"}
+        defaults = LayerwiseOptions.__dataclass_fields__
+        for key, loss in applies.items():
+            if self.loss != loss and getattr(self, key) != defaults[key].default:
+                raise ValueError(f"rule.options.{key}={getattr(self, key)!r} applies to "
+                                 f"loss={loss} only, not loss={self.loss}; remove it")
 
 
 def pick_negatives(n: int, how: str, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -91,24 +109,12 @@ class Layerwise(StepsBlockByBlock, Rule):
     name = "layerwise"
     uses_labels = False
     Options = LayerwiseOptions
-    settings = {"loss": "clapp", "view": "synonyms", "f": "hinge", "negatives": "next",
-                "temperature": 0.1}
-
-    @classmethod
-    def settings_for(cls, section: Mapping[str, Any]) -> dict[str, Any]:
-        loss = section.get("loss") or cls.settings["loss"]
-        keys = {"clapp": ("loss", "view", "f", "negatives"),
-                "infonce": ("loss", "view", "temperature")}.get(loss, ("loss", "view"))
-        return {k: cls.settings[k] for k in keys}
 
     @classmethod
     def from_config(cls, cfg, options: LayerwiseOptions, seed: int, **task_info) -> Layerwise:
-        return cls(
-            loss=cfg.loss, view=cfg.view, f=cfg.f or "hinge", negatives=cfg.negatives or "next",
-            temperature=0.1 if cfg.temperature is None else cfg.temperature,
-            s=task_info.get("s", 2),
-            score_norm=options.score_norm,
-        )
+        o = options
+        return cls(loss=o.loss, view=o.view, f=o.f, negatives=o.negative_image,
+                   temperature=o.temperature, s=task_info.get("s", 2), score_norm=o.score_norm)
 
     def __init__(
         self,
@@ -122,14 +128,14 @@ class Layerwise(StepsBlockByBlock, Rule):
     ):
         super().__init__()
         for key, value, valid in (
-            ("rule.loss", loss, LOSSES),
-            ("rule.view", view, VIEWS),
-            ("rule.f", f, losses.F_KINDS),
-            ("rule.negatives", negatives, NEGATIVES),
+            ("rule.options.loss", loss, LOSSES),
+            ("rule.options.view", view, VIEWS),
+            ("rule.options.f", f, losses.F_KINDS),
+            ("rule.options.negative_image", negatives, NEGATIVES),
         ):
             if value not in valid:
                 raise ValueError(f"{key}={value!r} is unknown; valid: {', '.join(valid)}")
-        check_range("rule.temperature", temperature, 0, low_open=True)
+        check_range("rule.options.temperature", temperature, 0, low_open=True)
         losses.score_scale(score_norm, 1, 1)  # checks the name
         self.score_norm = score_norm
         self.loss_kind = loss

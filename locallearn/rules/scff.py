@@ -102,7 +102,6 @@ class SCFF(StepsBlockByBlock, Rule):
     uses_labels = False
     view_kind = "image"
     Options = SCFFOptions
-    settings: dict[str, Any] = {}
 
     @classmethod
     def from_config(cls, cfg: Any, options: SCFFOptions, seed: int, **task_info: Any) -> SCFF:

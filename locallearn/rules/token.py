@@ -67,7 +67,6 @@ class TokenPrediction(Rule):
     uses_labels = False
     view_kind = None
     Options: ClassVar[type] = TokenOptions
-    settings: ClassVar[dict[str, Any]] = {}  # reads none of rule.loss, view, f, ...
 
     @classmethod
     def from_config(cls, cfg: Any, options: Any, seed: int, **task_info: Any) -> TokenPrediction:
