@@ -91,7 +91,8 @@ def test_grid_expands_variants_sizes_and_seeds(tmp_path):
     assert [r.seed for r in runs] == [0] * 4 + [1] * 4  # seeds outermost
     clapp = next(r for r in runs if r.values["variant"] == "clapp-syn")
     assert clapp.raw["rule"]["name"] == "layerwise"
-    assert (clapp.raw["rule"]["loss"], clapp.raw["rule"]["view"]) == ("clapp", "synonyms")
+    options = clapp.raw["rule"]["options"]  # the variant's rule.loss, rule.view, translated
+    assert (options["loss"], options["view"]) == ("clapp", "synonyms")
     assert clapp.raw["data"]["train_size"] in ("0.5P*", "2P*")  # P* units resolved per run
     assert clapp.raw["net"]["width"] == 16 and clapp.raw["progress"] is False
     assert {r.values["data.train_size"] for r in runs} == {"0.5P*", "2P*"}
