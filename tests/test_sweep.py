@@ -347,3 +347,22 @@ def test_sweep_file_keeps_the_values_of_every_start(tmp_path):
     assert axes["optim.lr"]["values"] == ["1e-3", "3e-3"]
     names = {r.name for r in expand(first)} | {r.name for r in expand(second)}
     assert set(doc["runs"]) == names and len(doc["runs"]) == len(names)
+
+
+def test_each_local_run_gets_a_fresh_process_so_its_peak_memory_is_its_own():
+    """The pool the sweep builds (spawned workers) starts a new process for every run: two runs
+    on one worker see two process ids (with fork, where the pool cannot, one)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from locallearn.experiments.sweep import _fresh_process_per_run
+
+    if sys.version_info < (3, 11):
+        assert _fresh_process_per_run("spawn") == {}
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx,
+                             **_fresh_process_per_run("spawn")) as pool:
+        pids = [pool.submit(os.getpid).result() for _ in range(2)]
+    assert pids[0] != pids[1]
+    assert _fresh_process_per_run("fork") == {}

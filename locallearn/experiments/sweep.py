@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -389,6 +390,7 @@ def _run_local(
         pool = ProcessPoolExecutor(
             max_workers=min(workers, len(pending)), mp_context=ctx,
             initializer=_worker_init, initargs=(threads, os.getpid(), started),
+            **_fresh_process_per_run(start_method),
         )
         interrupted = True
         try:
@@ -442,6 +444,15 @@ def _run_local(
             else:
                 keep.append(run)
         pending = keep
+
+
+def _fresh_process_per_run(start_method: str) -> dict[str, Any]:
+    """Each run in a process of its own where the pool allows it (Python >= 3.11, not forked):
+    a run's peak memory (``peak_rss_mib``) is then its own, not the largest of the runs its
+    worker trained before."""
+    if sys.version_info >= (3, 11) and start_method != "fork":
+        return {"max_tasks_per_child": 1}
+    return {}
 
 
 def _drain(queue: Any, in_flight: dict[str, RunSpec], pending: list[RunSpec], emit: Event) -> None:

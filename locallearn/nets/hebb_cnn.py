@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locallearn.nets.base import Block, BlockNet, scaled_width
-from locallearn.nets.vgg import VGG6_PLAN
+from locallearn.nets.vgg import VGG6_PLAN, vgg_net
 
 #: ``(channels, kernel, padding, pool)`` of each block at full width; a pool is ``("max", k, s,
 #: p)`` or ``("avg", k, s, p)``.
@@ -150,15 +150,6 @@ def softhebb_vgg6(
     if bias:
         raise ValueError("net.bias=true is invalid for net.kind=vgg6-softhebb (its convolutions "
                          "have no bias); valid: false")
-    scaled_width(1, width_mult)  # checks it
-    blocks: list[nn.Module] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        c_in = in_channels
-        for channels, pool in VGG6_PLAN:
-            c_out = scaled_width(channels, width_mult)
-            act: nn.Module = Triangle(power)
-            post: nn.Module = nn.Sequential(act, nn.MaxPool2d(2)) if pool else act
-            blocks.append(Block(HebbConv(c_in, c_out, 3, 1, init_range), post))
-            c_in = c_out
-    return BlockNet(blocks, readout=None)
+    return vgg_net(VGG6_PLAN, width_mult, in_channels, seed,
+                   lambda c_in, c_out: HebbConv(c_in, c_out, 3, 1, init_range),
+                   lambda: Triangle(power))

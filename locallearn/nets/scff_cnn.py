@@ -50,7 +50,7 @@ from torch import nn
 
 from locallearn.nets.base import Block, BlockNet, scaled_width
 from locallearn.nets.hebb_cnn import HEBB_PLAN, Triangle, pool_of
-from locallearn.nets.vgg import VGG6_PLAN
+from locallearn.nets.vgg import VGG6_PLAN, vgg_net
 
 __all__ = ["SCFFConv", "scff_cnn", "scff_vgg6", "standardize"]
 
@@ -174,14 +174,5 @@ def scff_vgg6(
     """VGG-6 (:data:`~locallearn.nets.vgg.VGG6_PLAN`) with SCFF's pairing block in every block
     (:class:`SCFFConv`: 3x3 kernels, reflect padding 1, Xavier-uniform weights), then ReLU and,
     where the plan marks it, a 2x2 max-pool. Arguments as :func:`scff_cnn`."""
-    scaled_width(1, width_mult)  # checks it
-    blocks: list[nn.Module] = []
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        c_in = in_channels
-        for channels, pool in VGG6_PLAN:
-            c_out = scaled_width(channels, width_mult)
-            post: nn.Module = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)) if pool else nn.ReLU()
-            blocks.append(Block(SCFFConv(c_in, c_out, 3, 1, bias=bias), post))
-            c_in = c_out
-    return BlockNet(blocks, readout=None)
+    return vgg_net(VGG6_PLAN, width_mult, in_channels, seed,
+                   lambda c_in, c_out: SCFFConv(c_in, c_out, 3, 1, bias=bias))

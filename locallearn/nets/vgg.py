@@ -32,6 +32,8 @@ its max-pool, as in the rule's reference code. Having eight blocks it takes VGG-
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -102,6 +104,22 @@ def vgg6(
             from a private generator state: the global one is left as it was).
         plan: ``(channels, max-pool)`` per block at full width.
     """
+    return vgg_net(plan, width_mult, in_channels, seed,
+                   lambda c_in, c_out: nn.Conv2d(c_in, c_out, kernel_size=3, padding=1,
+                                                 bias=bias))
+
+
+def vgg_net(
+    plan: tuple[tuple[int, bool], ...],
+    width_mult: float,
+    in_channels: int,
+    seed: int,
+    linear: Callable[[int, int], nn.Module],
+    activation: Callable[[], nn.Module] = nn.ReLU,
+) -> BlockNet:
+    """A VGG encoder of ``plan`` whose blocks are ``linear(c_in, c_out)`` (the block's
+    ``pre``), then ``activation()`` and, where the plan marks it, a 2x2 max-pool (its
+    ``post``); the weights drawn from a private generator state seeded with ``seed``."""
     scaled_width(1, width_mult)  # checks it
     blocks: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
@@ -109,11 +127,9 @@ def vgg6(
         c_in = in_channels
         for channels, pool in plan:
             c_out = scaled_width(channels, width_mult)
-            conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=bias)
-            post: nn.Module = (
-                nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)) if pool else nn.ReLU()
-            )
-            blocks.append(Block(conv, post))
+            act = activation()
+            post: nn.Module = nn.Sequential(act, nn.MaxPool2d(2)) if pool else act
+            blocks.append(Block(linear(c_in, c_out), post))
             c_in = c_out
     return BlockNet(blocks, readout=None)
 
