@@ -26,14 +26,6 @@ ARGS = ["data.v=8", "data.n_classes=4", "data.m=4", "data.L=2", "data.train_size
         "checkpoint_every=1", "threads=1", "optim.name=sgd", "optim.lr=0.1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_a_checkpoint_is_not_continued_under_another_config_without_config_yaml(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", str(PRESET), "--out", str(out), *ARGS, "epochs=1"]) == 0
