@@ -11,8 +11,7 @@ import textwrap
 from pathlib import Path
 
 import yaml
-
-from tests.image_folder import write_dataset
+from image_folder import write_dataset
 
 TOY_RULE = '''
 """A toy rule from outside the package: each block pulls its channels' mean squared
