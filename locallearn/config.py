@@ -18,6 +18,21 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 
+def read_yaml_mapping(path: Path, what: str, mapping: str = "a mapping") -> dict[str, Any]:
+    """The mapping a YAML file holds (empty file: ``{}``); a missing file, invalid YAML or
+    another kind of value is a one-line ValueError naming the file as ``what``."""
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        msg = str(err).replace("\n", " ")
+        raise ValueError(f"{what} {str(path)!r} is not valid YAML: {msg}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {str(path)!r} must hold {mapping}")
+    return data
+
+
 def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config, following ``base:`` includes (a cycle of includes is a ValueError
     naming it)."""
@@ -29,13 +44,7 @@ def load_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]
         cycle = " -> ".join(str(p) for p in (*_chain[_chain.index(here):], here))
         raise ValueError(f"config includes form a cycle through base: ({cycle}); remove one "
                          "base: key")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        msg = str(err).replace("\n", " ")
-        raise ValueError(f"config file {str(path)!r} is not valid YAML: {msg}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {str(path)!r} must hold a mapping of keys to values")
+    data = read_yaml_mapping(path, "config file", "a mapping of keys to values")
     base = data.pop("base", None)
     if base is not None:
         merged = load_yaml(path.parent / base, (*_chain, here))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from locallearn.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
-from locallearn.data.images import DATASETS
+from locallearn.data.images import DATASETS, STREAM_DATASETS
 
 _P_STAR = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*?\s*P\*\s*$")
 
@@ -205,9 +205,8 @@ class ImageDataConfig:
                 f"data.download=true is invalid for data.name={self.name} (no public download)"
             )
         if self.streams() and info.streaming == "never":
-            streamed = [n for n, i in DATASETS.items() if i.streaming != "never"]
             raise ValueError(f"data.streaming=true is invalid for data.name={self.name}; valid: "
-                             f"{', '.join(streamed)}")
+                             f"{', '.join(STREAM_DATASETS)}")
         if info.streaming == "always" and not self.streams():
             raise ValueError(f"data.streaming=false is invalid for data.name={self.name} (too "
                              "large for memory)")

@@ -23,11 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TRACKERS", "Tracker", "open_trackers"]
-
-#: the trackers ``track`` accepts
-TRACKERS = ("tensorboard", "wandb")
-_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+__all__ = ["Tracker", "open_trackers", "require"]
 
 
 def _numbers(row: dict[str, Any]) -> dict[str, float]:
@@ -37,25 +33,26 @@ def _numbers(row: dict[str, Any]) -> dict[str, float]:
 
 
 def require(name: str) -> None:
-    """A one-line ValueError when the package a tracker needs is not installed."""
+    """A one-line ValueError when the package of tracker ``name`` (the package's own name) is
+    not installed."""
     try:
-        importlib.import_module(_PACKAGES[name])
+        importlib.import_module(name)
     except ImportError:
         raise ValueError(
-            f"log.{name} needs the {_PACKAGES[name]} package, which is not installed; "
-            f"pip install {_PACKAGES[name]} (or pip install 'locallearn[tracking]')"
+            f"log.{name} needs the {name} package, which is not installed; "
+            f"pip install {name} (or pip install 'locallearn[tracking]')"
         ) from None
 
 
 class Tracker:
-    """The trackers of one run (none: every call does nothing)."""
+    """The trackers of one run (none: every call does nothing); their packages are checked
+    before (:func:`require`, when the run is set up)."""
 
     def __init__(self, names: list[str], out: Path, label: str, config: dict[str, Any],
                  project: str | None = None):
         self._writers: list[Any] = []
         self._wandb: Any = None
         for name in names:
-            require(name)
             if name == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
 

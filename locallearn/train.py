@@ -156,7 +156,7 @@ class Trainer:
         self.seconds = 0.0  # training steps
         self.eval_seconds = 0.0  # evaluations, alignment and final metrics (the probe)
         self.history: list[dict[str, Any]] = []
-        self.tracker: Tracker | None = None  # TensorBoard / W&B (``track``), on rank 0
+        self.tracker: Tracker | None = None  # TensorBoard / W&B (``log``), on rank 0
         self._tracked = 0  # rows of history already logged to the trackers
         for name in cfg.log.trackers() if self.main else ():
             require_tracker(name)  # a missing package is bad input, found before training

@@ -65,6 +65,7 @@ __all__ = [
     "DatasetInfo",
     "ImageSet",
     "Resource",
+    "STREAM_DATASETS",
     "dataset_info",
     "load_images",
     "channel_stats",
@@ -721,3 +722,6 @@ DATASETS: dict[str, DatasetInfo] = {
         streaming="optional",
     ),
 }
+
+#: the datasets that can be read image by image
+STREAM_DATASETS = tuple(n for n, info in DATASETS.items() if info.streaming != "never")

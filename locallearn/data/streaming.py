@@ -45,12 +45,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from locallearn.data.image_files import image_files, list_classes, natural_key
-from locallearn.data.images import DATASETS
+from locallearn.data.images import STREAM_DATASETS
 
 __all__ = ["StreamLoader", "StreamSet", "decode_square", "open_stream"]
 
-#: the datasets that can be read image by image (from the one table of datasets)
-STREAM_DATASETS = tuple(n for n, info in DATASETS.items() if info.streaming != "never")
+
 
 
 class PathList:

@@ -46,6 +46,7 @@ from locallearn.config import (
     parse_key_values,
     parse_overrides,
     parse_value,
+    read_yaml_mapping,
     split_key_value,
 )
 from locallearn.runfiles import CONFIG
@@ -268,15 +269,7 @@ def _check_axis_name(name: str) -> None:
 
 def _read_sweep_file(path: Path, spec: SweepSpec) -> None:
     """Fill ``spec`` from the sweep file (or run preset) at ``path``."""
-    if not path.is_file():
-        raise ValueError(f"sweep file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        msg = str(err).replace("\n", " ")
-        raise ValueError(f"sweep file {str(path)!r} is not valid YAML: {msg}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"sweep file {str(path)!r} must hold a mapping")
+    data = read_yaml_mapping(path, "sweep file")
     spec.source = path
     sweep_like = any(k in data for k in ("grid", "variants", "seeds", "settings", "config"))
     if not sweep_like:
