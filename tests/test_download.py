@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from locallearn.data import download as D
-from locallearn.data.download import download, extract, fetch, file_digest, verify
+from locallearn.data.download import download, extract, fetch, verify
 from locallearn.data.images import load_images
 
 PAYLOAD = bytes(np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8))
@@ -50,6 +50,14 @@ def server() -> Iterator[Server]:
 
         def log_message(self, *args):  # keep test output clean
             pass
+
+        def do_HEAD(self):
+            if self.path not in state.files:
+                self.send_error(404, "Not Found")
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(state.files[self.path])))
+            self.end_headers()
 
         def do_GET(self):
             state.requests.append({"path": self.path, "range": self.headers.get("Range")})
@@ -118,7 +126,7 @@ def test_fetch_resumes_a_partial_file(server, tmp_path):
     fetch(server.url("/data.bin"), tmp_path / "data.bin", md5=MD5, progress=False)
     assert server.requests[0]["range"] == "bytes=123456-"
     assert server.bytes_sent == len(PAYLOAD) - 123_456  # only the missing bytes travelled
-    assert file_digest(tmp_path / "data.bin", "sha256") == SHA256
+    assert hashlib.sha256((tmp_path / "data.bin").read_bytes()).hexdigest() == SHA256
 
 
 def test_fetch_restarts_when_server_ignores_range(server, tmp_path):
@@ -162,7 +170,8 @@ def test_fetch_detects_corrupt_download(server, tmp_path):
     corrupt = bytearray(PAYLOAD)
     corrupt[1000] ^= 0xFF
     server.files["/data.bin"] = bytes(corrupt)
-    with pytest.raises(ValueError, match=f"md5 checksum mismatch .* expected {MD5}") as err:
+    with pytest.raises(ValueError, match=rf"MD5 hash of downloaded file \(data.bin\) does not "
+                       rf"match the known hash: expected md5:{MD5}") as err:
         fetch(server.url("/data.bin"), tmp_path / "data.bin", md5=MD5, progress=False)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "data.bin").exists() and not (tmp_path / "data.bin.part").exists()
@@ -170,7 +179,7 @@ def test_fetch_detects_corrupt_download(server, tmp_path):
 
 def test_fetch_detects_truncated_file_on_server(server, tmp_path):
     server.files["/data.bin"] = PAYLOAD[:-10]  # a complete response of a truncated file
-    with pytest.raises(ValueError, match="sha256 checksum mismatch"):
+    with pytest.raises(ValueError, match="SHA256 hash of downloaded file"):
         fetch(server.url("/data.bin"), tmp_path / "data.bin", sha256=SHA256, progress=False)
     assert not (tmp_path / "data.bin").exists()
 
@@ -178,7 +187,7 @@ def test_fetch_detects_truncated_file_on_server(server, tmp_path):
 def test_fetch_detects_corrupt_partial_file(server, tmp_path):
     server.files["/data.bin"] = PAYLOAD
     (tmp_path / "data.bin.part").write_bytes(b"\0" * 5000)  # wrong bytes from an earlier run
-    with pytest.raises(ValueError, match="checksum mismatch"):
+    with pytest.raises(ValueError, match="does not match the known hash"):
         fetch(server.url("/data.bin"), tmp_path / "data.bin", md5=MD5, progress=False)
     assert not (tmp_path / "data.bin.part").exists()
     fetch(server.url("/data.bin"), tmp_path / "data.bin", md5=MD5, progress=False)
@@ -186,13 +195,29 @@ def test_fetch_detects_corrupt_partial_file(server, tmp_path):
 
 
 def test_fetch_verifies_existing_destination(server, tmp_path):
+    server.files["/data.bin"] = PAYLOAD
     dest = tmp_path / "data.bin"
     dest.write_bytes(PAYLOAD)
     fetch(server.url("/data.bin"), dest, md5=MD5, progress=False)
     assert server.requests == []  # nothing downloaded
-    dest.write_bytes(PAYLOAD[:-1])
-    with pytest.raises(ValueError, match="checksum mismatch"):
-        fetch(server.url("/data.bin"), dest, md5=MD5, progress=False)
+    dest.write_bytes(PAYLOAD[:-1])  # a stale or damaged copy is never used: fetched anew
+    fetch(server.url("/data.bin"), dest, md5=MD5, progress=False)
+    assert len(server.requests) == 1 and dest.read_bytes() == PAYLOAD
+
+
+def test_fetch_checks_both_checksums(server, tmp_path):
+    server.files["/data.bin"] = PAYLOAD
+    with pytest.raises(ValueError, match="md5 checksum mismatch"):
+        fetch(server.url("/data.bin"), tmp_path / "data.bin", md5="0" * 32, sha256=SHA256,
+              progress=False)
+
+
+def test_downloader_reports_availability(server, tmp_path):
+    server.files["/data.bin"] = PAYLOAD
+    get = D.ResumableDownload(tmp_path / "x.part", progress=False, timeout=2)
+    assert get(server.url("/data.bin"), None, None, check_only=True)
+    assert not get("http://127.0.0.1:9/x.bin", None, None, check_only=True)
+    assert not get((tmp_path / "none.bin").as_uri(), None, None, check_only=True)
 
 
 def test_fetch_http_error_and_bad_scheme(server, tmp_path):
@@ -341,7 +366,7 @@ def test_download_never_extracts_a_corrupt_archive(server, tmp_path, monkeypatch
     res = D.Resource("cifar10", server.url("/cifar-10-python.tar.gz"), "cifar-10-python.tar.gz",
                      hashlib.md5(archive).hexdigest(), "cifar-10-batches-py")
     monkeypatch.setitem(D.RESOURCES, "cifar10", res)
-    with pytest.raises(ValueError, match="checksum mismatch"):
+    with pytest.raises(ValueError, match="does not match the known hash"):
         download("cifar10", tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 

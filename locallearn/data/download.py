@@ -1,32 +1,22 @@
-"""Download, verify and extract the official image dataset archives.
+"""Download, verify and extract the official image dataset archives, through pooch.
 
 :func:`download` fetches one dataset's official archive into ``root``, checks its MD5 checksum and
-extracts it there, so that :func:`locallearn.data.images.load_images` can read ``root``.
-:func:`fetch` is the lower-level step: one URL to one file, resumable and checksummed.
+extracts it there, so that :func:`locallearn.data.images.load_images` can read ``root``;
+:func:`fetch` is the lower-level step (one URL to one file). Both are ``pooch.retrieve`` calls:
+pooch checks the checksum, keeps a file that matches (an existing one is not downloaded again, a
+stale one is fetched anew) and deletes one that does not, naming the file and both hashes. Two
+parts are this module's own, because pooch's do not do them:
 
-How a download proceeds:
-
-* bytes go to ``<dest>.part``; when that file already exists (an interrupted download), the
-  request asks only for the missing bytes (HTTP ``Range``) and appends them; a server that
-  ignores the range sends the whole file, which then replaces the partial one;
-* a transfer that stops early is resumed automatically ``retries`` times, then reported by a
-  RuntimeError that keeps the ``.part`` file, so the next call resumes;
-* the complete file is checked against the expected checksum; only then is it renamed to
-  ``dest``. On a mismatch the ``.part`` file is deleted and a ValueError names the file and both
-  checksums: a corrupt or truncated file is never used and never extracted;
-* an existing ``dest`` is verified rather than downloaded again.
-
-Extraction accepts only regular files and folders whose paths stay inside the destination
-(no absolute paths, no ``..``, no links or device files), and unpacks into a temporary folder that
-is renamed into place only when the whole archive has been extracted.
-
-Only the standard library is used for the network (``urllib``); ``http://``, ``https://`` and
-``file://`` URLs are accepted.
+* :class:`ResumableDownload`, the downloader: bytes go to ``<dest>.part``; an interrupted transfer
+  resumes from the bytes already there (HTTP ``Range``) ``retries`` times, then stops with a
+  one-line RuntimeError that keeps the ``.part`` file for the next call; ``file://`` URLs work;
+* :class:`SafeExtract`, the processor: extraction accepts only regular files and folders whose
+  paths stay inside the destination (no absolute paths, no ``..``, no links or device files) and
+  unpacks into a temporary folder renamed into place only when the whole archive is out.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -38,9 +28,12 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+import pooch
+
 from locallearn.data.images import DATASETS, Resource, dataset_info
 
-__all__ = ["RESOURCES", "Resource", "download", "extract", "fetch", "file_digest", "verify"]
+__all__ = ["RESOURCES", "Resource", "ResumableDownload", "SafeExtract", "download", "extract",
+           "fetch", "verify"]
 
 #: Seconds to wait before retry ``k`` (multiplied by ``k``); tests set it to 0.
 RETRY_DELAY_S = 2.0
@@ -89,25 +82,33 @@ def download(name: str, root: str | Path, progress: bool = True,
         return target
     root_path.mkdir(parents=True, exist_ok=True)
     archive = fetch(res.url, root_path / res.filename, md5=res.md5, progress=progress)
-    extract(archive, root_path)
-    if not target.is_dir():
-        raise ValueError(f"archive {archive} did not contain the expected folder {res.folder}/")
-    if not keep_archive:
-        archive.unlink(missing_ok=True)
+    SafeExtract(res.folder, keep_archive)(str(archive), "download", None)
     return target
+
+
+class SafeExtract:
+    """A pooch processor: extract the archive safely beside it (:func:`extract`) and check that
+    it held ``folder``; return that folder. Drops the archive unless ``keep_archive``."""
+
+    def __init__(self, folder: str, keep_archive: bool = True):
+        self.folder, self.keep_archive = folder, keep_archive
+
+    def __call__(self, fname: str, action: str, pooch_instance) -> str:
+        archive = Path(fname)
+        target = archive.parent / self.folder
+        if action == "fetch" and target.is_dir():
+            return str(target)
+        extract(archive, archive.parent)
+        if not target.is_dir():
+            raise ValueError(f"archive {archive} did not contain the expected folder "
+                             f"{self.folder}/")
+        if not self.keep_archive:
+            archive.unlink(missing_ok=True)
+        return str(target)
 
 
 # ----------------------------------------------------------------------------------------------
 # checksums
-
-
-def file_digest(path: str | Path, algorithm: str = "md5") -> str:
-    """Hex digest of a file's content (``algorithm`` as accepted by :func:`hashlib.new`)."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(path: str | Path, md5: str | None = None, sha256: str | None = None) -> None:
@@ -118,7 +119,7 @@ def verify(path: str | Path, md5: str | None = None, sha256: str | None = None) 
     for algorithm, expected in (("md5", md5), ("sha256", sha256)):
         if expected is None:
             continue
-        got = file_digest(path, algorithm)
+        got = pooch.file_hash(str(path), alg=algorithm)
         if got.lower() != expected.strip().lower():
             raise ValueError(
                 f"{algorithm} checksum mismatch for {path}: got {got}, expected {expected}; "
@@ -140,11 +141,12 @@ def fetch(
     retries: int = 3,
     timeout: float = 60.0,
 ) -> Path:
-    """Download ``url`` to ``dest``, resuming a previous partial download; return ``dest``.
+    """Download ``url`` to ``dest`` with ``pooch.retrieve``, resuming a partial download.
 
     Args:
         url: ``http://``, ``https://`` or ``file://`` address.
-        dest: the file to create. If it already exists it is verified and returned.
+        dest: the file to create. If it exists and matches the checksum, nothing is downloaded;
+            if it does not match, it is downloaded anew.
         md5: expected MD5 checksum (hex), checked before ``dest`` is created.
         sha256: expected SHA-256 checksum (hex), checked likewise.
         progress: show a progress bar.
@@ -152,52 +154,74 @@ def fetch(
         timeout: socket timeout in seconds.
 
     Raises:
-        ValueError: checksum mismatch (of an existing ``dest`` or of the downloaded bytes; the
-            latter are deleted).
+        ValueError: the downloaded bytes do not match a checksum (they are deleted), or the URL's
+            scheme is not one of the three.
         RuntimeError: the transfer failed or stayed incomplete after ``retries`` resumptions;
             the bytes received so far stay in ``<dest>.part`` for the next call.
     """
     dest = Path(dest).expanduser()
-    if dest.exists():
-        verify(dest, md5=md5, sha256=sha256)
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme not in ("http", "https", "file"):
         raise ValueError(f"unsupported URL scheme in {url!r}; use http, https or file")
-
-    attempt = 0
-    while True:
-        try:
-            done = _transfer(url, part, progress, timeout, scheme)
-        except _TransientError as exc:
-            if attempt >= retries:
-                raise RuntimeError(
-                    f"download of {url} failed after {attempt + 1} attempts: {exc}; "
-                    f"{_size(part)} bytes kept in {part}, call again to resume"
-                ) from None
-            attempt += 1
-            time.sleep(RETRY_DELAY_S * attempt)
-            continue
-        if done:
-            break
-        # The server could not serve the missing range of a partial file that is already
-        # complete or larger than the file: start again from scratch, once.
-        part.unlink(missing_ok=True)
-        if attempt >= retries:
-            raise RuntimeError(f"download of {url} failed: the server refused every byte range")
-        attempt += 1
-
-    try:
-        verify(part, md5=md5, sha256=sha256)
-    except ValueError as exc:
-        part.unlink(missing_ok=True)
-        raise ValueError(
-            f"download of {url}: {exc} (deleted; call again to download anew)"
-        ) from None
-    os.replace(part, dest)
+    known = f"sha256:{sha256}" if sha256 else f"md5:{md5}" if md5 else None
+    downloader = ResumableDownload(dest.with_name(dest.name + ".part"), progress=progress,
+                                   retries=retries, timeout=timeout)
+    pooch.retrieve(url, known_hash=known, fname=dest.name, path=dest.parent,
+                   downloader=downloader)
+    if sha256 and md5:
+        verify(dest, md5=md5)
     return dest
+
+
+class ResumableDownload:
+    """A pooch downloader that resumes: the bytes collect in ``part`` across calls and retries;
+    when the file is complete it moves to the place pooch asked for (``output_file``)."""
+
+    def __init__(self, part: Path, progress: bool = True, retries: int = 3,
+                 timeout: float = 60.0):
+        self.part, self.progress, self.retries, self.timeout = part, progress, retries, timeout
+
+    def __call__(self, url: str, output_file, pooch_instance, check_only: bool = False):
+        if check_only:
+            return self._available(url)
+        scheme = urllib.parse.urlsplit(url).scheme.lower()
+        attempt = 0
+        while True:
+            try:
+                done = _transfer(url, self.part, self.progress, self.timeout, scheme)
+            except _TransientError as exc:
+                if attempt >= self.retries:
+                    kept = _size(self.part)
+                    tail = (f"{kept} bytes kept in {self.part}, call again to resume" if kept
+                            else "nothing was received")
+                    raise RuntimeError(
+                        f"download of {url} failed after {attempt + 1} attempts: {exc}; {tail}"
+                    ) from None
+                attempt += 1
+                time.sleep(RETRY_DELAY_S * attempt)
+                continue
+            if done:
+                break
+            # The server could not serve the missing range of a partial file that is already
+            # complete or larger than the file: start again from scratch, once.
+            self.part.unlink(missing_ok=True)
+            if attempt >= self.retries:
+                raise RuntimeError(f"download of {url} failed: the server refused every byte "
+                                   "range")
+            attempt += 1
+        # pooch checks the hash of output_file and deletes it on a mismatch: bytes that fail
+        # the check are never resumed from
+        os.replace(self.part, output_file)
+
+    def _available(self, url: str) -> bool:
+        if urllib.parse.urlsplit(url).scheme.lower() == "file":
+            return Path(urllib.request.url2pathname(urllib.parse.urlsplit(url).path)).is_file()
+        request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": _USER_AGENT})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout):
+                return True
+        except (urllib.error.URLError, OSError):
+            return False
 
 
 class _TransientError(Exception):
