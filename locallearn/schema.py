@@ -470,15 +470,25 @@ class ParallelConfig:
         timeout: seconds a process of a multi-process run (pipelined or data-parallel) waits for
             another before it stops with one line naming the wait (a frozen or dead peer);
             raise it when one rank works alone for longer (rank 0's evaluations of large data).
+        feedback_delay: batches by which a signal from the top (CLAPP++DFB's top context, the
+            DFA family's output error) reaches the blocks: each block applies its update for a
+            batch ``feedback_delay`` batches after that batch passed it, on the input it kept,
+            with the weights it has then (:mod:`locallearn.delay`). 0: the signal of the same
+            step (no pipeline for these rules). It changes the result, so unlike the other
+            ``parallel`` keys it is part of a run's identity.
     """
 
     stages: int = 1
     split: list[int] | None = None
     timeout: float = 600.0
+    feedback_delay: int = 0
 
     def validate(self) -> None:
         if self.stages < 1:
             raise ValueError(f"parallel.stages={self.stages} is invalid: must be >= 1")
+        if self.feedback_delay < 0:
+            raise ValueError(f"parallel.feedback_delay={self.feedback_delay} is invalid: must "
+                             "be a number of batches >= 0")
         if not 0 < self.timeout < float("inf"):
             raise ValueError(f"parallel.timeout={self.timeout} is invalid: must be a number of "
                              "seconds > 0")
@@ -713,11 +723,19 @@ LEGACY_PROBE_KEYS = {"probe_augment": "augment", "probe_per_block": "per_block",
 #: (``compile`` too: compiled blocks give the same results)
 RUNTIME_KEYS = ("progress", "threads", "device", "label", "parallel", "compile", "log")
 
+#: keys inside a runtime section that do change the result (``parallel.feedback_delay``)
+RESULT_SUBKEYS = {"parallel": ("feedback_delay",)}
+
 
 def without_runtime_keys(raw: dict[str, Any]) -> dict[str, Any]:
     """A config mapping without :data:`RUNTIME_KEYS` (what two configs of one run may differ
-    in)."""
-    return {k: v for k, v in raw.items() if k not in RUNTIME_KEYS}
+    in), keeping their :data:`RESULT_SUBKEYS`."""
+    out = {k: v for k, v in raw.items() if k not in RUNTIME_KEYS}
+    for section, keys in RESULT_SUBKEYS.items():
+        kept = {k: v for k, v in (raw.get(section) or {}).items() if k in keys}
+        if kept:
+            out[section] = kept
+    return out
 
 
 def migrate_config(raw: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import json
 import math
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from tqdm import tqdm
 
 from locallearn import distributed as ddp
 from locallearn.config import first_difference, to_dict
+from locallearn.delay import DelayedSteps, enable_delay
 from locallearn.errors import RunError
 from locallearn.nets.base import BlockNet
 from locallearn.optim import build_optimizer, restore_schedule
@@ -56,7 +58,13 @@ from locallearn.runfiles import (
     write_json_atomic,
     write_text_atomic,
 )
-from locallearn.schema import RUNTIME_KEYS, RunConfig, build_config, migrate_config
+from locallearn.schema import (
+    RUNTIME_KEYS,
+    RunConfig,
+    build_config,
+    migrate_config,
+    without_runtime_keys,
+)
 from locallearn.task import Task
 from locallearn.tracking import Tracker, open_trackers
 from locallearn.tracking import require as require_tracker
@@ -71,7 +79,16 @@ RESUMABLE_KEYS = (*RUNTIME_KEYS, "epochs")
 
 def _comparable(raw: dict[str, Any]) -> dict[str, Any]:
     """A saved config without the keys a resumed run may change."""
-    return {k: v for k, v in raw.items() if k not in RESUMABLE_KEYS}
+    return {k: v for k, v in without_runtime_keys(raw).items() if k != "epochs"}
+
+
+def add_metrics(sums: dict[str, float], counts: dict[str, int], metrics: dict[str, float],
+                n: int) -> None:
+    """Add one batch's metrics, weighted by its size ``n``, to an epoch's running sums (each
+    key counts the examples of the batches that reported it)."""
+    for key, value in metrics.items():
+        sums[key] = sums.get(key, 0.0) + value * n
+        counts[key] = counts.get(key, 0) + n
 
 
 def _out_of_memory(err: BaseException) -> bool:
@@ -133,6 +150,9 @@ class Trainer:
             if why is not None:
                 raise ValueError(f"data parallel (torchrun without parallel.stages) does not fit "
                                  f"rule.name={self.rule.name}: {why}")
+        self.delay = cfg.parallel.feedback_delay
+        if self.delay:
+            self._check_delay()
         self.rule.setup(self.net, task.sample_input())
         self.rule.to(self.device)
         if cfg.compile:
@@ -147,8 +167,11 @@ class Trainer:
         ddp.broadcast_params(list(self.params) + list(self.rule.buffers()))
         self.windows = self._layerwise_windows()
         self.param_blocks = self.block_params()
+        #: the kept inputs and queued signals of a one-process run with late signals
+        self.delayed = (DelayedSteps(self.rule, len(self.net.blocks), self.delay)
+                        if self.delay and cfg.parallel.stages == 1 else None)
         self.opt, self.sched = build_optimizer(
-            cfg, self.params, self._batches_per_epoch(), self.param_blocks,
+            cfg, self.params, self._steps_per_epoch(), self.param_blocks,
             [int(w[0]) for w in self.windows] if self.windows else None)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.epoch = 0
@@ -164,6 +187,17 @@ class Trainer:
         self.saved_epoch: int | None = None  # epoch of the checkpoint on disk
         self._epoch_t0 = time.perf_counter()
         self._epoch_probe = 0.0  # probe seconds inside the current epoch
+
+    def _check_delay(self) -> None:
+        """One-line ValueErrors for ``parallel.feedback_delay`` on a run that cannot have it."""
+        d = self.delay
+        enable_delay(self.rule, d)
+        if self.world > 1 and self.cfg.parallel.stages == 1:
+            raise ValueError(f"parallel.feedback_delay={d} does not run data parallel; valid: "
+                             "one process, or parallel.stages > 1")
+        if self.cfg.layerwise.epochs is not None or self.cfg.align_every:
+            raise ValueError(f"parallel.feedback_delay={d} trains every block on late signals; "
+                             "valid with it: layerwise.epochs=null, align_every=0")
 
     # ------------------------------------------------------------------ blocks
     def block_params(self) -> list[list[torch.nn.Parameter]]:
@@ -525,6 +559,11 @@ class Trainer:
     def _batches_per_epoch(self) -> int:
         return max(int(self.task.steps_per_epoch(self.cfg.batch_size)), 1)
 
+    def _steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch: one per batch, and ``feedback_delay`` more that drain
+        the blocks' kept batches (:mod:`locallearn.delay`)."""
+        return self._batches_per_epoch() + self.delay
+
     def _probe_due(self, before: float, after: float) -> bool:
         """Whether a multiple of ``probe_every`` lies in the epochs ``(before, after]``."""
         every = self.cfg.probe_every
@@ -560,10 +599,35 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
                               enabled=self.cfg.precision == "bf16")
 
+    def _grads(self, batch: Any) -> dict[str, float]:
+        """Fill ``.grad`` for one batch: the rule's step, its step on late signals, or the
+        layer-wise schedule's."""
+        if self.delayed is not None:
+            metrics = self.delayed.step(self.net, batch)
+            if self.step == 0 and self.main:
+                print(f"locallearn: the blocks keep up to {self.delay + 1} batches of their "
+                      f"inputs for parallel.feedback_delay={self.delay}: "
+                      f"{self.delayed.kept_mib():.2f} MiB", file=sys.stderr, flush=True)
+            return metrics
+        if self.windows is None:
+            return self.rule.compute_grads(self.net, batch)
+        return self.layerwise_grads(batch)
+
+    def _drain(self, sums: dict[str, float], counts: dict[str, int]) -> None:
+        """The steps that apply the batches still kept at the end of an epoch (late signals)."""
+        while self.delayed is not None and self.delayed.pending():
+            self.opt.zero_grad(set_to_none=True)
+            with self.autocast():
+                metrics, n = self.delayed.drain(self.net)
+            if "loss" in metrics:
+                self._check_loss(metrics["loss"])
+            self.optimizer_step()
+            add_metrics(sums, counts, metrics, n)
+
     def train_epoch(self) -> dict[str, float]:
         self.net.train()
         sums: dict[str, float] = {}
-        count = 0
+        counts: dict[str, int] = {}
         n_batches = self._batches_per_epoch()
         batches = self.task.batches(self.generator, self.cfg.batch_size, self.rule.view_kind)
         for i, batch in enumerate(batches):
@@ -575,21 +639,16 @@ class Trainer:
                                          for p in batch.block_views]
             self.opt.zero_grad(set_to_none=True)
             with self.autocast():
-                if self.windows is None:
-                    metrics = self.rule.compute_grads(self.net, batch)
-                else:
-                    metrics = self.layerwise_grads(batch)
+                metrics = self._grads(batch)
             if self.world > 1:
                 ddp.average_grads(self.params, batch.x.shape[0])
                 metrics = ddp.average_metrics(metrics, batch.x.shape[0])
                 if n % self.world:  # uneven parts may have drawn unevenly from the generator
                     ddp.sync_generator(self.generator)
-            loss = metrics["loss"]
-            self._check_loss(loss)
+            if "loss" in metrics:  # a step with late signals may have no loss yet
+                self._check_loss(metrics["loss"])
             self.optimizer_step()
-            count += n
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value * n
+            add_metrics(sums, counts, metrics, n)
             position = self.epoch + (i + 1) / n_batches
             if i + 1 < n_batches and self._probe_due(self.epoch + i / n_batches, position):
                 seconds = self.seconds + time.perf_counter() - self._epoch_t0 - self._epoch_probe
@@ -597,7 +656,8 @@ class Trainer:
                 self.history.append({"epoch": round(position, 4), "step": self.step,
                                      "seconds": round(seconds, 3), **row})
                 self._write_metrics()
-        return {key: value / max(count, 1) for key, value in sums.items()}
+        self._drain(sums, counts)
+        return {key: value / counts[key] for key, value in sums.items()}
 
     def _check_loss(self, loss: float) -> None:
         """Stop a diverging run: a loss that is not finite, or that grew beyond

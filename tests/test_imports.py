@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("locallearn.cli", "locallearn.__main__")),
     ("experiments", ("locallearn.experiments",)),
     ("train/eval", ("locallearn.train", "locallearn.eval", "locallearn.schema",
-                    "locallearn.task", "locallearn.parallel")),
+                    "locallearn.task", "locallearn.parallel", "locallearn.delay")),
     ("rules", ("locallearn.rules",)),
     ("base", ("locallearn.nets", "locallearn.losses", "locallearn.data", "locallearn.theory",
               "locallearn.config", "locallearn.runfiles", "locallearn.errors",

@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import yaml
 from image_folder import write_dataset
+from pipeline_runs import _assert_same_run, _free_port, _start
 
 from locallearn.cli import main
 from locallearn.data.rhm import RHM
@@ -238,51 +237,6 @@ def test_top_block_context_is_refused():
 
 # ---------------------------------------------------------------------------------------------
 # pipelined runs on gloo processes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stage_main(rank: int, world: int, port: int, config: str, args: list[str], out: str):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    run(load_config(config, args), out)
-
-
-def _start(world: int, config: str, args: list[str], out: Path, join: bool = True):
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    return mp.start_processes(_stage_main, args=(world, _free_port(), config, args, str(out)),
-                              nprocs=world, join=join, start_method=method)
-
-
-def _assert_same_run(a: Path, b: Path) -> None:
-    """Two run directories hold the same parameters, optimiser state, metrics and summary."""
-    ca = torch.load(a / "checkpoint.pt", weights_only=False)
-    cb = torch.load(b / "checkpoint.pt", weights_only=False)
-    for part in ("net", "rule"):
-        assert ca[part].keys() == cb[part].keys()
-        for key in ca[part]:
-            assert torch.equal(ca[part][key], cb[part][key]), (part, key)
-    sa, sb = ca["optimizer"], cb["optimizer"]
-    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
-    for i in sa["state"]:
-        for key, value in sa["state"][i].items():
-            assert torch.equal(value, sb["state"][i][key]), (i, key)
-
-    def rows(path: Path) -> list[dict]:
-        lines = (path / "metrics.jsonl").read_text().splitlines()
-        timings = ("seconds", "curve_seconds")
-        return [{k: v for k, v in json.loads(r).items() if k not in timings} for r in lines]
-
-    assert rows(a) == rows(b)
-    ja = json.loads((a / "summary.json").read_text())
-    jb = json.loads((b / "summary.json").read_text())
-    for key in ("test_accuracy", "train_loss", "probe_accuracy", "epochs"):
-        assert ja.get(key) == jb.get(key), key
 
 
 def _moved(run_dir: Path, init: dict[str, torch.Tensor]) -> bool:

@@ -1,7 +1,9 @@
 """What passes between the stages of a pipeline (``torch.distributed`` point-to-point).
 
-Messages go forward only (stage ``k`` to ``k + 1``) during an epoch; at evaluations and
-checkpoints every stage sends its blocks' state to rank 0. A message is any picklable object
+Messages go forward (stage ``k`` to ``k + 1``) during an epoch, and with late signals from the
+top (``parallel.feedback_delay``) one tensor per batch goes from the last stage to every other,
+without waiting for the receiver (:func:`post`, :func:`take`); at evaluations and checkpoints
+every stage sends its blocks' state to rank 0. A message is any picklable object
 (dicts, lists, numbers) holding tensors; its structure is pickled and its tensors are sent as
 they lie in memory (point-to-point, without a copy), so they keep their values bit for bit and
 their memory layout (channels-last maps stay channels-last, so the receiving block runs the same
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["END", "gather_to_main", "recv", "send", "to_device"]
+__all__ = ["END", "gather_to_main", "post", "recv", "send", "settle", "take", "to_device"]
 
 #: The message that ends an epoch.
 END = "end-of-epoch"
@@ -122,3 +124,41 @@ def gather_to_main(obj: Any, rank: int, world: int, device: torch.device | str) 
         send(obj, 0)
         return []
     return [obj] + [recv(src, device) for src in range(1, world)]
+
+
+#: the dtypes a posted tensor may have (its header names one by its place here)
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32,
+           torch.uint8, torch.bool)
+_HEADER = 8  # dtype, number of dims, up to six sizes
+
+
+def post(tensor: torch.Tensor, dst: int) -> list[Any]:
+    """Send one tensor to rank ``dst`` without waiting for the receiver; returns what must stay
+    alive until the sends complete (call ``wait()`` on the handles it holds, :func:`settle`)."""
+    t = tensor.detach().contiguous().to(_wire_device())
+    if t.dim() > _HEADER - 2 or t.dtype not in _DTYPES:
+        raise ValueError(f"cannot post a tensor of {t.dim()} dims and dtype {t.dtype}")
+    head = torch.zeros(_HEADER, dtype=torch.int64)
+    head[0], head[1] = _DTYPES.index(t.dtype), t.dim()
+    head[2 : 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
+    head = head.to(_wire_device())
+    return [dist.isend(head, dst), dist.isend(t, dst), head, t]
+
+
+def take(src: int, device: torch.device | str) -> torch.Tensor:
+    """Receive the next tensor that rank ``src`` posted to this rank."""
+    head = torch.empty(_HEADER, dtype=torch.int64, device=_wire_device())
+    dist.recv(head, src)
+    code, dims = int(head[0]), int(head[1])
+    shape = [int(v) for v in head[2 : 2 + dims]]
+    buf = torch.empty(shape, dtype=_DTYPES[code], device=_wire_device())
+    dist.recv(buf, src)
+    return buf.to(device)
+
+
+def settle(posted: list[list[Any]]) -> None:
+    """Wait until every posted send has completed, then forget them."""
+    for item in posted:
+        for handle in item[:2]:
+            handle.wait()
+    posted.clear()

@@ -89,11 +89,21 @@ def measure_block_times(net: BlockNet, rule: Rule, batch: Batch, repeats: int = 
     n_blocks = len(net.blocks)
     times = [float("inf")] * n_blocks
     start = rule.start_carry(net, batch)
+    signal = None  # with late signals from the top: a block's step is its pass and its update
+    if rule.late_feedback:
+        top = start
+        for level in range(n_blocks):
+            top = rule.frozen_carry(net, top, level, level + 1)
+        signal, _ = rule.feedback_signal(net, top)
     for _ in range(repeats):
         carry = start
         for level in range(n_blocks):
             t0 = time.perf_counter()
-            _, carry = rule.blocks_grads(net, carry, level, level + 1)
+            if signal is None:
+                _, carry = rule.blocks_grads(net, carry, level, level + 1)
+            else:
+                rule.blocks_grads(net, rule.with_feedback(carry, signal), level, level + 1)
+                carry = rule.frozen_carry(net, carry, level, level + 1)
             times[level] = min(times[level], time.perf_counter() - t0)
     for p in list(net.parameters()) + list(rule.parameters()):
         p.grad = None

@@ -14,18 +14,26 @@ and every random number (the permutation, the views, the negatives) is drawn on 
 order of a one-process run. On CPU a pipelined run therefore ends bit-identical to a one-process
 run. Between epochs the pipeline drains (the evaluation needs every block after the same step),
 so each epoch pays ``stages - 1`` batches of filling.
+
+With late signals from the top (``parallel.feedback_delay = D``, :mod:`locallearn.delay`) the
+last stage sends each batch's signal to every other stage as soon as it has it; a stage keeps
+its blocks' inputs and applies its update for batch ``t`` at its step ``t + D``, waiting for the
+signal if it has not come (with ``D >= stages - 1`` it has). The arithmetic is that of the
+one-process simulation (``parallel.stages=1`` with the same delay), which it equals bit for bit.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from locallearn.delay import KeptInputs, enable_delay, merge_tick
 from locallearn.errors import RunError
 from locallearn.optim import block_groups
 from locallearn.parallel import messages
@@ -38,13 +46,15 @@ from locallearn.parallel.split import (
 )
 from locallearn.schema import RunConfig
 from locallearn.task import Task
-from locallearn.train import Trainer, build_optimizer, write_json_atomic
+from locallearn.train import Trainer, add_metrics, build_optimizer, write_json_atomic
 
 PIPELINE_FILE = "pipeline.json"
 
 
 def check_rule(cfg: RunConfig, rule) -> None:
-    """A one-line ValueError when ``rule`` cannot be pipelined (it needs a signal from above)."""
+    """A one-line ValueError when ``rule`` cannot be pipelined (it needs a signal from above
+    on the same batch: ``parallel.feedback_delay`` lets it come late)."""
+    enable_delay(rule, cfg.parallel.feedback_delay)
     reason = rule.pipeline_refusal()
     if reason is not None:
         raise ValueError(f"parallel.stages={cfg.parallel.stages} cannot pipeline this run: "
@@ -183,7 +193,7 @@ class PipelineTrainer(Trainer):
                              f"{self.rule.name}: some of its parameters belong to no one block")
         self.params = owned[self.rank]
         # per optimiser step, as in one process
-        opt, self.sched = build_optimizer(cfg, self.params, self._batches_per_epoch(),
+        opt, self.sched = build_optimizer(cfg, self.params, self._steps_per_epoch(),
                                           self.param_blocks)
         self.opt = StageOptimizer(opt, [where[id(p)] for g in opt.param_groups
                                         for p in g["params"]], len(everything), per_block)
@@ -287,6 +297,8 @@ class PipelineTrainer(Trainer):
 
     # ------------------------------------------------------------------ the epoch
     def train_epoch(self) -> dict[str, float]:
+        if self.delay:
+            return self._train_epoch_late()
         self.net.train()
         sums: dict[str, float] = {}
         count = 0
@@ -341,3 +353,82 @@ class PipelineTrainer(Trainer):
             sums[key] = sums.get(key, 0.0) + value * n
         return carry
 
+
+    # ------------------------------------------------------------------ late signals from the top
+    def _train_epoch_late(self) -> dict[str, float]:
+        """An epoch with the top's signals arriving ``feedback_delay`` batches late."""
+        self.net.train()
+        kept = KeptInputs(self.rule, self.start, self.stop)
+        own: deque[Any] = deque()  # the last stage's own signals
+        posted: list[list[Any]] = []
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for n, carry in self._incoming():
+            self._late_tick(kept, own, posted, carry, n, sums, counts)
+        if not self.last:
+            messages.send(messages.END, self.rank + 1)
+        while len(kept):  # drain the kept batches
+            self._late_tick(kept, own, posted, None, 0, sums, counts)
+        messages.settle(posted)
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, {k: v / counts[k] for k, v in sums.items()})
+        merged: dict[str, float] = {}
+        for part in parts:
+            merged.update({k: v for k, v in part.items() if k != "loss_part"})
+        if "loss" not in merged:  # the blocks' losses, stage by stage
+            merged["loss"] = sum(part["loss_part"] for part in parts if "loss_part" in part)
+        return merged
+
+    def _incoming(self):
+        """``(n, carry)`` of every batch of the epoch as this stage receives it."""
+        if self.first:
+            for batch in self.task.batches(self.generator, self.cfg.batch_size,
+                                           self.rule.view_kind):
+                yield batch.x.shape[0], self.rule.start_carry(self.net, batch)
+            return
+        while (msg := messages.recv(self.rank - 1, self.device)) != messages.END:
+            yield msg
+
+    def _late_tick(self, kept: KeptInputs, own: deque, posted: list, carry: dict | None,
+                   n: int, sums: dict[str, float], counts: dict[str, int]) -> None:
+        """One optimiser step: pass the new batch on (``carry``; ``None`` while draining) and
+        apply the update of the oldest kept batch whose signal is due."""
+        self.opt.zero_grad(set_to_none=True)
+        top: dict[str, float] = {}
+        blocks, total = None, None
+        with self.autocast():
+            if carry is not None:
+                out = kept.forward(self.net, carry, n)
+                if self.last:
+                    signal, top = self.rule.feedback_signal(self.net, out)
+                    own.append(signal)
+                    posted.extend(messages.post(signal, k) for k in range(self.stages - 1))
+                else:
+                    messages.send((n, out), self.rank + 1)
+                if self.epoch == 0 and len(kept) == 1:
+                    self._announce_kept(kept)
+            if len(kept) > (self.delay if carry is not None else 0):
+                signal = (own.popleft() if self.last
+                          else messages.take(self.stages - 1, self.device))
+                blocks, total, n_done = kept.update(self.net, signal)
+                n = n if carry is not None else n_done
+        loss = top.get("loss", total)
+        if loss is not None and not math.isfinite(loss):
+            raise RunError(
+                f"{self.label} diverged at epoch {self.epoch + 1} (stage {self.rank}, blocks "
+                f"{self.start + 1}-{self.stop}): the loss is {loss}; lower optim.lr; "
+                f"{self._kept()}"
+            )
+        self.optimizer_step()
+        metrics = merge_tick(top, blocks, None)
+        if total is not None:
+            metrics["loss_part"] = total
+        add_metrics(sums, counts, metrics, n)
+
+    def _announce_kept(self, kept: KeptInputs) -> None:
+        """Print what the stage's blocks keep for the late signals (once, at the first batch)."""
+        mib = kept.batch_bytes * (self.delay + 1) / 2**20
+        print(f"locallearn: stage {self.rank} (blocks {self.start + 1}-{self.stop}) keeps up "
+              f"to {self.delay + 1} batches of its blocks' inputs for "
+              f"parallel.feedback_delay={self.delay}: {mib:.2f} MiB", file=sys.stderr,
+              flush=True)

@@ -139,6 +139,30 @@ class Rule(nn.Module):
         """The rule-owned parameters that belong to block ``level`` (its prediction matrices)."""
         return []
 
+    # ------------------------------------------------------------------ late signals from the top
+    # A rule whose blocks learn from a signal of the top block can run with that signal late
+    # (``parallel.feedback_delay``, :mod:`locallearn.delay`): it implements the block-range
+    # methods above (``frozen_carry`` as a forward pass), :meth:`feedback_signal`, and
+    # :meth:`delay_refusal` returning ``None``; its ``blocks_grads`` reads the signal from the
+    # carry's ``feedback``.
+
+    #: set by the loop when the signal comes late: ``start_carry`` then leaves ``feedback`` empty
+    late_feedback: bool = False
+
+    def delay_refusal(self) -> str | None:
+        """Why this rule's blocks have no signal from the top that may arrive late (``None``:
+        they have one)."""
+        return f"rule {self.name} sends its blocks no signal from the top"
+
+    def feedback_signal(self, net: BlockNet, carry: dict[str, Any]) -> tuple[Any, dict]:
+        """The signal the top sends down for the batch of ``carry`` (what the top block's output
+        carries), and metrics of the top; may fill ``.grad`` of what learns at the top at once."""
+        raise NotImplementedError
+
+    def with_feedback(self, carry: dict[str, Any], signal: Any) -> dict[str, Any]:
+        """``carry`` with the signal from the top that its blocks learn from."""
+        return {**carry, "feedback": signal}
+
     def upgrade_state(self, net: BlockNet, checkpoint_format: int) -> None:
         """Bring state loaded from a checkpoint of an earlier ``checkpoint_format`` (see
         :data:`locallearn.train.CHECKPOINT_FORMAT`) up to date; the default changes nothing."""

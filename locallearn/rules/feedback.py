@@ -9,12 +9,14 @@ Block ``l`` receives ``delta_l = (B_l s) * relu'(a_l)`` with a fixed random ``B_
 Its weights get ``dW_l = delta_l h_{l-1}^T`` summed over positions: a three-factor rule
 (neuromodulator ``s`` x dendritic feedback ``B_l`` x Hebbian ``relu'(a_l) h_{l-1}``). The
 feedback is gated only by the block's own derivative, never by the blocks above. The read-out
-learns from the error directly (its true gradient).
+learns from the error directly (its true gradient). With ``parallel.feedback_delay`` the signal
+reaches the blocks late (:mod:`locallearn.delay`); the read-out, at the top, learns at once.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,14 +54,56 @@ class DirectFeedback(SupervisedRule):
             feats = net.features(sample_input[:1])
             n_out = net(sample_input[:1]).shape[1]
         self.n_blocks = len(feats)
+        self.readout_params = list(net.readout.parameters())  # a plain list: not a submodule
         for level, h in enumerate(feats):
             shape = tuple(h.shape[1:])
             b = torch.randn(*shape, n_out, generator=gen) / math.sqrt(n_out)
             self.register_buffer(f"B{level}", b.to(sample_input.device))
 
     def pipeline_refusal(self) -> str | None:
+        if self.late_feedback:
+            return None
         return (f"rule {self.kind} sends the output error of the top block to every block (a "
-                "signal from above)")
+                "signal from above; parallel.feedback_delay >= 1 lets it arrive late)")
+
+    def delay_refusal(self) -> str | None:
+        return None
+
+    # ------------------------------------------------------------------ block by block (late)
+    def start_carry(self, net: BlockNet, batch: Batch) -> dict[str, Any]:
+        return {"h": batch.x, "y": batch.y, "loss": 0.0}
+
+    def frozen_carry(self, net: BlockNet, carry: dict[str, Any], start: int,
+                     stop: int) -> dict[str, Any]:
+        h = carry["h"]
+        with torch.no_grad():
+            for level in range(start, stop):
+                h = net.blocks[level](h)
+        return {**carry, "h": h}
+
+    def feedback_signal(self, net: BlockNet, carry: dict[str, Any]) -> tuple[Any, dict]:
+        """The signal ``s`` of the batch; the read-out's own gradient is filled at once."""
+        logits = net.readout(carry["h"].flatten(1))
+        loss = F.cross_entropy(logits, carry["y"])
+        loss.backward()
+        acc = (logits.argmax(1) == carry["y"]).float().mean()
+        sig = self.modulator(logits.detach(), carry["y"])
+        return sig, {"loss": float(loss.detach()), "accuracy": float(acc)}
+
+    def blocks_grads(self, net: BlockNet, carry: dict[str, Any], start: int,
+                     stop: int) -> tuple[dict[str, float], dict[str, Any]]:
+        h, sig = carry["h"], carry["feedback"]
+        for level in range(start, stop):
+            block = net.blocks[level]
+            a = block.pre(h.detach())
+            delta = torch.einsum("...o,no->n...", self.feedback(level), sig) * relu_grad(a)
+            a.backward(delta.detach())
+            h = block.post(a.detach())
+        return {}, {**carry, "h": h.detach()}  # no loss of the blocks: the read-out's is
+
+    def block_parameters(self, level: int) -> list[torch.nn.Parameter]:
+        """The read-out belongs to the top block (its stage trains it)."""
+        return list(self.readout_params) if level == self.n_blocks - 1 else []
 
     def feedback(self, level: int) -> torch.Tensor:
         """The fixed matrix ``B_l``, shaped ``(*block_output_shape, n_out)``."""

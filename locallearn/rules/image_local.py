@@ -140,11 +140,42 @@ class LocalImageRule(StepsBlockByBlock, ImageSSLRule):
         return own + ([self.B_top[level]] if len(self.B_top) else [])
 
     def pipeline_refusal(self) -> str | None:
-        if self.uses_top:
+        if self.uses_top and not self.late_feedback:
             return (f"rule {self.name} with rule.options.context={self.context} learns from the "
-                    "top block's output on the same batch (a signal from above); valid: "
-                    "context=same")
+                    "top block's output on the same batch (a signal from above; "
+                    "parallel.feedback_delay >= 1 lets it arrive late); valid: context=same")
         return None
+
+    def delay_refusal(self) -> str | None:
+        if not self.uses_top:
+            return (f"rule {self.name} with rule.options.context={self.context} takes no "
+                    "context from the top block")
+        return None
+
+    def feedback_signal(self, net: BlockNet, carry: dict[str, Any]) -> tuple[Any, dict]:
+        """The top block's pooled outputs of all ``2N`` rows, in the order of the views."""
+        n = carry["n"]
+        with torch.no_grad():
+            pooled = [pool_flat(h, self.pools[-1]) for h in carry["parts"]]
+        if len(pooled) == 1:
+            return pooled[0], {}
+        top = pooled[0].new_empty(2 * n, pooled[0].shape[1])
+        for (a, b), p in zip(image_parts(n, self.micro_batches), pooled):
+            top[a:b], top[n + a : n + b] = p[: b - a], p[b - a :]
+        return top, {}
+
+    def frozen_carry(
+        self, net: BlockNet, carry: dict[str, Any], start: int, stop: int
+    ) -> dict[str, Any]:
+        """The parts (and the early rows) passed through blocks ``start..stop-1``, no
+        gradients."""
+        parts, early = list(carry["parts"]), carry["early"]
+        with torch.no_grad():
+            for level in range(start, stop):
+                parts = [net.blocks[level](h) for h in parts]
+                if early is not None:
+                    early = net.blocks[level](early)
+        return {**carry, "parts": parts, "early": early}
 
     def start_carry(self, net: BlockNet, batch: Batch) -> dict[str, Any]:
         """Both views of every part of the batch (block 0's inputs), the rows whose contexts a
@@ -152,14 +183,14 @@ class LocalImageRule(StepsBlockByBlock, ImageSSLRule):
         context from the top) the top block's pooled outputs."""
         x, n = self.views(batch)
         neg = self.negative_index(n, batch, x.device)
-        top = self.top_context(net, x)
+        top = None if self.late_feedback else self.top_context(net, x)
         ranges = image_parts(n, self.micro_batches)
         early = self.pair_plan(n, neg, ranges).early
         rows = torch.cat([early, early + n])
         return {
             "n": n,
             "neg": neg,
-            "top": top,
+            "feedback": top,
             "parts": [self.part_views(x, n, a, b) for a, b in ranges],
             "early_rows": rows,
             "early": x[rows] if self.uses_same and early.numel() else None,
@@ -169,7 +200,7 @@ class LocalImageRule(StepsBlockByBlock, ImageSSLRule):
     def blocks_grads(
         self, net: BlockNet, carry: dict[str, Any], start: int, stop: int
     ) -> tuple[dict[str, float], dict[str, Any]]:
-        n, neg, top = carry["n"], carry["neg"], carry["top"]
+        n, neg, top = carry["n"], carry["neg"], carry["feedback"]
         ranges = image_parts(n, self.micro_batches)
         parts = list(carry["parts"])
         early = carry["early"]
