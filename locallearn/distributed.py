@@ -141,6 +141,22 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+_PIPELINED = False
+
+
+def mark_pipelined() -> None:
+    """Say that this process group is a pipeline (stages, not replicas): nothing is averaged or
+    broadcast among its ranks (:func:`data_parallel` is False)."""
+    global _PIPELINED
+    _PIPELINED = True
+
+
+def data_parallel() -> bool:
+    """Whether the ranks are replicas that split each batch (a process group that is not a
+    pipeline)."""
+    return is_initialized() and not _PIPELINED
+
+
 def rank() -> int:
     """This process's rank (0 without a process group)."""
     return dist.get_rank() if is_initialized() else 0
@@ -182,7 +198,8 @@ def shard_batch(batch: Any, rank: int, world: int) -> Any:
     return dataclasses.replace(batch, x=shard(batch.x, rank, world), y=y, views=views)
 
 
-def average_grads(params: Iterable[torch.nn.Parameter], count: int | None = None) -> None:
+def average_grads(params: Iterable[torch.nn.Parameter], count: int | None = None,
+                  group: Any = None) -> None:
     """All-reduce ``.grad`` of ``params`` so every rank holds the global-batch gradient.
 
     ``count``: the number of samples this rank's gradient averages over; each rank's gradient is
@@ -190,10 +207,11 @@ def average_grads(params: Iterable[torch.nn.Parameter], count: int | None = None
     gradients are averaged with equal weights (``sum / world``). Parameters without a gradient on
     every rank are skipped; a parameter with a gradient on some ranks only is an error of the
     rule (the reduce would hang), so keep ``.grad`` set alike on every rank. No-op on one rank.
+    ``group``: the ranks that average (default: all; the replicas of a pipeline's stage).
     """
     if not is_initialized():
         return
-    world = dist.get_world_size()
+    world = dist.get_world_size(group)
     grads = [p.grad for p in params if p.grad is not None]
     # one flat buffer per dtype/device, the sample count riding along: one collective per group
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
@@ -207,7 +225,7 @@ def average_grads(params: Iterable[torch.nn.Parameter], count: int | None = None
                          + [torch.ones(1, dtype=dtype, device=device)])
         # a rank with no samples (a last batch smaller than the world) adds nothing, not NaN
         flat = flat.mul_(weight) if weight else flat.zero_()
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=group)
         total = float(flat[-1]) if count is not None else float(world)
         if total <= 0:
             continue
@@ -219,22 +237,24 @@ def average_grads(params: Iterable[torch.nn.Parameter], count: int | None = None
             offset += n
 
 
-def average_metrics(metrics: dict[str, float], count: int | None = None) -> dict[str, float]:
-    """Metrics of the global batch from each rank's (weighted by ``count`` when given)."""
+def average_metrics(metrics: dict[str, float], count: int | None = None,
+                    group: Any = None) -> dict[str, float]:
+    """Metrics of the global batch from each rank's (weighted by ``count`` when given), over
+    the ranks of ``group`` (default: all)."""
     if not is_initialized() or not metrics:
         return metrics
     keys = sorted(metrics)
     w = 1.0 if count is None else float(count)
     # a rank with no samples adds nothing (its metrics of an empty part are NaN)
     t = torch.tensor([metrics[k] * w if w else 0.0 for k in keys] + [w], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
+    if dist.get_backend(group) == "nccl":
         t = t.cuda()
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     total = float(t[-1])
     return {k: float(t[i]) / total for i, k in enumerate(keys)}
 
 
-def sync_generator(generator: torch.Generator, src: int = 0) -> None:
+def sync_generator(generator: torch.Generator, src: int = 0, group: Any = None) -> None:
     """Give every rank rank ``src``'s state of ``generator`` (no-op on one rank).
 
     Ranks whose parts of a batch differ in size draw different amounts of random numbers (random
@@ -243,7 +263,7 @@ def sync_generator(generator: torch.Generator, src: int = 0) -> None:
     if not is_initialized():
         return
     box = [generator.get_state()]
-    dist.broadcast_object_list(box, src)
+    dist.broadcast_object_list(box, src, group=group)
     generator.set_state(box[0])
 
 

@@ -159,19 +159,18 @@ def test_balanced_split_minimises_the_slowest_stage():
         (["dfa"], "rule dfa sends the output error of the top block to every block"),
         (["token-last"], "rule token-prediction backpropagates its token loss through every"),
         (["latent-prediction-cnn"], "rule latent-prediction has no block-range step"),
-        (["latent-prediction"], "rule latent-stacked trains its modules one after the other"),
         (["parallel.stages=4"], "parallel.stages=4 is more than the network's 3 blocks"),
         (["parallel.split=[1,1]"], r"parallel.split=\[1, 1\] adds up to 2 blocks"),
         (["parallel.split=[3]"], r"lists 1 stages but parallel.stages=2"),
         (["align_every=1"], "align_every=1 needs every block in one process"),
-        ([], r"parallel.stages=2 needs 2 processes, one per stage \(torchrun"),
+        ([], r"parallel.stages=2 needs 2 processes, one per stage, or a multiple of 2"),
     ],
 )
 def test_bad_pipelines_are_one_line_errors_with_exit_2(tmp_path, capsys, monkeypatch,
                                                        overrides, match):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     config, data = RHM_CONFIG, RHM_ARGS
-    refused = ("backprop", "dfa", "token-last", "latent-prediction", "latent-prediction-cnn")
+    refused = ("backprop", "dfa", "token-last", "latent-prediction-cnn")
     if overrides and overrides[0] in refused:  # the presets of refused rules
         config = str(ROOT / "configs" / "rhm" / f"{overrides[0]}.yaml")
         data, overrides = [a for a in RHM_ARGS if not a.startswith("rule.")], []
@@ -332,3 +331,66 @@ def test_torchrun_two_stages_equal_one_process(tmp_path, monkeypatch):
     assert "locallearn: pipeline: 2 stages, split [" in done.stderr
     run(load_config(RHM_CONFIG, RHM_ARGS), tmp_path / "one")
     _assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+LATENT_CONFIG = str(ROOT / "configs" / "rhm" / "latent-prediction.yaml")
+
+
+def test_latent_prediction_pipelines_exactly(tmp_path, monkeypatch):
+    """The stacked latent rule, one module per stage: the modules learn one after the other,
+    each stage's module places and reseeds its prototypes from the run's generator (its state
+    travels with the carry), and the next epochs' permutations follow those draws. A stage
+    with only the untrained top block is refused."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = ["data.v=8", "data.n_classes=4", "data.m=4", "data.L=3", "data.train_size=2P*",
+            "data.test_size=40", "batch_size=16", "progress=false", "epochs=6", "threads=1",
+            "checkpoint_every=1"]
+    run(load_config(LATENT_CONFIG, args), tmp_path / "one")
+    _start(2, LATENT_CONFIG, [*args, "parallel.stages=2", "parallel.split=[1,2]"],
+           tmp_path / "two")
+    _assert_same_run(tmp_path / "one", tmp_path / "two")
+    with pytest.raises(Exception, match="nothing to train"):
+        _start(3, LATENT_CONFIG, [*args, "parallel.stages=3", "parallel.split=[1,1,1]"],
+               tmp_path / "three")
+    ckpt = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)
+    assert bool(ckpt["rule"]["placed"].all())  # both modules clustered, on their own stages
+    with pytest.raises(ValueError, match="schedule=joint trains every module at every step"):
+        check_pipeline(load_config(LATENT_CONFIG, [*args, "rule.options.schedule=joint",
+                                                   "parallel.stages=2"]),
+                       build_rule(load_config(LATENT_CONFIG, [*args, "rule.options.schedule=joint"]
+                                              ).rule, 0), 3, 2)
+
+
+def test_replicas_of_stages_equal_data_parallel(tmp_path, monkeypatch):
+    """Two replicas of two stages (4 processes) equal data parallel on 2 ranks, which equals
+    one process taking the two parts as sub-batches: the parts' gradients are averaged among
+    each stage's replicas. Random negatives, drawn by each replica for its part."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    _start(2, RHM_CONFIG, RHM_ARGS, tmp_path / "data-parallel")
+    _start(4, RHM_CONFIG, [*RHM_ARGS, "parallel.stages=2", "parallel.split=[1,2]"],
+           tmp_path / "stages-x-replicas")
+    _assert_same_run(tmp_path / "data-parallel", tmp_path / "stages-x-replicas")
+    cfg = load_config(RHM_CONFIG, [*RHM_ARGS, "parallel.stages=2"])
+    with pytest.raises(ValueError, match="needs 2 processes, one per stage, or a multiple of 2"):
+        check_pipeline(cfg, build_rule(cfg.rule, 0), 3, 3)
+
+
+def test_torchrun_agents_on_two_nodes_run_replicas_of_stages(tmp_path, monkeypatch):
+    """Two torchrun agents (nodes) meeting by rendezvous, two processes each: two stages of
+    two replicas, equal to data parallel on 2 ranks."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("WORLD_SIZE", None)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    port = _free_port()
+    cmd = [torchrun, "--nnodes=2", "--nproc_per_node=2", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes", "-m", "locallearn", "run",
+           RHM_CONFIG, "--out", str(tmp_path / "nodes"), *RHM_ARGS, "parallel.stages=2",
+           "parallel.split=[1,2]"]
+    agents = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    outputs = [a.communicate(timeout=300) for a in agents]
+    for agent, (_, err) in zip(agents, outputs):
+        assert agent.returncode == 0, err[-2000:]
+    _start(2, RHM_CONFIG, RHM_ARGS, tmp_path / "data-parallel")
+    _assert_same_run(tmp_path / "data-parallel", tmp_path / "nodes")

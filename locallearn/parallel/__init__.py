@@ -7,7 +7,8 @@ train at the same time on consecutive batches: stage ``k`` works on batch ``t`` 
 its blocks' local losses on what the stage below sent (detached activations, the views each
 block needs, the negatives drawn for the batch), fills ``.grad`` of its blocks and of their
 prediction matrices, steps its own optimiser, and sends its blocks' output to the next stage.
-Nothing is sent backward.
+Nothing is sent backward, except a late signal from the top (``parallel.feedback_delay``,
+:mod:`locallearn.delay`), which the last stage sends down to every other.
 
 Launch with ``torchrun --nproc_per_node=K -m locallearn run CONFIG parallel.stages=K`` (gloo on
 CPUs, NCCL on GPUs). Modules: :mod:`~locallearn.parallel.stage_trainer` (the loop of a stage),

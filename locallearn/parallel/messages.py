@@ -118,12 +118,15 @@ def _collect(obj: Any, slots: list[_Slot]) -> None:
             _collect(v, slots)
 
 
-def gather_to_main(obj: Any, rank: int, world: int, device: torch.device | str) -> list[Any]:
-    """Every rank's ``obj``, in rank order, on rank 0 (other ranks get ``[]``)."""
+def gather_to_main(obj: Any, rank: int, sources: list[int],
+                   device: torch.device | str) -> list[Any]:
+    """Rank 0's ``obj`` and that of every rank in ``sources``, in that order, on rank 0 (the
+    other ranks get ``[]``; ranks that are neither send nothing)."""
     if rank != 0:
-        send(obj, 0)
+        if rank in sources:
+            send(obj, 0)
         return []
-    return [obj] + [recv(src, device) for src in range(1, world)]
+    return [obj] + [recv(src, device) for src in sources]
 
 
 #: the dtypes a posted tensor may have (its header names one by its place here)

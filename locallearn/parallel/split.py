@@ -82,10 +82,20 @@ def predicted_speedup(times: Sequence[float], split: Sequence[int]) -> float:
 def measure_block_times(net: BlockNet, rule: Rule, batch: Batch, repeats: int = 2) -> list[float]:
     """Seconds of one training step of every block on ``batch`` (the fastest of ``repeats``).
 
-    Fills and then clears ``.grad``; the parameters do not change. Draw ``batch`` with a
-    generator of its own (and under :func:`torch.random.fork_rng`) so that the run's random
-    numbers stay untouched.
+    Fills and then clears ``.grad``; the parameters, buffers and the rule's state (a step
+    count, prototypes placed) are restored afterwards. Draw ``batch`` with a generator of its
+    own (and under :func:`torch.random.fork_rng`) so that the run's random numbers stay
+    untouched.
     """
+    saved = [(m, {k: v.clone() for k, v in m.state_dict().items()}) for m in (net, rule)]
+    try:
+        return _block_times(net, rule, batch, repeats)
+    finally:
+        for module, state in saved:
+            module.load_state_dict(state)
+
+
+def _block_times(net: BlockNet, rule: Rule, batch: Batch, repeats: int) -> list[float]:
     n_blocks = len(net.blocks)
     times = [float("inf")] * n_blocks
     start = rule.start_carry(net, batch)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from locallearn import distributed as ddp
 from locallearn.delay import KeptInputs, enable_delay, merge_tick
 from locallearn.errors import RunError
 from locallearn.optim import block_groups
@@ -99,11 +100,20 @@ def check_pipeline(cfg: RunConfig, rule, n_blocks: int, world: int) -> None:
     if cfg.parallel.split is not None:
         check_split(cfg.parallel.split, n_blocks)
     check_settings(cfg)
-    if world != k:
+    if world % k:
         raise ValueError(
-            f"parallel.stages={k} needs {k} processes, one per stage (torchrun "
-            f"--nproc_per_node={k} -m locallearn run ...); this run has {world}"
+            f"parallel.stages={k} needs {k} processes, one per stage, or a multiple of {k} for "
+            f"replicas of every stage (torchrun --nproc_per_node={k} -m locallearn run ...); "
+            f"this run has {world}"
         )
+    if world > k:
+        why = rule.data_parallel_refusal()
+        if why is not None:
+            raise ValueError(f"{world // k} replicas of each stage do not fit "
+                             f"rule.name={rule.name}: {why}")
+        if cfg.parallel.feedback_delay:
+            raise ValueError(f"parallel.feedback_delay={cfg.parallel.feedback_delay} does not "
+                             f"run with replicas of the stages; valid: {k} processes")
 
 
 class StageOptimizer:
@@ -168,18 +178,72 @@ class StageOptimizer:
         self.opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+class TravellingGenerator:
+    """The run's generator when blocks above stage 0 draw from it (a rule whose carry holds
+    ``generator``, e.g. a module placing its prototypes): its state travels with the carry.
+
+    Each stage counts the steps at which its copy changed, starting from the count it adopted;
+    a carry holds the newest ``(count, state)`` a stage has seen, and a stage adopts a newer one
+    when it receives it. When one stage at a time draws, in the order of the batches, every
+    draw starts from the state a one-process run has at that point. At each epoch's start
+    every stage adopts the newest state (the next permutation is drawn from it)."""
+
+    def __init__(self, generator: torch.Generator, rank: int, world: int):
+        self.generator, self.rank, self.world = generator, rank, world
+        self.count = 0
+        self.seen = generator.get_state()
+
+    def _note(self) -> None:
+        state = self.generator.get_state()
+        if not torch.equal(state, self.seen):
+            self.count, self.seen = self.count + 1, state
+
+    def sync(self) -> None:
+        """Every stage takes the newest state (ties: the lowest rank's)."""
+        self._note()
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, (self.count, -self.rank, self.seen))
+        count, _, state = max(parts, key=lambda p: (p[0], p[1]))
+        self.generator.set_state(state)
+        self.count, self.seen = count, state
+
+    def adopt(self, carry: dict[str, Any]) -> dict[str, Any]:
+        """The carry as this stage's rule reads it: the generator is this stage's, newest."""
+        if "rng" not in carry:
+            return carry
+        count, state = carry["rng"]
+        if count > self.count:
+            self.generator.set_state(state)
+            self.count, self.seen = count, state
+        return {**{k: v for k, v in carry.items() if k != "rng"}, "generator": self.generator}
+
+    def stamp(self, carry: dict[str, Any]) -> dict[str, Any]:
+        """The carry as it travels: the generator replaced by its newest count and state."""
+        if "generator" not in carry:
+            return carry
+        self._note()
+        out = {k: v for k, v in carry.items() if k != "generator"}
+        return {**out, "rng": (self.count, self.seen)}
+
+
 class PipelineTrainer(Trainer):
     """One stage (this process's rank) of a pipelined run; see the module docstring."""
 
     def __init__(self, cfg: RunConfig, task: Task, out_dir: str | Path):
+        ddp.mark_pipelined()  # the ranks are stages: no rule averages or broadcasts among them
         super().__init__(cfg, task, out_dir)
         n_blocks = len(self.net.blocks)
         check_pipeline(cfg, self.rule, n_blocks, self.world)
         self.stages = cfg.parallel.stages
+        #: ``replicas`` copies of each stage split each batch (ranks ``stage * replicas + r``)
+        self.replicas = self.world // self.stages
+        self.stage, self.replica = divmod(self.rank, self.replicas)
+        self.stage_group = self._stage_groups()
         self.block_times: list[float] | None = None
         self.split = self._choose_split(n_blocks)
-        self.start, self.stop = stage_ranges(self.split)[self.rank]
+        self.start, self.stop = stage_ranges(self.split)[self.stage]
         everything = self.rule.trained_parameters(self.net)
+        self._trained = {id(p) for p in everything}
         # the one-process optimiser's order of its parameters (its groups', one per block with
         # per-block settings)
         groups, owners = block_groups(cfg.optim, everything, self.param_blocks)
@@ -191,16 +255,45 @@ class PipelineTrainer(Trainer):
         if sorted(flat) != sorted(where) or len(set(flat)) != len(flat):
             raise ValueError(f"parallel.stages={self.stages} cannot pipeline rule "
                              f"{self.rule.name}: some of its parameters belong to no one block")
-        self.params = owned[self.rank]
+        for k, part in enumerate(owned):
+            if not part:
+                a, b = stage_ranges(self.split)[k]
+                raise ValueError(
+                    f"parallel.split={self.split} gives stage {k + 1} (blocks {a + 1}-{b}) "
+                    f"nothing to train: rule {self.rule.name} leaves those blocks as they are; "
+                    "give them to a stage that trains a block")
+        self.params = owned[self.stage]
         # per optimiser step, as in one process
         opt, self.sched = build_optimizer(cfg, self.params, self._steps_per_epoch(),
                                           self.param_blocks)
         self.opt = StageOptimizer(opt, [where[id(p)] for g in opt.param_groups
                                         for p in g["params"]], len(everything), per_block)
-        self.first = self.rank == 0
-        self.last = self.rank == self.stages - 1
+        self.first = self.stage == 0
+        self.last = self.stage == self.stages - 1
+        self.rng = TravellingGenerator(self.generator, self.rank, self.world)
         if self.main:
             self._announce()
+
+    def _stage_groups(self) -> Any:
+        """The process group of this stage's replicas (``None`` without replicas); every rank
+        creates every group, in the same order."""
+        if self.replicas == 1:
+            return None
+        mine = None
+        for k in range(self.stages):
+            group = dist.new_group(list(range(k * self.replicas, (k + 1) * self.replicas)))
+            if k == self.stage:
+                mine = group
+        return mine
+
+    def peer(self, stage: int) -> int:
+        """The rank of ``stage`` in this process's replica chain."""
+        return stage * self.replicas + self.replica
+
+    @property
+    def heads(self) -> list[int]:
+        """The first replica of every stage above 0 (they hold every stage's blocks)."""
+        return [k * self.replicas for k in range(1, self.stages)]
 
     # ------------------------------------------------------------------ the split
     def _choose_split(self, n_blocks: int) -> list[int]:
@@ -239,7 +332,7 @@ class PipelineTrainer(Trainer):
         out: list[torch.nn.Parameter] = []
         for level in range(a, b):
             out += list(self.net.blocks[level].parameters()) + self.rule.block_parameters(level)
-        return out
+        return [p for p in out if id(p) in self._trained]  # not a block the rule leaves alone
 
     def _stage_tensors(self, k: int) -> list[torch.Tensor]:
         a, b = stage_ranges(self.split)[k]
@@ -252,8 +345,8 @@ class PipelineTrainer(Trainer):
     @torch.no_grad()
     def gather_blocks(self) -> None:
         """Copy every stage's blocks (and prediction matrices) into rank 0's network."""
-        mine = [t.detach() for t in self._stage_tensors(self.rank)]
-        parts = messages.gather_to_main(mine, self.rank, self.world, self.device)
+        mine = [t.detach() for t in self._stage_tensors(self.stage)]
+        parts = messages.gather_to_main(mine, self.rank, self.heads, self.device)
         for k, tensors in enumerate(parts[1:], start=1):
             for dst, src in zip(self._stage_tensors(k), tensors):
                 dst.copy_(src)
@@ -275,10 +368,10 @@ class PipelineTrainer(Trainer):
     def save_checkpoint(self) -> None:
         self.gather_blocks()
         box: list[Any] = [self.first_loss]  # of the whole loss: the last stage's
-        dist.broadcast_object_list(box, self.stages - 1)
+        dist.broadcast_object_list(box, self.heads[-1])
         self.first_loss = box[0]
         mine = (self.opt.index, self.opt.local_state_dict())
-        parts = messages.gather_to_main(mine, self.rank, self.world, self.device)
+        parts = messages.gather_to_main(mine, self.rank, self.heads, self.device)
         if self.main:
             self.opt.set_gathered(parts)
         super().save_checkpoint()
@@ -297,60 +390,52 @@ class PipelineTrainer(Trainer):
 
     # ------------------------------------------------------------------ the epoch
     def train_epoch(self) -> dict[str, float]:
+        self.rng.sync()
         if self.delay:
             return self._train_epoch_late()
         self.net.train()
         sums: dict[str, float] = {}
-        count = 0
-        prev, nxt = self.rank - 1, self.rank + 1
-        if self.first:
-            for batch in self.task.batches(self.generator, self.cfg.batch_size,
-                                           self.rule.view_kind):
-                n = batch.x.shape[0]
-                carry = self._step(self.rule.start_carry(self.net, batch), n, sums)
-                count += n
-                if not self.last:
-                    messages.send((n, carry), nxt)
+        counts: dict[str, int] = {}
+        for n, carry in self._incoming():
+            carry = self._step(self.rng.adopt(carry), n, sums, counts)
             if not self.last:
-                messages.send(messages.END, nxt)
-        else:
-            while True:
-                msg = messages.recv(prev, self.device)
-                if msg == messages.END:
-                    if not self.last:
-                        messages.send(messages.END, nxt)
-                    break
-                n, carry = msg
-                carry = self._step(carry, n, sums)
-                count += n
-                if not self.last:
-                    messages.send((n, carry), nxt)
-        mine = {key: value / max(count, 1) for key, value in sums.items()
+                messages.send((n, self.rng.stamp(carry)), self.peer(self.stage + 1))
+        if not self.last:
+            messages.send(messages.END, self.peer(self.stage + 1))
+        mine = {key: value / counts[key] for key, value in sums.items()
                 if key != "loss" or self.last}
         parts: list[Any] = [None] * self.world
         dist.all_gather_object(parts, mine)
         merged: dict[str, float] = {}
-        for part in parts:  # blocks in order, then the total loss from the last stage
+        for part in parts[:: self.replicas]:  # blocks in order, the total loss from the last
             merged.update(part)
         return merged
 
-    def _step(self, carry: dict[str, Any], n: int, sums: dict[str, float]) -> dict[str, Any]:
+    def _step(self, carry: dict[str, Any], n: int, sums: dict[str, float],
+              counts: dict[str, int]) -> dict[str, Any]:
         """Train this stage's blocks on one batch; return what the next stage receives."""
         self.opt.zero_grad(set_to_none=True)
+        part = carry.get("part")  # this replica's share of the batch (with replicas)
         with self.autocast():  # precision=bf16, as in one process
             metrics, carry = self.rule.blocks_grads(self.net, carry, self.start, self.stop)
+        if part is not None:  # the stage's replicas: the gradient of the whole batch
+            if "generator" in carry:
+                raise ValueError(f"rule {self.rule.name} draws random numbers above stage 0; "
+                                 f"valid: parallel.stages={self.stages} processes, no replicas")
+            carry = {**carry, "part": part}
+            ddp.average_grads(self.params, part, self.stage_group)
+            metrics = ddp.average_metrics(metrics, part, self.stage_group)
         loss = metrics["loss"]  # the total of every block up to this stage's last
         if self.last:  # the whole loss, as in one process
             self._check_loss(loss)
         elif not math.isfinite(loss):
             raise RunError(
-                f"{self.label} diverged at epoch {self.epoch + 1} (stage {self.rank}, blocks "
+                f"{self.label} diverged at epoch {self.epoch + 1} (stage {self.stage}, blocks "
                 f"{self.start + 1}-{self.stop}): the loss is {loss}; lower optim.lr; "
                 f"{self._kept()}"
             )
         self.optimizer_step()  # and the schedule, per step as in one process
-        for key, value in metrics.items():
-            sums[key] = sums.get(key, 0.0) + value * n
+        add_metrics(sums, counts, metrics, n)
         return carry
 
 
@@ -366,7 +451,7 @@ class PipelineTrainer(Trainer):
         for n, carry in self._incoming():
             self._late_tick(kept, own, posted, carry, n, sums, counts)
         if not self.last:
-            messages.send(messages.END, self.rank + 1)
+            messages.send(messages.END, self.peer(self.stage + 1))
         while len(kept):  # drain the kept batches
             self._late_tick(kept, own, posted, None, 0, sums, counts)
         messages.settle(posted)
@@ -380,13 +465,22 @@ class PipelineTrainer(Trainer):
         return merged
 
     def _incoming(self):
-        """``(n, carry)`` of every batch of the epoch as this stage receives it."""
+        """``(n, carry)`` of every batch of the epoch as this stage receives it (``n``: the
+        whole batch's size; with replicas the carry is of this replica's part, ``part``)."""
         if self.first:
             for batch in self.task.batches(self.generator, self.cfg.batch_size,
                                            self.rule.view_kind):
-                yield batch.x.shape[0], self.rule.start_carry(self.net, batch)
+                n = batch.x.shape[0]
+                if self.replicas == 1:
+                    yield n, self.rule.start_carry(self.net, batch)
+                    continue
+                batch = shard_replica(batch, self.replica, self.replicas)
+                carry = {**self.rule.start_carry(self.net, batch), "part": batch.x.shape[0]}
+                if n % self.replicas:  # uneven parts may have drawn unevenly
+                    ddp.sync_generator(self.generator, 0, self.stage_group)
+                yield n, carry
             return
-        while (msg := messages.recv(self.rank - 1, self.device)) != messages.END:
+        while (msg := messages.recv(self.peer(self.stage - 1), self.device)) != messages.END:
             yield msg
 
     def _late_tick(self, kept: KeptInputs, own: deque, posted: list, carry: dict | None,
@@ -402,20 +496,21 @@ class PipelineTrainer(Trainer):
                 if self.last:
                     signal, top = self.rule.feedback_signal(self.net, out)
                     own.append(signal)
-                    posted.extend(messages.post(signal, k) for k in range(self.stages - 1))
+                    posted.extend(messages.post(signal, self.peer(k))
+                                  for k in range(self.stages - 1))
                 else:
-                    messages.send((n, out), self.rank + 1)
+                    messages.send((n, out), self.peer(self.stage + 1))
                 if self.epoch == 0 and len(kept) == 1:
                     self._announce_kept(kept)
             if len(kept) > (self.delay if carry is not None else 0):
                 signal = (own.popleft() if self.last
-                          else messages.take(self.stages - 1, self.device))
+                          else messages.take(self.peer(self.stages - 1), self.device))
                 blocks, total, n_done = kept.update(self.net, signal)
                 n = n if carry is not None else n_done
         loss = top.get("loss", total)
         if loss is not None and not math.isfinite(loss):
             raise RunError(
-                f"{self.label} diverged at epoch {self.epoch + 1} (stage {self.rank}, blocks "
+                f"{self.label} diverged at epoch {self.epoch + 1} (stage {self.stage}, blocks "
                 f"{self.start + 1}-{self.stop}): the loss is {loss}; lower optim.lr; "
                 f"{self._kept()}"
             )
@@ -428,7 +523,16 @@ class PipelineTrainer(Trainer):
     def _announce_kept(self, kept: KeptInputs) -> None:
         """Print what the stage's blocks keep for the late signals (once, at the first batch)."""
         mib = kept.batch_bytes * (self.delay + 1) / 2**20
-        print(f"locallearn: stage {self.rank} (blocks {self.start + 1}-{self.stop}) keeps up "
+        print(f"locallearn: stage {self.stage} (blocks {self.start + 1}-{self.stop}) keeps up "
               f"to {self.delay + 1} batches of its blocks' inputs for "
               f"parallel.feedback_delay={self.delay}: {mib:.2f} MiB", file=sys.stderr,
               flush=True)
+
+
+def shard_replica(batch: Any, replica: int, replicas: int) -> Any:
+    """A replica's part of a global batch (its views and per-block views too)."""
+    part = ddp.shard_batch(batch, replica, replicas)
+    if part.block_views is not None:
+        part.block_views = [tuple(ddp.shard(v, replica, replicas) for v in pair)
+                            for pair in part.block_views]
+    return part

@@ -44,7 +44,7 @@ from torch import nn
 from locallearn import distributed as ddp
 from locallearn.nets.base import BlockNet
 from locallearn.nets.clusterer import ClusterBlock
-from locallearn.rules.base import Batch, Rule, check_range
+from locallearn.rules.base import Batch, Rule, StepsBlockByBlock, check_range
 from locallearn.rules.latent import balanced_codes
 
 
@@ -99,7 +99,7 @@ def sibling_targets(codes: torch.Tensor, s: int, k_in: int) -> torch.Tensor:
     return value[:, sib]
 
 
-class LatentStacked(Rule):
+class LatentStacked(StepsBlockByBlock, Rule):
     """Level-by-level predictor-clusterer training (module docstring)."""
 
     name = "latent-stacked"
@@ -199,7 +199,7 @@ class LatentStacked(Rule):
             chosen.append(points[_far_point(d2, gen)])
             d2 = torch.minimum(d2, (points - chosen[-1]).pow(2).sum(-1))
         block.prototypes.copy_(torch.stack(chosen))
-        if ddp.is_initialized():  # data parallel: every rank starts from rank 0's seeding
+        if ddp.data_parallel():  # every rank starts from rank 0's seeding
             ddp.broadcast_params([block.prototypes])
 
     @torch.no_grad()
@@ -221,20 +221,28 @@ class LatentStacked(Rule):
             idx = _far_point(near, gen)
             block.prototypes[c] = points[idx]
             dist[:, c] = (points - points[idx]).pow(2).sum(-1)
-        if ddp.is_initialized():  # every rank keeps rank 0's prototypes
+        if ddp.data_parallel():  # every rank keeps rank 0's prototypes
             ddp.broadcast_params([block.prototypes])
 
-    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
+    def start_carry(self, net: BlockNet, batch: Batch) -> dict[str, Any]:
+        """The tokens, and the run's generator (the modules draw from it when they place or
+        reseed prototypes: a pipeline passes its state along with the carry)."""
+        return {"x": batch.x, "generator": batch.generator, "loss": 0.0}
+
+    def blocks_grads(
+        self, net: BlockNet, carry: dict[str, Any], start: int, stop: int
+    ) -> tuple[dict[str, float], dict[str, Any]]:
         modules = [b for b in net.blocks if isinstance(b, ClusterBlock)]
         n = len(modules)
         learning = [level for level in range(n) if self.active(level, n)]
-        x = batch.x
+        x, gen = carry["x"], carry.get("generator")
         metrics: dict[str, float] = {}
-        total = 0.0
-        for level, block in enumerate(modules[: learning[-1] + 1]):  # no module above learns
+        total = carry["loss"]
+        for level in range(start, min(stop, learning[-1] + 1)):  # no module above learns
+            block = modules[level]
             if level in learning:
                 cluster = self.clustering(level, n)
-                pred, kmeans = self.module_loss(level, block, x.detach(), batch.generator, cluster)
+                pred, kmeans = self.module_loss(level, block, x.detach(), gen, cluster)
                 loss = pred if kmeans is None else pred + self.options.cluster_weight * kmeans
                 loss.backward()
                 metrics[f"loss_block{level + 1}"] = float(pred.detach())
@@ -244,9 +252,18 @@ class LatentStacked(Rule):
             if level < learning[-1]:  # the codes the next module reads
                 with torch.no_grad():
                     x = block(x)
-        self.step += 1
+        self.advance(n)
         metrics["loss"] = total
-        return metrics
+        return metrics, {**carry, "x": x, "loss": total}
+
+    @torch.no_grad()
+    def advance(self, n_modules: int) -> None:
+        """End of a step, on every stage alike: the modules that clustered have placed their
+        prototypes (whichever process trained them), and the step count moves on."""
+        for level in range(n_modules):
+            if self.active(level, n_modules) and self.clustering(level, n_modules):
+                self.placed[level] = True
+        self.step += 1
 
     def length_refusal(self) -> str | None:
         o = self.options
@@ -259,8 +276,11 @@ class LatentStacked(Rule):
         return None
 
     def pipeline_refusal(self) -> str | None:
-        return (f"rule {self.name} trains its modules one after the other (each on the codes of "
-                "the finished one below); run it with parallel.stages=1")
+        if self.options.schedule == "joint":
+            return (f"rule {self.name} with rule.options.schedule=joint trains every module at "
+                    "every step, each drawing from the run's random numbers in turn; valid: "
+                    "schedule=levelwise")
+        return None
 
 
 def _on_device(gen: torch.Generator | None, points: torch.Tensor) -> torch.Generator | None:
