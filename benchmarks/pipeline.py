@@ -14,12 +14,17 @@ layer-wise CLAPP and per-block views) it
    training seconds, without start-up, evaluation and probe), its ratio to one process with one
    thread, and the model's prediction for the same ``K`` and for 6 devices.
 
-Every process uses one thread; on a machine with fewer free cores than processes the stages
-share cores and the measured speed-up falls below the model (the load average is printed).
-Asserts nothing.
+4. measures the cost of one message between two stages: the carry that stage 0 sends for the
+   balanced 2-stage split, sent back and forth between two processes (``--pingpong``), and its
+   size.
+
+Timings are only worth reporting on free cores. Before each run the benchmark waits (up to
+``--settle`` seconds) for the 1-minute load average to fall below 0.5, and it refuses to report a
+row whose load, before or after the run, exceeds ``--max-load`` (default 1.0) per core the row
+uses (processes x threads): such a row prints ``refused`` with the loads. Asserts nothing.
 
     python benchmarks/pipeline.py [--cases vgg-1/8 vgg-full rhm-deep] [--stages 1 2 3]
-        [--data /work/data] [--json FILE]
+        [--data /work/data] [--json FILE] [--max-load 1.0] [--settle 180]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -121,6 +127,73 @@ def run_epoch(case: dict, stages: int, threads: int, split: list[int] | None,
         shutil.rmtree(out, ignore_errors=True)
 
 
+def settle(limit: float, seconds: float) -> float:
+    """Wait up to ``seconds`` for the 1-minute load average to fall below ``limit``; return it."""
+    deadline = time.monotonic() + seconds
+    load = os.getloadavg()[0]
+    while load >= limit and time.monotonic() < deadline:
+        time.sleep(5)
+        load = os.getloadavg()[0]
+    return load
+
+
+def stage0_carry(case: dict, split: list[int]):
+    """The carry that stage 0 of ``split`` sends for one batch of ``case`` (no gradients)."""
+    torch.set_num_threads(1)
+    cfg = load_config(ROOT / case["config"],
+                      [*case["overrides"], size_key(case), f"batch_size={case['batch']}",
+                       "threads=1", "progress=false"])
+    task = build_task(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, task, tmp)
+    net, rule = trainer.net, trainer.rule
+    gen = torch.Generator().manual_seed(1)
+    carry = rule.start_carry(net, next(iter(task.batches(gen, cfg.batch_size, rule.view_kind))))
+    for level in range(split[0]):
+        carry = rule.frozen_carry(net, carry, level, level + 1)
+    carry.pop("generator", None)
+    return carry
+
+
+def pingpong(case_name: str, data: str, repeats: int = 20) -> None:
+    """Child of ``--pingpong`` under torchrun (2 processes): rank 0 sends the case's stage-0
+    carry to rank 1 and back ``repeats`` times; prints the one-way milliseconds and the size."""
+    import torch.distributed as dist
+
+    from locallearn.delay import tensor_bytes
+    from locallearn.parallel import messages
+
+    dist.init_process_group("gloo")
+    case = cases(data)[case_name]
+    carry = stage0_carry(case, balanced_split(block_times(case), 2))
+    rank = dist.get_rank()
+    messages.send(carry, 1 - rank) if rank == 0 else messages.recv(0, "cpu")  # warm-up
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        if rank == 0:
+            messages.send(carry, 1)
+            messages.recv(1, "cpu")
+        else:
+            messages.send(messages.recv(0, "cpu"), 0)
+    one_way = (time.perf_counter() - t0) / (2 * repeats)
+    if rank == 0:
+        print(json.dumps({"ms": 1000 * one_way, "mib": tensor_bytes(carry) / 2**20}))
+    dist.destroy_process_group()
+
+
+def message_cost(case_name: str, data: str) -> dict | None:
+    """One message's milliseconds and MiB for the case (two processes, gloo)."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(Path(__file__).resolve()), "--pingpong",
+           case_name, "--data", data]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    lines = [x for x in done.stdout.splitlines() if x.startswith("{")]
+    return json.loads(lines[-1]) if done.returncode == 0 and lines else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", default=["vgg-1/8", "rhm-deep", "vgg-full"])
@@ -131,11 +204,20 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds after which a run is stopped and reported as such")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--max-load", type=float, default=1.0,
+                        help="refuse a row whose load exceeds this per core it uses")
+    parser.add_argument("--settle", type=float, default=180.0,
+                        help="seconds to wait for the load to fall below 0.5 before a run")
+    parser.add_argument("--pingpong", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.pingpong:
+        pingpong(args.pingpong, args.data)
+        return
     all_cases = cases(args.data)
     rows = []
+    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     print("| case | K | mode | split | seconds | throughput | ratio | model (N batches) "
-          "| model (steady) | load |")
+          "| model (steady) | load before / after |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.cases:
         case = all_cases[name]
@@ -145,8 +227,11 @@ def main() -> None:
         ms = ", ".join(f"{1000 * t:.0f}" for t in times)
         six = min(6, len(times))
         split6 = balanced_split(times, six)
+        cost = message_cost(name, args.data) if len(times) > 1 else None
+        sent = (f"; one message (stage 0 -> 1): {cost['ms']:.2f} ms, {cost['mib']:.2f} MiB"
+                if cost else "")
         print(f"\n{name}: block step ms [{ms}]; model for {six} devices: split {split6}, "
-              f"speed-up {predicted_speedup(times, split6):.2f}x (steady state)\n",
+              f"speed-up {predicted_speedup(times, split6):.2f}x (steady state){sent}\n",
               file=sys.stderr, flush=True)
         base = None
         for k in args.stages:
@@ -158,29 +243,38 @@ def main() -> None:
             modes = [("stages", 1), ("threads", k)] if with_threads else [("stages", 1)]
             for mode, threads in modes:
                 stages = k if mode == "stages" else 1
+                before = settle(0.5, args.settle)
                 seconds = run_epoch(case, stages, threads, split if stages > 1 else None,
                                     args.timeout)
+                after = os.getloadavg()[0]
+                cores = stages * threads
                 if seconds is None:
                     print(f"| {name} | {k} | {mode} x{threads} | stopped after {args.timeout} s "
                           "|", flush=True)
                     continue
-                if base is None:
-                    base = seconds
+                if max(before, after) > args.max_load * cores:
+                    print(f"| {name} | {k} | {mode} x{threads} | refused: load {before:.2f} "
+                          f"before, {after:.2f} after, above {args.max_load:g} per core on "
+                          f"{cores} core(s) |", flush=True)
+                    continue
+                if k == 1 and mode == "stages":
+                    base = seconds  # the ratios' baseline: one process, one thread
                 row = {
                     "case": name, "K": k, "mode": f"{k} stage(s), 1 thread each" if mode ==
                     "stages" else f"1 process, {k} threads", "split": split if mode == "stages"
                     else None, "seconds": seconds, "throughput": items / seconds,
-                    "unit": case["unit"], "ratio": base / seconds,
+                    "unit": case["unit"], "ratio": base / seconds if base else None,
                     "model_epoch": filled if mode == "stages" else None,
                     "model_steady": steady if mode == "stages" else None,
-                    "load": os.getloadavg()[0], "block_seconds": times,
-                    "model_6": predicted_speedup(times, split6),
+                    "load_before": before, "load_after": after, "block_seconds": times,
+                    "model_6": predicted_speedup(times, split6), "message": cost,
                 }
                 rows.append(row)
                 model = (f"{filled:.2f}x | {steady:.2f}x" if mode == "stages" else "- | -")
                 print(f"| {name} | {k} | {row['mode']} | {row['split'] or '-'} | "
                       f"{seconds:.2f} | {row['throughput']:.1f} {case['unit']} | "
-                      f"{row['ratio']:.2f}x | {model} | {row['load']:.1f} |", flush=True)
+                      f"{row['ratio'] or 0:.2f}x | {model} | {before:.2f} / {after:.2f} |",
+                      flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

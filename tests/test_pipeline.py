@@ -25,8 +25,8 @@ from locallearn.experiments.runs import run
 from locallearn.nets.hier_cnn import hier_cnn
 from locallearn.nets.vgg import vgg6
 from locallearn.parallel import messages
+from locallearn.parallel.checks import check_pipeline
 from locallearn.parallel.split import balanced_split, check_split, predicted_speedup, stage_times
-from locallearn.parallel.stage_trainer import check_pipeline
 from locallearn.rules import build_rule
 from locallearn.rules.base import Batch
 from locallearn.rules.image_infonce import LayerwiseInfoNCE

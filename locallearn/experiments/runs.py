@@ -14,7 +14,8 @@ from locallearn import distributed as ddp
 from locallearn.config import load_yaml
 from locallearn.experiments.tasks import build_task
 from locallearn.nets.base import BlockNet
-from locallearn.parallel.stage_trainer import PipelineTrainer, check_rule, check_settings
+from locallearn.parallel.checks import check_rule, check_settings
+from locallearn.parallel.stage_trainer import PipelineTrainer
 from locallearn.rules import build_rule
 from locallearn.rules.base import Rule
 from locallearn.runfiles import CHECKPOINT, CONFIG, SUMMARY, check_out_dir, read_metrics

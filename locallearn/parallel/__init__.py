@@ -11,7 +11,11 @@ Nothing is sent backward, except a late signal from the top (``parallel.feedback
 :mod:`locallearn.delay`), which the last stage sends down to every other.
 
 Launch with ``torchrun --nproc_per_node=K -m locallearn run CONFIG parallel.stages=K`` (gloo on
-CPUs, NCCL on GPUs). Modules: :mod:`~locallearn.parallel.stage_trainer` (the loop of a stage),
-:mod:`~locallearn.parallel.messages` (what goes between processes) and
-:mod:`~locallearn.parallel.split` (which blocks each stage gets, and the speed-up model).
+CPUs, NCCL on GPUs); a multiple ``K * D`` of processes runs ``D`` replicas of every stage, which
+average their gradients. Modules: :mod:`~locallearn.parallel.stage_trainer` (the loop of a
+stage), :mod:`~locallearn.parallel.late_signals` (its epoch with late signals from the top),
+:mod:`~locallearn.parallel.checks` (what a pipeline refuses), :mod:`~locallearn.parallel.messages`
+(what goes between processes), :mod:`~locallearn.parallel.stage_optimizer`,
+:mod:`~locallearn.parallel.travelling_rng` (the run's generator when stages above 0 draw from it)
+and :mod:`~locallearn.parallel.split` (which blocks each stage gets, and the speed-up model).
 """

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import sys
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +33,19 @@ import torch
 import torch.distributed as dist
 
 from locallearn import distributed as ddp
-from locallearn.delay import KeptInputs, enable_delay, merge_tick
 from locallearn.errors import RunError
 from locallearn.optim import block_groups
 from locallearn.parallel import messages
+from locallearn.parallel.checks import check_pipeline
+from locallearn.parallel.late_signals import LateSignalEpochs
 from locallearn.parallel.split import (
     balanced_split,
-    check_split,
     measure_on_fresh_batch,
     predicted_speedup,
     stage_ranges,
 )
+from locallearn.parallel.stage_optimizer import StageOptimizer
+from locallearn.parallel.travelling_rng import TravellingGenerator
 from locallearn.schema import RunConfig
 from locallearn.task import Task
 from locallearn.train import Trainer, add_metrics, build_optimizer, write_json_atomic
@@ -52,181 +53,7 @@ from locallearn.train import Trainer, add_metrics, build_optimizer, write_json_a
 PIPELINE_FILE = "pipeline.json"
 
 
-def check_rule(cfg: RunConfig, rule) -> None:
-    """A one-line ValueError when ``rule`` cannot be pipelined (it needs a signal from above
-    on the same batch: ``parallel.feedback_delay`` lets it come late)."""
-    enable_delay(rule, cfg.parallel.feedback_delay)
-    reason = rule.pipeline_refusal()
-    if reason is not None:
-        raise ValueError(f"parallel.stages={cfg.parallel.stages} cannot pipeline this run: "
-                         f"{reason}; valid: parallel.stages=1")
-
-
-def check_settings(cfg: RunConfig) -> None:
-    """One-line ValueErrors for settings a pipeline cannot honour (known before data loads)."""
-    if cfg.align_every:
-        raise ValueError(f"align_every={cfg.align_every} needs every block in one process; "
-                         "valid with parallel.stages > 1: align_every=0")
-    if cfg.optim.name == "lars":
-        raise ValueError("optim.name=lars (two parameter groups: weights and the rest) does not "
-                         "run pipelined; valid with parallel.stages > 1: adam, adamw, sgd")
-    if cfg.max_seconds is not None:
-        raise ValueError(f"max_seconds={cfg.max_seconds:g} does not run pipelined (each stage "
-                         "would spend the budget at its own epoch); valid with "
-                         "parallel.stages > 1: max_seconds=null")
-    if cfg.layerwise.epochs is not None:
-        raise ValueError("layerwise.epochs (a layer-wise schedule) does not run pipelined: a "
-                         "greedy schedule trains one block at a time; valid with "
-                         "parallel.stages > 1: layerwise.epochs=null")
-    streams = getattr(cfg.data, "streams", None)  # image data; the RHM never streams
-    if streams is not None and streams():
-        raise ValueError("parallel.stages > 1 cannot stream its data (every stage would decode "
-                         "a part of each batch that only stage 0 uses); valid with streamed "
-                         "data: parallel.stages=1 (data parallel: torchrun without "
-                         "parallel.stages)")
-    if not float(cfg.probe_every).is_integer():
-        raise ValueError(f"probe_every={cfg.probe_every:g} would probe inside an epoch, while "
-                         "the stages are at different steps; valid with parallel.stages > 1: "
-                         "whole epochs (0, 1, 2, ...)")
-
-
-def check_pipeline(cfg: RunConfig, rule, n_blocks: int, world: int) -> None:
-    """One-line ValueErrors for a pipeline that cannot run (in the order a user meets them)."""
-    k = cfg.parallel.stages
-    check_rule(cfg, rule)
-    if k > n_blocks:
-        raise ValueError(f"parallel.stages={k} is more than the network's {n_blocks} blocks; "
-                         f"valid: 1 to {n_blocks}")
-    if cfg.parallel.split is not None:
-        check_split(cfg.parallel.split, n_blocks)
-    check_settings(cfg)
-    if world % k:
-        raise ValueError(
-            f"parallel.stages={k} needs {k} processes, one per stage, or a multiple of {k} for "
-            f"replicas of every stage (torchrun --nproc_per_node={k} -m locallearn run ...); "
-            f"this run has {world}"
-        )
-    if world > k:
-        why = rule.data_parallel_refusal()
-        if why is not None:
-            raise ValueError(f"{world // k} replicas of each stage do not fit "
-                             f"rule.name={rule.name}: {why}")
-        if cfg.parallel.feedback_delay:
-            raise ValueError(f"parallel.feedback_delay={cfg.parallel.feedback_delay} does not "
-                             f"run with replicas of the stages; valid: {k} processes")
-
-
-class StageOptimizer:
-    """The optimiser of one stage, whose state dict is that of the whole run.
-
-    ``load_state_dict`` takes a one-process optimiser state (every trained parameter, in the
-    rule's order) and keeps this stage's part; ``state_dict`` returns the whole run's state once
-    :meth:`set_gathered` has been given every stage's part (rank 0, at checkpoints).
-    """
-
-    def __init__(self, opt: torch.optim.Optimizer, index: list[int], total: int,
-                 per_block: bool = False):
-        self.opt = opt
-        self.index = index  # global position of each of this stage's parameters
-        self.total = total
-        #: one parameter group per block (per-block optimiser settings), else one group
-        self.per_block = per_block
-        self._gathered: list[tuple[list[int], dict]] | None = None
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.opt.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.opt.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        self.opt.step()
-
-    def local_state_dict(self) -> dict:
-        return self.opt.state_dict()
-
-    def set_gathered(self, parts: list[tuple[list[int], dict]]) -> None:
-        """Every stage's ``(index, local state dict)``, in stage order."""
-        self._gathered = parts
-
-    def state_dict(self) -> dict:
-        if self._gathered is None:
-            raise RuntimeError("the stages' optimiser states have not been gathered")
-        state: dict[int, Any] = {}
-        for index, part in self._gathered:
-            for i, value in part["state"].items():
-                state[index[i]] = value
-        if self.per_block:  # the stages' groups, in block order: the one-process layout
-            groups = [{**g, "params": [index[i] for i in g["params"]]}
-                      for index, part in self._gathered for g in part["param_groups"]]
-        else:
-            groups = [{**g, "params": list(range(self.total))}
-                      for g in self._gathered[0][1]["param_groups"]]
-        return {"state": dict(sorted(state.items())), "param_groups": groups}
-
-    def load_state_dict(self, full: dict) -> None:
-        where = {g: i for i, g in enumerate(self.index)}
-        state = {where[g]: v for g, v in full["state"].items() if g in where}
-        if self.per_block:  # this stage's blocks' groups
-            groups = [{**g, "params": [where[i] for i in g["params"] if i in where]}
-                      for g in full["param_groups"]]
-            groups = [g for g in groups if g["params"]]
-        else:
-            groups = [{**g, "params": list(range(len(self.index)))}
-                      for g in full["param_groups"]]
-        self.opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-class TravellingGenerator:
-    """The run's generator when blocks above stage 0 draw from it (a rule whose carry holds
-    ``generator``, e.g. a module placing its prototypes): its state travels with the carry.
-
-    Each stage counts the steps at which its copy changed, starting from the count it adopted;
-    a carry holds the newest ``(count, state)`` a stage has seen, and a stage adopts a newer one
-    when it receives it. When one stage at a time draws, in the order of the batches, every
-    draw starts from the state a one-process run has at that point. At each epoch's start
-    every stage adopts the newest state (the next permutation is drawn from it)."""
-
-    def __init__(self, generator: torch.Generator, rank: int, world: int):
-        self.generator, self.rank, self.world = generator, rank, world
-        self.count = 0
-        self.seen = generator.get_state()
-
-    def _note(self) -> None:
-        state = self.generator.get_state()
-        if not torch.equal(state, self.seen):
-            self.count, self.seen = self.count + 1, state
-
-    def sync(self) -> None:
-        """Every stage takes the newest state (ties: the lowest rank's)."""
-        self._note()
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, (self.count, -self.rank, self.seen))
-        count, _, state = max(parts, key=lambda p: (p[0], p[1]))
-        self.generator.set_state(state)
-        self.count, self.seen = count, state
-
-    def adopt(self, carry: dict[str, Any]) -> dict[str, Any]:
-        """The carry as this stage's rule reads it: the generator is this stage's, newest."""
-        if "rng" not in carry:
-            return carry
-        count, state = carry["rng"]
-        if count > self.count:
-            self.generator.set_state(state)
-            self.count, self.seen = count, state
-        return {**{k: v for k, v in carry.items() if k != "rng"}, "generator": self.generator}
-
-    def stamp(self, carry: dict[str, Any]) -> dict[str, Any]:
-        """The carry as it travels: the generator replaced by its newest count and state."""
-        if "generator" not in carry:
-            return carry
-        self._note()
-        out = {k: v for k, v in carry.items() if k != "generator"}
-        return {**out, "rng": (self.count, self.seen)}
-
-
-class PipelineTrainer(Trainer):
+class PipelineTrainer(LateSignalEpochs, Trainer):
     """One stage (this process's rank) of a pipelined run; see the module docstring."""
 
     def __init__(self, cfg: RunConfig, task: Task, out_dir: str | Path):
@@ -440,29 +267,6 @@ class PipelineTrainer(Trainer):
 
 
     # ------------------------------------------------------------------ late signals from the top
-    def _train_epoch_late(self) -> dict[str, float]:
-        """An epoch with the top's signals arriving ``feedback_delay`` batches late."""
-        self.net.train()
-        kept = KeptInputs(self.rule, self.start, self.stop)
-        own: deque[Any] = deque()  # the last stage's own signals
-        posted: list[list[Any]] = []
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-        for n, carry in self._incoming():
-            self._late_tick(kept, own, posted, carry, n, sums, counts)
-        if not self.last:
-            messages.send(messages.END, self.peer(self.stage + 1))
-        while len(kept):  # drain the kept batches
-            self._late_tick(kept, own, posted, None, 0, sums, counts)
-        messages.settle(posted)
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, {k: v / counts[k] for k, v in sums.items()})
-        merged: dict[str, float] = {}
-        for part in parts:
-            merged.update({k: v for k, v in part.items() if k != "loss_part"})
-        if "loss" not in merged:  # the blocks' losses, stage by stage
-            merged["loss"] = sum(part["loss_part"] for part in parts if "loss_part" in part)
-        return merged
 
     def _incoming(self):
         """``(n, carry)`` of every batch of the epoch as this stage receives it (``n``: the
@@ -482,51 +286,6 @@ class PipelineTrainer(Trainer):
             return
         while (msg := messages.recv(self.peer(self.stage - 1), self.device)) != messages.END:
             yield msg
-
-    def _late_tick(self, kept: KeptInputs, own: deque, posted: list, carry: dict | None,
-                   n: int, sums: dict[str, float], counts: dict[str, int]) -> None:
-        """One optimiser step: pass the new batch on (``carry``; ``None`` while draining) and
-        apply the update of the oldest kept batch whose signal is due."""
-        self.opt.zero_grad(set_to_none=True)
-        top: dict[str, float] = {}
-        blocks, total = None, None
-        with self.autocast():
-            if carry is not None:
-                out = kept.forward(self.net, carry, n)
-                if self.last:
-                    signal, top = self.rule.feedback_signal(self.net, out)
-                    own.append(signal)
-                    posted.extend(messages.post(signal, self.peer(k))
-                                  for k in range(self.stages - 1))
-                else:
-                    messages.send((n, out), self.peer(self.stage + 1))
-                if self.epoch == 0 and len(kept) == 1:
-                    self._announce_kept(kept)
-            if len(kept) > (self.delay if carry is not None else 0):
-                signal = (own.popleft() if self.last
-                          else messages.take(self.peer(self.stages - 1), self.device))
-                blocks, total, n_done = kept.update(self.net, signal)
-                n = n if carry is not None else n_done
-        loss = top.get("loss", total)
-        if loss is not None and not math.isfinite(loss):
-            raise RunError(
-                f"{self.label} diverged at epoch {self.epoch + 1} (stage {self.stage}, blocks "
-                f"{self.start + 1}-{self.stop}): the loss is {loss}; lower optim.lr; "
-                f"{self._kept()}"
-            )
-        self.optimizer_step()
-        metrics = merge_tick(top, blocks, None)
-        if total is not None:
-            metrics["loss_part"] = total
-        add_metrics(sums, counts, metrics, n)
-
-    def _announce_kept(self, kept: KeptInputs) -> None:
-        """Print what the stage's blocks keep for the late signals (once, at the first batch)."""
-        mib = kept.batch_bytes * (self.delay + 1) / 2**20
-        print(f"locallearn: stage {self.stage} (blocks {self.start + 1}-{self.stop}) keeps up "
-              f"to {self.delay + 1} batches of its blocks' inputs for "
-              f"parallel.feedback_delay={self.delay}: {mib:.2f} MiB", file=sys.stderr,
-              flush=True)
 
 
 def shard_replica(batch: Any, replica: int, replicas: int) -> Any:

@@ -1,0 +1,96 @@
+"""A pipeline's epoch when the top's signal reaches the blocks late (``parallel.feedback_delay``,
+:mod:`locallearn.delay`): the last stage sends each batch's signal to every other stage as soon
+as it has it, and a stage applies its update for batch ``t`` at its step ``t + D``, waiting for
+the signal if it has not come. The arithmetic is that of the one-process simulation, which it
+equals bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import deque
+from typing import Any
+
+import torch.distributed as dist
+
+from locallearn.delay import KeptInputs, merge_tick
+from locallearn.errors import RunError
+from locallearn.parallel import messages
+from locallearn.train import add_metrics
+
+__all__ = ["LateSignalEpochs"]
+
+
+class LateSignalEpochs:
+    """Mixin of :class:`~locallearn.parallel.stage_trainer.PipelineTrainer` (listed before it):
+    the epoch with late signals from the top."""
+
+    def _train_epoch_late(self) -> dict[str, float]:
+        """An epoch with the top's signals arriving ``feedback_delay`` batches late."""
+        self.net.train()
+        kept = KeptInputs(self.rule, self.start, self.stop)
+        own: deque[Any] = deque()  # the last stage's own signals
+        posted: list[list[Any]] = []
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for n, carry in self._incoming():
+            self._late_tick(kept, own, posted, carry, n, sums, counts)
+        if not self.last:
+            messages.send(messages.END, self.peer(self.stage + 1))
+        while len(kept):  # drain the kept batches
+            self._late_tick(kept, own, posted, None, 0, sums, counts)
+        messages.settle(posted)
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, {k: v / counts[k] for k, v in sums.items()})
+        merged: dict[str, float] = {}
+        for part in parts:
+            merged.update({k: v for k, v in part.items() if k != "loss_part"})
+        if "loss" not in merged:  # the blocks' losses, stage by stage
+            merged["loss"] = sum(part["loss_part"] for part in parts if "loss_part" in part)
+        return merged
+
+    def _late_tick(self, kept: KeptInputs, own: deque, posted: list, carry: dict | None,
+                   n: int, sums: dict[str, float], counts: dict[str, int]) -> None:
+        """One optimiser step: pass the new batch on (``carry``; ``None`` while draining) and
+        apply the update of the oldest kept batch whose signal is due."""
+        self.opt.zero_grad(set_to_none=True)
+        top: dict[str, float] = {}
+        blocks, total = None, None
+        with self.autocast():
+            if carry is not None:
+                out = kept.forward(self.net, carry, n)
+                if self.last:
+                    signal, top = self.rule.feedback_signal(self.net, out)
+                    own.append(signal)
+                    posted.extend(messages.post(signal, self.peer(k))
+                                  for k in range(self.stages - 1))
+                else:
+                    messages.send((n, out), self.peer(self.stage + 1))
+                if self.epoch == 0 and len(kept) == 1:
+                    self._announce_kept(kept)
+            if len(kept) > (self.delay if carry is not None else 0):
+                signal = (own.popleft() if self.last
+                          else messages.take(self.peer(self.stages - 1), self.device))
+                blocks, total, n_done = kept.update(self.net, signal)
+                n = n if carry is not None else n_done
+        loss = top.get("loss", total)
+        if loss is not None and not math.isfinite(loss):
+            raise RunError(
+                f"{self.label} diverged at epoch {self.epoch + 1} (stage {self.stage}, blocks "
+                f"{self.start + 1}-{self.stop}): the loss is {loss}; lower optim.lr; "
+                f"{self._kept()}"
+            )
+        self.optimizer_step()
+        metrics = merge_tick(top, blocks, None)
+        if total is not None:
+            metrics["loss_part"] = total
+        add_metrics(sums, counts, metrics, n)
+
+    def _announce_kept(self, kept: KeptInputs) -> None:
+        """Print what the stage's blocks keep for the late signals (once, at the first batch)."""
+        mib = kept.batch_bytes * (self.delay + 1) / 2**20
+        print(f"locallearn: stage {self.stage} (blocks {self.start + 1}-{self.stop}) keeps up "
+              f"to {self.delay + 1} batches of its blocks' inputs for "
+              f"parallel.feedback_delay={self.delay}: {mib:.2f} MiB", file=sys.stderr,
+              flush=True)
