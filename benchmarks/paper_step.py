@@ -1,0 +1,173 @@
+"""The CLAPP++ step of the library against the paper's public code, side by side.
+
+With the paper's public code (arXiv 2601.21683) checked out in ``--paper-code DIR``, it builds for
+each width one VGG-6 (``locallearn.nets.vgg.vgg6``, as the ``clapp++`` preset trains it:
+channels-last) and one batch of 32 image pairs, and two ways to fill the gradients of one step:
+
+* ``library``: the ``clapp++`` preset's rule (``rule.compute_grads``: block by block, the paper's
+  pairing of negatives, grid pooling 4-4-4-2-2-1);
+* ``paper``: the code's own step: every block on its detached input, its ``CPLoss`` with
+  ``--asymmetric_W_pred --customize_loss_pool 4-4-4-2-2-1`` on the outputs, the sum of the
+  per-block losses backpropagated once;
+
+with the same encoder weights and the same prediction matrices (the code's channel-major
+flattening mapped to the library's position-major one). It checks once that the two fill the same
+gradients (the largest relative difference is printed), then times the modes in turns for
+``--rounds`` rounds in one process (gradients only; ``--optimizer`` adds an AdamW step to both)
+and prints the median seconds of each, the ratio of the medians and the median of the rounds'
+ratios, with the load average before and after. Asserts nothing.
+
+    python benchmarks/paper_step.py --paper-code DIR [--widths 0.125 1.0] [--rounds 15]
+        [--threads 1] [--optimizer] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from locallearn.nets.vgg import vgg6  # noqa: E402
+from locallearn.rules import build_rule  # noqa: E402
+from locallearn.rules.base import Batch  # noqa: E402
+from locallearn.rules.image_grid import channel_major_order  # noqa: E402
+from locallearn.runtime import tune_cpu_allocator  # noqa: E402
+from locallearn.schema import load_config  # noqa: E402
+
+POOLS = "4-4-4-2-2-1"
+PAIRS = 32
+
+
+def paper_loss(code_dir: str, shapes: list[tuple[int, ...]]):
+    """The code's CPLoss for CLAPP++ (the options of its CIFAR-10 script's CLAPP++ run)."""
+    sys.path.insert(0, code_dir)
+    from vision.arg_parser import arg_parser  # the paper's code, run, not copied
+    from vision.models.SSLLoss import CPLoss
+
+    argv, sys.argv = sys.argv, ["x", "--asymmetric_W_pred", "--customize_loss_pool", POOLS]
+    try:
+        opt = arg_parser.parse_args()
+    finally:
+        sys.argv = argv
+    opt.device = torch.device("cpu")
+    return CPLoss(opt, shapes)
+
+
+def build(width: float, code_dir: str):
+    """The network, the library's rule, the code's loss (same matrices) and a batch."""
+    cfg = load_config(ROOT / "configs" / "images" / "clapp++.yaml",
+                      [f"net.width_mult={width}"])
+    net = vgg6(width, seed=0).to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2 * PAIRS, 3, 32, 32, generator=gen).contiguous(
+        memory_format=torch.channels_last)
+    rule = build_rule(cfg.rule, 0)
+    rule.setup(net, x[:2])
+    with torch.no_grad():
+        shapes = [tuple(h.shape) for h in net.features(x[:2])]
+    loss = paper_loss(code_dir, shapes)
+    for level, (B, W) in enumerate(zip(rule.B_same, loss.W_k)):
+        d, channels = B.shape[0], shapes[level][1]
+        w = torch.randn(d, d, generator=torch.Generator().manual_seed(10 + level)) / d
+        order = channel_major_order(d, channels)
+        with torch.no_grad():
+            W.weight.copy_(w)
+            B.copy_(w[order][:, order])
+    return net, rule, loss, x
+
+
+def library_step(net, rule, x) -> None:
+    rule.compute_grads(net, Batch(x[:PAIRS], None, (x[:PAIRS], x[PAIRS:]), None))
+
+
+def paper_step(net, loss, x) -> None:
+    h, outs = x, []
+    for block in net.blocks:
+        h = block(h.detach())
+        outs.append(h)
+    losses, *_ = loss(outs)
+    losses["loss"].sum().backward()
+
+
+def zero(*modules) -> None:
+    for m in modules:
+        for p in m.parameters():
+            p.grad = None
+
+
+def gradient_difference(net, rule, loss, x) -> float:
+    """Largest relative difference of the encoder's gradients between the two steps."""
+    zero(net, rule, loss)
+    library_step(net, rule, x)
+    ours = [p.grad.clone() for p in net.parameters()]
+    zero(net, rule, loss)
+    paper_step(net, loss, x)
+    worst = 0.0
+    for a, p in zip(ours, net.parameters()):
+        worst = max(worst, float((a - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-30)))
+    zero(net, rule, loss)
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--paper-code", required=True, help="checkout of the paper's code")
+    parser.add_argument("--widths", nargs="+", type=float, default=[0.125, 1.0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--optimizer", action="store_true", help="add an AdamW step to both")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the operators that take the most time in each mode")
+    args = parser.parse_args()
+    if not (Path(args.paper_code) / "vision" / "models" / "SSLLoss.py").is_file():
+        raise SystemExit(f"--paper-code {args.paper_code!r} holds no vision/models/SSLLoss.py; "
+                         "give a checkout of the paper's public code")
+    torch.set_num_threads(args.threads)
+    tune_cpu_allocator()
+    print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs), "
+          f"{args.threads} thread(s)")
+    for width in args.widths:
+        net, rule, loss, x = build(width, args.paper_code)
+        diff = gradient_difference(net, rule, loss, x)
+        opts = {}
+        if args.optimizer:
+            opts = {"library": torch.optim.AdamW([*net.parameters(), *rule.parameters()]),
+                    "paper": torch.optim.AdamW([*net.parameters(), *loss.parameters()])}
+        modes = {"library": lambda: library_step(net, rule, x),
+                 "paper": lambda: paper_step(net, loss, x)}
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        for r in range(args.rounds + 1):  # the first round warms up
+            for name, step in modes.items():
+                zero(net, rule, loss)
+                t0 = time.perf_counter()
+                step()
+                if name in opts:
+                    opts[name].step()
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+        ours, theirs = statistics.median(times["library"]), statistics.median(times["paper"])
+        per_round = statistics.median(p / o for o, p in zip(times["library"], times["paper"]))
+        print(f"width {width:g}: gradients equal to {diff:.1e} (relative); library "
+              f"{ours:.4f} s, paper code {theirs:.4f} s (medians of {args.rounds}); paper / "
+              f"library {theirs / ours:.2f}x (median of the rounds' ratios {per_round:.2f}x)",
+              flush=True)
+        if args.profile:
+            for name, step in modes.items():
+                zero(net, rule, loss)
+                with torch.profiler.profile() as prof:
+                    step()
+                print(f"-- {name}, width {width:g}")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
