@@ -24,6 +24,7 @@ ratios, with the load average before and after. Asserts nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -141,8 +142,8 @@ def main() -> None:
         if args.optimizer:
             opts = {"library": torch.optim.AdamW([*net.parameters(), *rule.parameters()]),
                     "paper": torch.optim.AdamW([*net.parameters(), *loss.parameters()])}
-        modes = {"library": lambda: library_step(net, rule, x),
-                 "paper": lambda: paper_step(net, loss, x)}
+        modes = {"library": functools.partial(library_step, net, rule, x),
+                 "paper": functools.partial(paper_step, net, loss, x)}
         times: dict[str, list[float]] = {m: [] for m in modes}
         for r in range(args.rounds + 1):  # the first round warms up
             for name, step in modes.items():
