@@ -142,8 +142,8 @@ class LocalImageRule(StepsBlockByBlock, ImageSSLRule):
     def pipeline_refusal(self) -> str | None:
         if self.uses_top and not self.late_feedback:
             return (f"rule {self.name} with rule.options.context={self.context} learns from the "
-                    "top block's output on the same batch (a signal from above; "
-                    "parallel.feedback_delay >= 1 lets it arrive late); valid: context=same")
+                    "top block's output on the same batch (a signal from above; context=same, "
+                    "or parallel.feedback_delay >= 1 to let it arrive late, would pipeline)")
         return None
 
     def delay_refusal(self) -> str | None:
