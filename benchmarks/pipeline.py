@@ -79,18 +79,21 @@ def size_key(case: dict) -> str:
     return f"data.subset={n}" if image else f"data.train_size={n}"
 
 
-def block_times(case: dict) -> list[float]:
-    """Per-block step seconds, measured here with one thread."""
+def case_trainer(case: dict) -> Trainer:
+    """The case's run, built here with one thread (its output folder removed)."""
     torch.set_num_threads(1)
     cfg = load_config(ROOT / case["config"],
                       [*case["overrides"], size_key(case), f"batch_size={case['batch']}",
                        "threads=1", "progress=false"])
-    task = build_task(cfg)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, task, tmp)
-        times = measure_on_fresh_batch(trainer.net, trainer.rule, task, cfg.batch_size,
-                                       cfg.seed, trainer.device, repeats=case["repeats"])
-    return times
+        return Trainer(cfg, build_task(cfg), tmp)
+
+
+def block_times(case: dict) -> list[float]:
+    """Per-block step seconds, measured here with one thread."""
+    t = case_trainer(case)
+    return measure_on_fresh_batch(t.net, t.rule, t.task, t.cfg.batch_size, t.cfg.seed,
+                                  t.device, repeats=case["repeats"])
 
 
 def free_port() -> int:
@@ -139,16 +142,11 @@ def settle(limit: float, seconds: float) -> float:
 
 def stage0_carry(case: dict, split: list[int]):
     """The carry that stage 0 of ``split`` sends for one batch of ``case`` (no gradients)."""
-    torch.set_num_threads(1)
-    cfg = load_config(ROOT / case["config"],
-                      [*case["overrides"], size_key(case), f"batch_size={case['batch']}",
-                       "threads=1", "progress=false"])
-    task = build_task(cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, task, tmp)
-    net, rule = trainer.net, trainer.rule
+    t = case_trainer(case)
+    net, rule = t.net, t.rule
     gen = torch.Generator().manual_seed(1)
-    carry = rule.start_carry(net, next(iter(task.batches(gen, cfg.batch_size, rule.view_kind))))
+    carry = rule.start_carry(net, next(iter(t.task.batches(gen, t.cfg.batch_size,
+                                                           rule.view_kind))))
     for level in range(split[0]):
         carry = rule.frozen_carry(net, carry, level, level + 1)
     carry.pop("generator", None)
