@@ -158,7 +158,6 @@ def test_balanced_split_minimises_the_slowest_stage():
         (["backprop"], "rule backprop sends the error backward through every block"),
         (["dfa"], "rule dfa sends the output error of the top block to every block"),
         (["token-last"], "rule token-prediction backpropagates its token loss through every"),
-        (["latent-prediction-cnn"], "rule latent-prediction has no block-range step"),
         (["parallel.stages=4"], "parallel.stages=4 is more than the network's 3 blocks"),
         (["parallel.split=[1,1]"], r"parallel.split=\[1, 1\] adds up to 2 blocks"),
         (["parallel.split=[3]"], r"lists 1 stages but parallel.stages=2"),
@@ -170,7 +169,7 @@ def test_bad_pipelines_are_one_line_errors_with_exit_2(tmp_path, capsys, monkeyp
                                                        overrides, match):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     config, data = RHM_CONFIG, RHM_ARGS
-    refused = ("backprop", "dfa", "token-last", "latent-prediction-cnn")
+    refused = ("backprop", "dfa", "token-last")
     if overrides and overrides[0] in refused:  # the presets of refused rules
         config = str(ROOT / "configs" / "rhm" / f"{overrides[0]}.yaml")
         data, overrides = [a for a in RHM_ARGS if not a.startswith("rule.")], []
@@ -394,3 +393,17 @@ def test_torchrun_agents_on_two_nodes_run_replicas_of_stages(tmp_path, monkeypat
         assert agent.returncode == 0, err[-2000:]
     _start(2, RHM_CONFIG, RHM_ARGS, tmp_path / "data-parallel")
     _assert_same_run(tmp_path / "data-parallel", tmp_path / "nodes")
+
+
+def test_latent_prediction_cnn_pipelines_exactly(tmp_path, monkeypatch):
+    """The latent rule on the hierarchical CNN: each block predicts the codes of the level
+    below, which travel with the carry."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = str(ROOT / "configs" / "rhm" / "latent-prediction-cnn.yaml")
+    args = [a for a in RHM_ARGS if not a.startswith("rule.")]
+    run(load_config(config, args), tmp_path / "one")
+    _start(3, config, [*args, "parallel.stages=3"], tmp_path / "three")
+    _assert_same_run(tmp_path / "one", tmp_path / "three")
+    init = hier_cnn(8, 2, 3, 12, 4, bias=False, seed=0).state_dict()
+    net = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["net"]
+    assert not torch.equal(init["blocks.0.pre.weight"], net["blocks.0.pre.weight"])

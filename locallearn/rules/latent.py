@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from locallearn.nets.base import BlockNet
-from locallearn.rules.base import Batch, Rule, check_range
+from locallearn.rules.base import Batch, Rule, StepsBlockByBlock, check_range
 
 
 @dataclass
@@ -104,7 +104,7 @@ def balanced_codes(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor
     return logq.exp()
 
 
-class LatentPrediction(Rule):
+class LatentPrediction(StepsBlockByBlock, Rule):
     """Block-by-block prediction of the block's own balanced code of a sibling (module doc)."""
 
     name = "latent-prediction"
@@ -242,16 +242,20 @@ class LatentPrediction(Rule):
         return loss
 
     def pipeline_refusal(self) -> str | None:
-        return (f"rule {self.name} has no block-range step for pipelined training yet; run it "
-                "with parallel.stages=1")
+        return None
 
-    def compute_grads(self, net: BlockNet, batch: Batch) -> dict[str, float]:
-        h = batch.x
-        below = self.input_codes(h)
-        total = 0.0
+    def start_carry(self, net: BlockNet, batch: Batch) -> dict[str, Any]:
+        """The tokens and their one-hot codes (the level below block 0)."""
+        return {"x": batch.x, "below": self.input_codes(batch.x), "loss": 0.0}
+
+    def blocks_grads(
+        self, net: BlockNet, carry: dict[str, Any], start: int, stop: int
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        h, below = carry["x"], carry["below"]
+        total = carry["loss"]
         metrics: dict[str, float] = {}
-        for level, block in enumerate(net.blocks):
-            z = block(h.detach())
+        for level in range(start, stop):
+            z = net.blocks[level](h.detach())
             if self.has_loss(z):
                 loss = self.block_loss(level, z, below)
                 loss.backward()  # this block's weights and its Q, R (T) only
@@ -260,7 +264,12 @@ class LatentPrediction(Rule):
                 below = self.targets(level, z)
             h = z.detach()
         metrics["loss"] = total
-        return metrics
+        return metrics, {**carry, "x": h, "below": below, "loss": total}
+
+    def block_parameters(self, level: int) -> list[nn.Parameter]:
+        """Block ``level``'s prototypes and predictors."""
+        own = [self.Q[level], self.R[level]]
+        return own + ([self.T[level]] if len(self.T) else [])
 
 
 class _TopLatentBackprop(Rule):
