@@ -57,6 +57,25 @@ step tests "$py" -m pytest -q tests/test_gpu_path.py -k on_the_gpu
 step gpu_check "$py" benchmarks/gpu_check.py --steps "$steps" --warmup 20
 step gpu_compile "$py" benchmarks/gpu_check.py --presets clapp++ --precision bf16 --compile \
     --steps "$steps" --warmup 30
+# 5. with two GPUs or more: the pipeline's NCCL path (one GPU per stage; NCCL refuses two ranks
+#    on one GPU): two stages of the deep RHM network and its one-process run, and CLAPP++DFB's
+#    top context one batch late on two stages against its one-process simulation.
+gpus=$("$py" -c 'import torch; print(torch.cuda.device_count())')
+if [ "$gpus" -ge 2 ]; then
+    rhm=(configs/rhm/clapp-per-block.yaml data.L=6 epochs=2 device=cuda progress=false)
+    step pipeline_nccl torchrun --nproc_per_node=2 -m locallearn run "${rhm[@]}" \
+        parallel.stages=2 --out "$out/runs/pipeline2"
+    step pipeline_one "$py" -m locallearn run "${rhm[@]}" --out "$out/runs/pipeline1"
+    if [ -d "$data/train" ] || [ -d "$data/cifar-10-batches-py" ]; then
+        late=(configs/images/clapp++dfb-cpu.yaml data.root="$data" device=cuda epochs=1
+              probe_every=1 progress=false parallel.feedback_delay=1)
+        step late_nccl torchrun --nproc_per_node=2 -m locallearn run "${late[@]}" \
+            parallel.stages=2 --out "$out/runs/late2"
+        step late_one "$py" -m locallearn run "${late[@]}" --out "$out/runs/late1"
+    fi
+else
+    echo "gpu_all: $gpus GPU(s); the pipeline's NCCL path needs two or more, left out"
+fi
 if [ -d "$data/train" ] || [ -d "$data/cifar-10-batches-py" ]; then
     real=(data.root="$data" device=cuda precision=bf16 progress=false probe_every=1
           probe.epochs=30 probe.augment=false)
