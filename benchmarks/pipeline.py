@@ -4,7 +4,8 @@ For each case (VGG-6 CLAPP++ at 1/8 and at full width on CIFAR-10, and a deep RH
 layer-wise CLAPP and per-block views) it
 
 1. measures the step time of every block in this process (one thread, one batch, the fastest of
-   ``--repeats``) and from it the balanced split and the model's speed-up for ``K`` stages:
+   ``--repeats``) and stage 0's time to make a batch (read it, draw its views and negatives),
+   and from them the balanced split and the model's speed-up for ``K`` stages:
    ``sum(t) / slowest stage`` in steady state, and ``N sum(t) / ((N + K - 1) slowest stage)``
    for an epoch of ``N`` batches (the pipeline fills at the start of every epoch);
 2. runs one epoch of ``N`` batches with the real command for each ``K`` in ``--stages``:
@@ -48,9 +49,11 @@ sys.path.insert(0, str(ROOT))
 from locallearn.experiments.tasks import build_task  # noqa: E402
 from locallearn.parallel.split import (  # noqa: E402
     balanced_split,
+    measure_data_seconds,
     measure_on_fresh_batch,
     predicted_speedup,
     stage_times,
+    with_data,
 )
 from locallearn.schema import load_config  # noqa: E402
 from locallearn.train import Trainer  # noqa: E402
@@ -91,9 +94,15 @@ def case_trainer(case: dict) -> Trainer:
 
 def block_times(case: dict) -> list[float]:
     """Per-block step seconds, measured here with one thread."""
+    return stage_costs(case)[0]
+
+
+def stage_costs(case: dict) -> tuple[list[float], float]:
+    """Per-block step seconds and stage 0's seconds to make a batch, with one thread."""
     t = case_trainer(case)
-    return measure_on_fresh_batch(t.net, t.rule, t.task, t.cfg.batch_size, t.cfg.seed,
-                                  t.device, repeats=case["repeats"])
+    args = (t.task, t.cfg.batch_size, t.cfg.seed, t.device)
+    return (measure_on_fresh_batch(t.net, t.rule, *args, repeats=case["repeats"]),
+            measure_data_seconds(t.rule, t.net, *args))
 
 
 def free_port() -> int:
@@ -219,10 +228,11 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.cases:
         case = all_cases[name]
-        times = block_times(case)
+        blocks, data = stage_costs(case)
+        times = with_data(blocks, data)  # what stage 0 does: make the batch, run its blocks
         items = case["batch"] * case["batches"]
         n = case["batches"]
-        ms = ", ".join(f"{1000 * t:.0f}" for t in times)
+        ms = ", ".join(f"{1000 * t:.0f}" for t in blocks) + f"; making a batch {1000 * data:.0f}"
         six = min(6, len(times))
         split6 = balanced_split(times, six)
         cost = message_cost(name, args.data) if len(times) > 1 else None
@@ -264,7 +274,8 @@ def main() -> None:
                     "unit": case["unit"], "ratio": base / seconds if base else None,
                     "model_epoch": filled if mode == "stages" else None,
                     "model_steady": steady if mode == "stages" else None,
-                    "load_before": before, "load_after": after, "block_seconds": times,
+                    "load_before": before, "load_after": after, "block_seconds": blocks,
+                    "data_seconds": data,
                     "model_6": predicted_speedup(times, split6), "message": cost,
                 }
                 rows.append(row)

@@ -26,7 +26,14 @@ from locallearn.nets.hier_cnn import hier_cnn
 from locallearn.nets.vgg import vgg6
 from locallearn.parallel import messages
 from locallearn.parallel.checks import check_pipeline
-from locallearn.parallel.split import balanced_split, check_split, predicted_speedup, stage_times
+from locallearn.parallel.split import (
+    balanced_split,
+    check_split,
+    measure_data_seconds,
+    predicted_speedup,
+    stage_times,
+    with_data,
+)
 from locallearn.rules import build_rule
 from locallearn.rules.base import Batch
 from locallearn.rules.image_infonce import LayerwiseInfoNCE
@@ -407,3 +414,20 @@ def test_latent_prediction_cnn_pipelines_exactly(tmp_path, monkeypatch):
     init = hier_cnn(8, 2, 3, 12, 4, bias=False, seed=0).state_dict()
     net = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["net"]
     assert not torch.equal(init["blocks.0.pre.weight"], net["blocks.0.pre.weight"])
+
+
+def test_stage_zero_makes_the_batches():
+    """The model counts stage 0's time to make a batch with block 1's; measuring it leaves the
+    run's random numbers alone."""
+    assert with_data([1.0, 2.0, 3.0], 0.5) == [1.5, 2.0, 3.0]
+    assert balanced_split(with_data([1.0, 1.0, 1.0, 1.0], 2.0), 2) == [1, 3]
+    cfg = load_config(RHM_CONFIG, RHM_ARGS)
+    from locallearn.experiments.tasks import build_task
+
+    task = build_task(cfg)
+    net = task.build_net()
+    rule = build_rule(cfg.rule, 0, **task.rule_info)
+    rule.setup(net, task.sample_input())
+    before = torch.get_rng_state()
+    seconds = measure_data_seconds(rule, net, task, 16, 0, torch.device("cpu"))
+    assert seconds > 0 and torch.equal(before, torch.get_rng_state())

@@ -3,9 +3,11 @@
 A pipeline of stages that work at the same time on consecutive batches goes as fast as its
 slowest stage: with per-block step times ``t_1 .. t_L`` and stages of contiguous blocks, one
 batch leaves the pipeline every ``max_k sum_{l in stage k} t_l`` (plus the time to pass a
-message). :func:`balanced_split` chooses the contiguous split that makes this bound smallest and
-:func:`predicted_speedup` gives the speed-up over one process, ``sum_l t_l / max_k T_k``; it
-assumes each stage has a device of its own and ignores the time of the messages.
+message). Stage 0 also makes each batch (reads it, draws its views and negatives): that time
+counts with block 1's (:func:`with_data`). :func:`balanced_split` chooses the contiguous split
+that makes this bound smallest and :func:`predicted_speedup` gives the speed-up over one
+process, ``sum_l t_l / max_k T_k``; it assumes each stage has a device of its own and ignores the
+time of the messages.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import torch
 from locallearn.nets.base import BlockNet
 from locallearn.rules.base import Batch, Rule
 
-__all__ = ["balanced_split", "check_split", "measure_block_times", "measure_on_fresh_batch",
-           "predicted_speedup", "stage_ranges", "stage_times"]
+__all__ = ["balanced_split", "check_split", "measure_block_times", "measure_data_seconds",
+           "measure_on_fresh_batch", "predicted_speedup", "stage_ranges", "stage_times",
+           "with_data"]
 
 
 def check_split(split: Sequence[int], n_blocks: int) -> None:
@@ -129,3 +132,30 @@ def measure_on_fresh_batch(net: BlockNet, rule: Rule, task, batch_size: int, see
         gen = torch.Generator().manual_seed(seed + 104729)
         batch = next(iter(task.batches(gen, batch_size, rule.view_kind)))
         return measure_block_times(net, rule, batch, repeats)
+
+
+def with_data(times: Sequence[float], data: float) -> list[float]:
+    """Block times with stage 0's time to make a batch added to block 1's (it always runs on
+    stage 0): what the split and the model balance."""
+    return [times[0] + data, *times[1:]] if len(times) else []
+
+
+def measure_data_seconds(rule: Rule, net: BlockNet, task, batch_size: int, seed: int,
+                         device: torch.device, repeats: int = 2) -> float:
+    """Seconds for stage 0 to make one batch: draw it (views included) and its carry
+    (negatives), the fastest of ``repeats`` batches after the first (which also draws the
+    epoch's order); on a generator of its own, the global random states restored afterwards."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    best = float("inf")
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        gen = torch.Generator().manual_seed(seed + 104723)
+        batches = iter(task.batches(gen, batch_size, rule.view_kind))
+        rule.start_carry(net, next(batches))
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            rule.start_carry(net, batch)
+            best = min(best, time.perf_counter() - t0)
+    return 0.0 if best == float("inf") else best

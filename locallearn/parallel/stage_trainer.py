@@ -40,9 +40,11 @@ from locallearn.parallel.checks import check_pipeline
 from locallearn.parallel.late_signals import LateSignalEpochs
 from locallearn.parallel.split import (
     balanced_split,
+    measure_data_seconds,
     measure_on_fresh_batch,
     predicted_speedup,
     stage_ranges,
+    with_data,
 )
 from locallearn.parallel.stage_optimizer import StageOptimizer
 from locallearn.parallel.travelling_rng import TravellingGenerator
@@ -67,6 +69,7 @@ class PipelineTrainer(LateSignalEpochs, Trainer):
         self.stage, self.replica = divmod(self.rank, self.replicas)
         self.stage_group = self._stage_groups()
         self.block_times: list[float] | None = None
+        self.data_seconds = 0.0  # stage 0's time to make a batch (measured with block_times)
         self.split = self._choose_split(n_blocks)
         self.start, self.stop = stage_ranges(self.split)[self.stage]
         everything = self.rule.trained_parameters(self.net)
@@ -129,13 +132,12 @@ class PipelineTrainer(LateSignalEpochs, Trainer):
             return list(self.cfg.parallel.split)
         box: list[Any] = [None]
         if self.main:
-            self.block_times = measure_on_fresh_batch(
-                self.net, self.rule, self.task, self.cfg.batch_size, self.cfg.seed, self.device
-            )
-            box[0] = self.block_times
+            args = (self.task, self.cfg.batch_size, self.cfg.seed, self.device)
+            box[0] = (measure_on_fresh_batch(self.net, self.rule, *args),
+                      measure_data_seconds(self.rule, self.net, *args))
         dist.broadcast_object_list(box, 0)
-        self.block_times = box[0]
-        return balanced_split(self.block_times, self.stages)
+        self.block_times, self.data_seconds = box[0]
+        return balanced_split(with_data(self.block_times, self.data_seconds), self.stages)
 
     def _announce(self) -> None:
         ranges = stage_ranges(self.split)
@@ -144,9 +146,12 @@ class PipelineTrainer(LateSignalEpochs, Trainer):
         info: dict[str, Any] = {"stages": self.stages, "split": self.split}
         if self.block_times is not None:
             ms = ", ".join(f"{1000 * t:.1f}" for t in self.block_times)
-            speedup = predicted_speedup(self.block_times, self.split)
-            line += f"; measured block step ms: {ms}; predicted speed-up {speedup:.2f}x"
-            info.update(block_seconds=self.block_times, predicted_speedup=speedup)
+            speedup = predicted_speedup(with_data(self.block_times, self.data_seconds),
+                                        self.split)
+            line += (f"; measured block step ms: {ms}, making a batch on stage 0: "
+                     f"{1000 * self.data_seconds:.1f}; predicted speed-up {speedup:.2f}x")
+            info.update(block_seconds=self.block_times, data_seconds=self.data_seconds,
+                        predicted_speedup=speedup)
         else:
             line += " (from parallel.split)"
         print(f"locallearn: {line}", file=sys.stderr, flush=True)
