@@ -71,6 +71,10 @@ class KeptInputs:
     def __len__(self) -> int:
         return len(self.kept)
 
+    def peak_mib(self, delay: int) -> float:
+        """The most memory the kept inputs take with ``delay``: ``delay + 1`` batches."""
+        return self.batch_bytes * (delay + 1) / 2**20
+
     def forward(self, net: BlockNet, carry: dict[str, Any], n: int) -> dict[str, Any]:
         """Keep ``carry`` at every block of the range; return what block ``stop`` receives."""
         inputs = []
@@ -122,7 +126,7 @@ class DelayedSteps:
 
     def kept_mib(self) -> float:
         """The most memory the kept inputs take: ``delay + 1`` batches."""
-        return self.inputs.batch_bytes * (self.delay + 1) / 2**20
+        return self.inputs.peak_mib(self.delay)
 
     def step(self, net: BlockNet, batch: Batch) -> dict[str, float]:
         carry = self.rule.start_carry(net, batch)

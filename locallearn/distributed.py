@@ -20,8 +20,8 @@ How ``train.py`` should call them (``batch_size`` stays the *global* batch size)
    and the rule's buffers to be safe against any rank-dependent initialisation).
 3. In ``train_epoch``, every rank iterates over the same global batches (same generator, same
    permutation, same random views); before ``compute_grads``, take this rank's contiguous part:
-   ``batch = shard_batch(batch, rank, world)`` (it applies :func:`shard` to ``x``, ``y`` and the
-   views). After ``compute_grads`` and before ``opt.step()``:
+   ``batch = shard_batch(batch, rank, world)`` (it applies :func:`shard` to ``x``, ``y``, the
+   views and the per-block view pairs). After ``compute_grads`` and before ``opt.step()``:
    ``average_grads(self.params, batch.x.shape[0])``. Report the metrics of the global batch with
    ``metrics = average_metrics(metrics, batch.x.shape[0])``; use the global batch size (not the
    shard's) for the per-epoch averages. Check the loss for divergence after averaging, so every
@@ -141,20 +141,21 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-_PIPELINED = False
+_PIPELINE_GROUP: Any = None  # the process group marked as a pipeline's
 
 
 def mark_pipelined() -> None:
-    """Say that this process group is a pipeline (stages, not replicas): nothing is averaged or
-    broadcast among its ranks (:func:`data_parallel` is False)."""
-    global _PIPELINED
-    _PIPELINED = True
+    """Say that the current process group is a pipeline (stages, not replicas): nothing is
+    averaged or broadcast among its ranks (:func:`data_parallel` is False while it lives; a
+    process group made later, by another run in the same process, is not marked)."""
+    global _PIPELINE_GROUP
+    _PIPELINE_GROUP = dist.group.WORLD if is_initialized() else None
 
 
 def data_parallel() -> bool:
     """Whether the ranks are replicas that split each batch (a process group that is not a
     pipeline)."""
-    return is_initialized() and not _PIPELINED
+    return is_initialized() and dist.group.WORLD is not _PIPELINE_GROUP
 
 
 def rank() -> int:
@@ -188,14 +189,19 @@ def shard(indices: torch.Tensor, rank: int, world: int) -> torch.Tensor:
 
 
 def shard_batch(batch: Any, rank: int, world: int) -> Any:
-    """A rules ``Batch`` with ``x``, ``y`` and both views cut to the rank's part."""
+    """A rules ``Batch`` with ``x``, ``y``, both views and the per-block view pairs cut to the
+    rank's part."""
     if world == 1:
         return batch
     views = batch.views
     if views is not None:
         views = tuple(shard(v, rank, world) for v in views)
+    block_views = batch.block_views
+    if block_views is not None:
+        block_views = [tuple(shard(v, rank, world) for v in pair) for pair in block_views]
     y = None if batch.y is None else shard(batch.y, rank, world)
-    return dataclasses.replace(batch, x=shard(batch.x, rank, world), y=y, views=views)
+    return dataclasses.replace(batch, x=shard(batch.x, rank, world), y=y, views=views,
+                               block_views=block_views)
 
 
 def average_grads(params: Iterable[torch.nn.Parameter], count: int | None = None,

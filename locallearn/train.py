@@ -59,7 +59,6 @@ from locallearn.runfiles import (
     write_text_atomic,
 )
 from locallearn.schema import (
-    RUNTIME_KEYS,
     RunConfig,
     build_config,
     migrate_config,
@@ -72,13 +71,10 @@ from locallearn.tracking import require as require_tracker
 #: Version of the checkpoint layout. 2: image rules' prediction matrices act on pooled features
 #: flattened position-major (earlier checkpoints are upgraded when loaded).
 CHECKPOINT_FORMAT = 2
-#: what a run may change when started again in the same directory: the runtime keys and
-#: ``epochs`` (a larger value extends a run; it continues from its last checkpoint)
-RESUMABLE_KEYS = (*RUNTIME_KEYS, "epochs")
-
-
 def _comparable(raw: dict[str, Any]) -> dict[str, Any]:
-    """A saved config without the keys a resumed run may change."""
+    """A saved config without the keys a resumed run may change: the runtime keys (but not
+    those of them that change the result) and ``epochs`` (a larger value extends a run; it
+    continues from its last checkpoint)."""
     return {k: v for k, v in without_runtime_keys(raw).items() if k != "epochs"}
 
 
@@ -215,7 +211,7 @@ class Trainer:
         if len(lw.epochs) != n:
             raise ValueError(f"layerwise.epochs={lw.epochs} gives {len(lw.epochs)} counts for a "
                              f"network of {n} blocks; give one per block")
-        why = self.rule.pipeline_refusal()
+        why = self.rule.layerwise_refusal()
         if why is not None:
             raise ValueError(f"layerwise.epochs needs a rule that learns block by block: {why}")
         return lw.windows()
@@ -634,9 +630,6 @@ class Trainer:
             n = batch.x.shape[0]
             if self.world > 1:  # this rank's part of the global batch
                 batch = ddp.shard_batch(batch, self.rank, self.world)
-                if batch.block_views is not None:
-                    batch.block_views = [tuple(ddp.shard(v, self.rank, self.world) for v in p)
-                                         for p in batch.block_views]
             self.opt.zero_grad(set_to_none=True)
             with self.autocast():
                 metrics = self._grads(batch)

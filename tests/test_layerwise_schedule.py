@@ -227,3 +227,14 @@ def test_the_probe_dropout_mask_keeps_the_share_asked():
         assert mask.shape == (64, 5000) and mask.dtype == torch.bool
         assert float(mask.float().mean()) == pytest.approx(keep, abs=0.003)
     assert bool(keep_mask(torch.Size([3, 7]), 1.0, g, torch.device("cpu")).all())
+
+
+def test_a_rule_with_its_own_level_schedule_refuses_a_layerwise_one(tmp_path, capsys):
+    """The stacked latent rule pipelines, but a layer-wise schedule on top of its own
+    level-by-level one is refused in one line."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "rhm" / "latent-prediction.yaml"
+    code = cli.main(["run", str(config), "--out", str(tmp_path / "run"), "data.train_size=2P*",
+                     "epochs=3", "layerwise.epochs=[1,1,1]", "progress=false"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "rule latent-stacked trains its modules one after the other on its own schedule" in err

@@ -431,3 +431,28 @@ def test_stage_zero_makes_the_batches():
     before = torch.get_rng_state()
     seconds = measure_data_seconds(rule, net, task, 16, 0, torch.device("cpu"))
     assert seconds > 0 and torch.equal(before, torch.get_rng_state())
+
+
+def test_a_pipeline_mark_lives_with_its_process_group(monkeypatch):
+    """A pipeline marks its process group (its ranks are stages: a rule broadcasts nothing
+    among them); a group made later in the same process, e.g. by a data-parallel run after a
+    refused pipeline, is not marked."""
+    import torch.distributed as dist
+
+    from locallearn import distributed as D
+
+    D.mark_pipelined()  # no group yet: as a pipeline refused before its group starts
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        assert D.data_parallel()
+        D.mark_pipelined()
+        assert not D.data_parallel()
+    finally:
+        dist.destroy_process_group()
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        assert D.data_parallel()
+    finally:
+        dist.destroy_process_group()

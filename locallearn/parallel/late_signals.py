@@ -7,7 +7,6 @@ equals bit for bit.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections import deque
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 import torch.distributed as dist
 
 from locallearn.delay import KeptInputs, merge_tick
-from locallearn.errors import RunError
 from locallearn.parallel import messages
 from locallearn.train import add_metrics
 
@@ -75,12 +73,8 @@ class LateSignalEpochs:
                 blocks, total, n_done = kept.update(self.net, signal)
                 n = n if carry is not None else n_done
         loss = top.get("loss", total)
-        if loss is not None and not math.isfinite(loss):
-            raise RunError(
-                f"{self.label} diverged at epoch {self.epoch + 1} (stage {self.stage}, blocks "
-                f"{self.start + 1}-{self.stop}): the loss is {loss}; lower optim.lr; "
-                f"{self._kept()}"
-            )
+        if loss is not None:
+            self._check_stage_loss(loss)
         self.optimizer_step()
         metrics = merge_tick(top, blocks, None)
         if total is not None:
@@ -89,7 +83,7 @@ class LateSignalEpochs:
 
     def _announce_kept(self, kept: KeptInputs) -> None:
         """Print what the stage's blocks keep for the late signals (once, at the first batch)."""
-        mib = kept.batch_bytes * (self.delay + 1) / 2**20
+        mib = kept.peak_mib(self.delay)
         print(f"locallearn: stage {self.stage} (blocks {self.start + 1}-{self.stop}) keeps up "
               f"to {self.delay + 1} batches of its blocks' inputs for "
               f"parallel.feedback_delay={self.delay}: {mib:.2f} MiB", file=sys.stderr,

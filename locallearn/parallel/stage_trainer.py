@@ -260,18 +260,23 @@ class PipelineTrainer(LateSignalEpochs, Trainer):
         loss = metrics["loss"]  # the total of every block up to this stage's last
         if self.last:  # the whole loss, as in one process
             self._check_loss(loss)
-        elif not math.isfinite(loss):
-            raise RunError(
-                f"{self.label} diverged at epoch {self.epoch + 1} (stage {self.stage}, blocks "
-                f"{self.start + 1}-{self.stop}): the loss is {loss}; lower optim.lr; "
-                f"{self._kept()}"
-            )
+        else:
+            self._check_stage_loss(loss)
         self.optimizer_step()  # and the schedule, per step as in one process
         add_metrics(sums, counts, metrics, n)
         return carry
 
 
     # ------------------------------------------------------------------ late signals from the top
+
+    def _check_stage_loss(self, loss: float) -> None:
+        """Stop the run when this stage's part of the loss is not finite."""
+        if not math.isfinite(loss):
+            raise RunError(
+                f"{self.label} diverged at epoch {self.epoch + 1} (stage {self.stage}, blocks "
+                f"{self.start + 1}-{self.stop}): the loss is {loss}; lower optim.lr; "
+                f"{self._kept()}"
+            )
 
     def _incoming(self):
         """``(n, carry)`` of every batch of the epoch as this stage receives it (``n``: the
@@ -283,7 +288,7 @@ class PipelineTrainer(LateSignalEpochs, Trainer):
                 if self.replicas == 1:
                     yield n, self.rule.start_carry(self.net, batch)
                     continue
-                batch = shard_replica(batch, self.replica, self.replicas)
+                batch = ddp.shard_batch(batch, self.replica, self.replicas)
                 carry = {**self.rule.start_carry(self.net, batch), "part": batch.x.shape[0]}
                 if n % self.replicas:  # uneven parts may have drawn unevenly
                     ddp.sync_generator(self.generator, 0, self.stage_group)
@@ -291,12 +296,3 @@ class PipelineTrainer(LateSignalEpochs, Trainer):
             return
         while (msg := messages.recv(self.peer(self.stage - 1), self.device)) != messages.END:
             yield msg
-
-
-def shard_replica(batch: Any, replica: int, replicas: int) -> Any:
-    """A replica's part of a global batch (its views and per-block views too)."""
-    part = ddp.shard_batch(batch, replica, replicas)
-    if part.block_views is not None:
-        part.block_views = [tuple(ddp.shard(v, replica, replicas) for v in pair)
-                            for pair in part.block_views]
-    return part

@@ -92,6 +92,12 @@ class Rule(nn.Module):
         """Why this rule cannot train its blocks on separate processes (``None``: it can)."""
         return f"rule {self.name} does not learn block by block"
 
+    def layerwise_refusal(self) -> str | None:
+        """Why a layer-wise schedule (``layerwise.epochs``: blocks trained one after the other,
+        those below frozen) does not fit this rule (``None``: it does); by default the rule must
+        learn block by block, as for a pipeline."""
+        return self.pipeline_refusal()
+
     def data_parallel_refusal(self) -> str | None:
         """Why this rule cannot split a batch across data-parallel ranks (``None``: it can,
         each rank's part giving its gradient and the ranks averaging them)."""

@@ -96,8 +96,7 @@ class DirectFeedback(SupervisedRule):
         for level in range(start, stop):
             block = net.blocks[level]
             a = block.pre(h.detach())
-            delta = torch.einsum("...o,no->n...", self.feedback(level), sig) * relu_grad(a)
-            a.backward(delta.detach())
+            self.feed_back(level, a, sig)
             h = block.post(a.detach())
         return {}, {**carry, "h": h.detach()}  # no loss of the blocks: the read-out's is
 
@@ -125,13 +124,13 @@ class DirectFeedback(SupervisedRule):
             a = block.pre(h.detach())
             pres.append(a)
             h = block.post(a.detach())
-        top = h.detach()
-        logits = net.readout(top.flatten(1))
-        loss = F.cross_entropy(logits, batch.y)
-        loss.backward()  # the read-out's own gradient; nothing flows below it
-        sig = self.modulator(logits.detach(), batch.y)
+        # the read-out's own gradient; nothing flows below it
+        sig, metrics = self.feedback_signal(net, {"h": h.detach(), "y": batch.y})
         for level, a in enumerate(pres):
-            delta = torch.einsum("...o,no->n...", self.feedback(level), sig) * relu_grad(a)
-            a.backward(delta.detach())
-        acc = (logits.argmax(1) == batch.y).float().mean()
-        return {"loss": float(loss.detach()), "accuracy": float(acc)}
+            self.feed_back(level, a, sig)
+        return metrics
+
+    def feed_back(self, level: int, a: torch.Tensor, sig: torch.Tensor) -> None:
+        """Fill block ``level``'s gradients from its pre-activation ``a`` and the signal."""
+        delta = torch.einsum("...o,no->n...", self.feedback(level), sig) * relu_grad(a)
+        a.backward(delta.detach())

@@ -275,6 +275,10 @@ class LatentStacked(StepsBlockByBlock, Rule):
                     f"(rule.options.cluster_start={o.cluster_start})")
         return None
 
+    def layerwise_refusal(self) -> str | None:
+        return (f"rule {self.name} trains its modules one after the other on its own schedule "
+                "(rule.options.schedule, level_epochs); valid: layerwise.epochs=null")
+
     def pipeline_refusal(self) -> str | None:
         if self.options.schedule == "joint":
             return (f"rule {self.name} with rule.options.schedule=joint trains every module at "
