@@ -111,30 +111,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def command(case: dict, stages: int, threads: int, split: list[int] | None,
+            out: Path) -> list[str]:
+    """The real command of one epoch of ``case`` (``stages = 1``: one process)."""
+    args = [case["config"], "--out", str(out), *case["overrides"], size_key(case),
+            f"batch_size={case['batch']}", f"threads={threads}", "progress=false"]
+    if stages == 1:
+        return [sys.executable, "-m", "locallearn", "run", *args]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    return [torchrun, f"--nproc_per_node={stages}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", "-m", "locallearn", "run", *args,
+            f"parallel.stages={stages}", f"parallel.split=[{','.join(map(str, split))}]"]
+
+
 def run_epoch(case: dict, stages: int, threads: int, split: list[int] | None,
-              timeout: float | None = None) -> float | None:
-    """Training seconds of one epoch with the real command (``None``: stopped at timeout)."""
+              timeout: float | None = None, copies: int = 1) -> dict | None:
+    """Training seconds of one epoch with the real command (``None``: stopped at timeout), and
+    for a pipeline each stage's busy seconds (its ``pipeline.json``). ``copies > 1`` runs that
+    many one-process runs at once, each on its own, and gives their mean seconds: what the
+    machine gives that many independent processes of the same work."""
     out = Path(tempfile.mkdtemp(prefix="pipeline-bench-"))
     try:
-        args = [case["config"], "--out", str(out / "run"), *case["overrides"], size_key(case),
-                f"batch_size={case['batch']}", f"threads={threads}", "progress=false"]
-        if stages > 1:
-            torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-            cmd = [torchrun, f"--nproc_per_node={stages}", "--master_addr=127.0.0.1",
-                   f"--master_port={free_port()}", "-m", "locallearn", "run", *args,
-                   f"parallel.stages={stages}",
-                   f"parallel.split=[{','.join(map(str, split))}]"]
-        else:
-            cmd = [sys.executable, "-m", "locallearn", "run", *args]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+        cmds = [command(case, stages, threads, split, out / f"run{i}") for i in range(copies)]
+        procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for cmd in cmds]
         try:
-            done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                                  timeout=timeout)
+            errors = [p.communicate(timeout=timeout)[1] for p in procs]
         except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
             return None
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-        return json.loads((out / "run" / "summary.json").read_text())["seconds"]
+        for cmd, p, err in zip(cmds, procs, errors):
+            if p.returncode != 0:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+        seconds = [json.loads((out / f"run{i}" / "summary.json").read_text())["seconds"]
+                   for i in range(copies)]
+        result = {"seconds": sum(seconds) / copies}
+        if stages > 1:
+            epochs = json.loads((out / "run0" / "pipeline.json").read_text())["epochs"]
+            result["busy"] = epochs[-1]["busy_seconds"]
+        return result
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -201,6 +218,66 @@ def message_cost(case_name: str, data: str) -> dict | None:
     return json.loads(lines[-1]) if done.returncode == 0 and lines else None
 
 
+def modes_of(k: int, times: list[float], args) -> list[tuple[str, int, list[int] | None]]:
+    """What runs for ``K = k``: ``(mode, threads per process, split)``. One process for
+    ``k = 1``; else the model's split, with ``--neighbours`` every split one block away
+    from it, one process with ``k`` threads, and ``k`` copies of the one-process run at once."""
+    if k == 1:
+        return [("stages", 1, [len(times)])]
+    split = balanced_split(times, k)
+    splits = [split] + (neighbour_splits(split) if args.neighbours else [])
+    modes = [("stages", 1, s) for s in splits]
+    if args.thread_modes is None or k in args.thread_modes:
+        modes.append(("threads", k, None))
+    if args.copies:
+        modes.append(("copies", 1, None))
+    return modes
+
+
+def neighbour_splits(split: list[int]) -> list[list[int]]:
+    """Every split that moves one boundary of ``split`` by one block."""
+    out = []
+    for i in range(len(split) - 1):
+        for step in (-1, 1):
+            other = list(split)
+            other[i] += step
+            other[i + 1] -= step
+            if min(other) >= 1 and other not in out:
+                out.append(other)
+    return out
+
+
+def model(times: list[float], split: list[int], batches: int) -> dict:
+    """The model's speed-up for ``split``: steady state and over an epoch of ``batches``."""
+    slowest = max(stage_times(times, split))
+    k = len(split)
+    return {"model_steady": sum(times) / slowest,
+            "model_epoch": batches * sum(times) / ((batches + k - 1) * slowest)}
+
+
+def measured(case: dict, mode: str, k: int, threads: int, split: list[int] | None,
+             args) -> tuple[dict | None, float, float]:
+    """One row's run and the load before and after it."""
+    before = settle(0.5, args.settle)
+    stages = k if mode == "stages" else 1
+    copies = k if mode == "copies" else 1
+    result = run_epoch(case, stages, threads, split if stages > 1 else None, args.timeout,
+                       copies)
+    return result, before, os.getloadavg()[0]
+
+
+def row_line(row: dict) -> str:
+    """A row of the printed table."""
+    models = (f"{row['model_epoch']:.2f}x | {row['model_steady']:.2f}x"
+              if "model_steady" in row else "- | -")
+    busy = ("-" if not row["busy"] else
+            ", ".join(f"{100 * b / row['seconds']:.0f}%" for b in row["busy"]))
+    split = row["split"] if row["split"] and len(row["split"]) > 1 else "-"
+    return (f"| {row['case']} | {row['K']} | {row['mode']} | {split} | {row['seconds']:.2f} | "
+            f"{row['throughput']:.1f} {row['unit']} | {row['ratio'] or 0:.2f}x | {models} | "
+            f"{busy} | {row['load_before']:.2f} / {row['load_after']:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", default=["vgg-1/8", "rhm-deep", "vgg-full"])
@@ -215,6 +292,11 @@ def main() -> None:
                         help="refuse a row whose load exceeds this per core it uses")
     parser.add_argument("--settle", type=float, default=180.0,
                         help="seconds to wait for the load to fall below 0.5 before a run")
+    parser.add_argument("--neighbours", action="store_true",
+                        help="also run every split one block away from the model's")
+    parser.add_argument("--copies", action="store_true",
+                        help="also run K copies of the one-process run at once: what the "
+                        "machine gives K independent processes (the ceiling of K stages)")
     parser.add_argument("--pingpong", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pingpong:
@@ -224,14 +306,12 @@ def main() -> None:
     rows = []
     print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} CPUs)")
     print("| case | K | mode | split | seconds | throughput | ratio | model (N batches) "
-          "| model (steady) | load before / after |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| model (steady) | stages busy | load before / after |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.cases:
         case = all_cases[name]
         blocks, data = stage_costs(case)
         times = with_data(blocks, data)  # what stage 0 does: make the batch, run its blocks
-        items = case["batch"] * case["batches"]
-        n = case["batches"]
         ms = ", ".join(f"{1000 * t:.0f}" for t in blocks) + f"; making a batch {1000 * data:.0f}"
         six = min(6, len(times))
         split6 = balanced_split(times, six)
@@ -243,47 +323,36 @@ def main() -> None:
               file=sys.stderr, flush=True)
         base = None
         for k in args.stages:
-            split = balanced_split(times, k)
-            slowest = max(stage_times(times, split))
-            steady = sum(times) / slowest
-            filled = n * sum(times) / ((n + k - 1) * slowest)
-            with_threads = k > 1 and (args.thread_modes is None or k in args.thread_modes)
-            modes = [("stages", 1), ("threads", k)] if with_threads else [("stages", 1)]
-            for mode, threads in modes:
-                stages = k if mode == "stages" else 1
-                before = settle(0.5, args.settle)
-                seconds = run_epoch(case, stages, threads, split if stages > 1 else None,
-                                    args.timeout)
-                after = os.getloadavg()[0]
-                cores = stages * threads
-                if seconds is None:
-                    print(f"| {name} | {k} | {mode} x{threads} | stopped after {args.timeout} s "
-                          "|", flush=True)
+            for mode, threads, split in modes_of(k, times, args):
+                result, before, after = measured(case, mode, k, threads, split, args)
+                cores = k * threads
+                label = {"stages": f"{k} stage(s), 1 thread each",
+                         "threads": f"1 process, {k} threads",
+                         "copies": f"{k} one-thread processes at once, each alone"}[mode]
+                if result is None:
+                    print(f"| {name} | {k} | {label} | stopped after {args.timeout} s |",
+                          flush=True)
                     continue
                 if max(before, after) > args.max_load * cores:
-                    print(f"| {name} | {k} | {mode} x{threads} | refused: load {before:.2f} "
-                          f"before, {after:.2f} after, above {args.max_load:g} per core on "
-                          f"{cores} core(s) |", flush=True)
+                    print(f"| {name} | {k} | {label} | refused: load {before:.2f} before, "
+                          f"{after:.2f} after, above {args.max_load:g} per core on {cores} "
+                          "core(s) |", flush=True)
                     continue
+                seconds = result["seconds"]
                 if k == 1 and mode == "stages":
                     base = seconds  # the ratios' baseline: one process, one thread
-                row = {
-                    "case": name, "K": k, "mode": f"{k} stage(s), 1 thread each" if mode ==
-                    "stages" else f"1 process, {k} threads", "split": split if mode == "stages"
-                    else None, "seconds": seconds, "throughput": items / seconds,
-                    "unit": case["unit"], "ratio": base / seconds if base else None,
-                    "model_epoch": filled if mode == "stages" else None,
-                    "model_steady": steady if mode == "stages" else None,
-                    "load_before": before, "load_after": after, "block_seconds": blocks,
-                    "data_seconds": data,
-                    "model_6": predicted_speedup(times, split6), "message": cost,
-                }
+                ratio = None if base is None else (k if mode == "copies" else 1) * base / seconds
+                row = {"case": name, "K": k, "mode": label, "split": split,
+                       "seconds": seconds, "ratio": ratio, "busy": result.get("busy"),
+                       "load_before": before, "load_after": after, "block_seconds": blocks,
+                       "data_seconds": data, "model_6": predicted_speedup(times, split6),
+                       "message": cost, "unit": case["unit"],
+                       "throughput": (k if mode == "copies" else 1) * case["batch"]
+                       * case["batches"] / seconds}
+                if mode == "stages":
+                    row.update(model(times, split, case["batches"]))
                 rows.append(row)
-                model = (f"{filled:.2f}x | {steady:.2f}x" if mode == "stages" else "- | -")
-                print(f"| {name} | {k} | {row['mode']} | {row['split'] or '-'} | "
-                      f"{seconds:.2f} | {row['throughput']:.1f} {case['unit']} | "
-                      f"{row['ratio'] or 0:.2f}x | {model} | {before:.2f} / {after:.2f} |",
-                      flush=True)
+                print(row_line(row), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

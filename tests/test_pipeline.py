@@ -258,6 +258,10 @@ def test_two_stages_match_one_process_rhm(tmp_path, monkeypatch):
     assert summary["parallel"]["stages"] == 2 and sum(summary["parallel"]["split"]) == 3
     info = json.loads((tmp_path / "two" / "pipeline.json").read_text())
     assert len(info["block_seconds"]) == 3 and info["split"] == summary["parallel"]["split"]
+    epochs = info["epochs"]  # how each stage spent every epoch: busy seconds, at most the wall
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(len(e["busy_seconds"]) == 2 and 0 < min(e["busy_seconds"])
+               and max(e["busy_seconds"]) <= e["seconds"] for e in epochs)
     init = hier_cnn(8, 2, 3, 12, 4, bias=False, seed=0).state_dict()
     assert _moved(tmp_path / "one", init)  # every block learned: not a comparison of inits
 

@@ -29,16 +29,20 @@ class LateSignalEpochs:
         self.net.train()
         kept = KeptInputs(self.rule, self.start, self.stop)
         own: deque[Any] = deque()  # the last stage's own signals
-        posted: list[list[Any]] = []
+        posted: list[messages.Posted] = []  # the signals sent down (last stage)
+        sent: list[messages.Posted] = []  # the batches sent on (other stages)
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for n, carry in self._incoming():
-            self._late_tick(kept, own, posted, carry, n, sums, counts)
+            self._late_tick(kept, own, (posted, sent), carry, n, sums, counts)
         if not self.last:
-            messages.send(messages.END, self.peer(self.stage + 1))
+            self.send_forward(sent, messages.END)
         while len(kept):  # drain the kept batches
-            self._late_tick(kept, own, posted, None, 0, sums, counts)
-        messages.settle(posted)
+            self._late_tick(kept, own, (posted, sent), None, 0, sums, counts)
+        with self.clock.waiting():
+            messages.settle(posted)
+            messages.settle(sent)
+        self._record_stage_times()
         parts: list[Any] = [None] * self.world
         dist.all_gather_object(parts, {k: v / counts[k] for k, v in sums.items()})
         merged: dict[str, float] = {}
@@ -48,10 +52,13 @@ class LateSignalEpochs:
             merged["loss"] = sum(part["loss_part"] for part in parts if "loss_part" in part)
         return merged
 
-    def _late_tick(self, kept: KeptInputs, own: deque, posted: list, carry: dict | None,
-                   n: int, sums: dict[str, float], counts: dict[str, int]) -> None:
+    def _late_tick(self, kept: KeptInputs, own: deque, outgoing: tuple[list, list],
+                   carry: dict | None, n: int, sums: dict[str, float],
+                   counts: dict[str, int]) -> None:
         """One optimiser step: pass the new batch on (``carry``; ``None`` while draining) and
-        apply the update of the oldest kept batch whose signal is due."""
+        apply the update of the oldest kept batch whose signal is due (``outgoing``: the
+        signals posted down and the batches posted on, still under way)."""
+        posted, sent = outgoing
         self.opt.zero_grad(set_to_none=True)
         top: dict[str, float] = {}
         blocks, total = None, None
@@ -64,12 +71,15 @@ class LateSignalEpochs:
                     posted.extend(messages.post(signal, self.peer(k))
                                   for k in range(self.stages - 1))
                 else:
-                    messages.send((n, out), self.peer(self.stage + 1))
+                    self.send_forward(sent, (n, out))
                 if self.epoch == 0 and len(kept) == 1:
                     self._announce_kept(kept)
             if len(kept) > (self.delay if carry is not None else 0):
-                signal = (own.popleft() if self.last
-                          else messages.take(self.peer(self.stages - 1), self.device))
+                if self.last:
+                    signal = own.popleft()
+                else:
+                    with self.clock.waiting():
+                        signal = messages.take(self.peer(self.stages - 1), self.device)
                 blocks, total, n_done = kept.update(self.net, signal)
                 n = n if carry is not None else n_done
         loss = top.get("loss", total)

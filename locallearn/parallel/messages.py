@@ -1,27 +1,34 @@
 """What passes between the stages of a pipeline (``torch.distributed`` point-to-point).
 
-Messages go forward (stage ``k`` to ``k + 1``) during an epoch, and with late signals from the
-top (``parallel.feedback_delay``) one tensor per batch goes from the last stage to every other,
-without waiting for the receiver (:func:`post`, :func:`take`); at evaluations and checkpoints
-every stage sends its blocks' state to rank 0. A message is any picklable object
-(dicts, lists, numbers) holding tensors; its structure is pickled and its tensors are sent as
-they lie in memory (point-to-point, without a copy), so they keep their values bit for bit and
-their memory layout (channels-last maps stay channels-last, so the receiving block runs the same
-kernels as in one process).
+Messages go forward (stage ``k`` to ``k + 1``) during an epoch, posted without waiting for the
+receiver (:func:`post_object`; a stage keeps at most :data:`IN_FLIGHT` of them under way, so a
+stage that is a little faster for a batch or two does not stop for the next one), and with late
+signals from the top (``parallel.feedback_delay``) one tensor per batch goes from the last stage
+to every other, also without waiting (:func:`post`, :func:`take`); at evaluations and checkpoints
+every stage sends its blocks' state to rank 0 (:func:`send`, which waits). A message is any
+picklable object (dicts, lists, numbers) holding tensors; its structure is pickled and its
+tensors are sent as they lie in memory (point-to-point, without a copy), so they keep their
+values bit for bit and their memory layout (channels-last maps stay channels-last, so the
+receiving block runs the same kernels as in one process).
 """
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["END", "gather_to_main", "post", "recv", "send", "settle", "take", "to_device"]
+__all__ = ["END", "IN_FLIGHT", "Posted", "gather_to_main", "post", "post_object", "recv", "send",
+           "settle", "take", "to_device"]
 
 #: The message that ends an epoch.
 END = "end-of-epoch"
+
+#: How many forward messages a stage keeps under way before it waits for the oldest.
+IN_FLIGHT = 2
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
@@ -75,29 +82,54 @@ def _unpack(obj: Any, tensors: list[torch.Tensor]) -> Any:
     return obj
 
 
+class Posted:
+    """Sends under way: their handles, and the tensors that must stay alive (unchanged) until
+    they complete."""
+
+    def __init__(self, handles: list[Any], keep: list[torch.Tensor]):
+        self.handles, self.keep = handles, keep
+
+    def wait(self) -> None:
+        for handle in self.handles:
+            handle.wait()
+        self.handles, self.keep = [], []
+
+
 def send(obj: Any, dst: int) -> None:
-    """Send ``obj`` to rank ``dst``: its structure pickled, its tensors as they are in memory
-    (no copy; on the device with NCCL)."""
+    """Send ``obj`` to rank ``dst`` and wait until it has gone (:func:`post_object`)."""
+    post_object(obj, dst).wait()
+
+
+def post_object(obj: Any, dst: int) -> Posted:
+    """Send ``obj`` to rank ``dst`` without waiting for the receiver: its structure pickled,
+    its tensors as they are in memory (no copy; on the device with NCCL). Sends to one rank
+    arrive in the order they were posted; :func:`recv` takes them."""
     tensors: list[torch.Tensor] = []
     meta = _pack(obj, tensors)
-    dist.send_object_list([meta], dst)
     wire = _wire_device()
-    for t in tensors:
-        dist.send(t.to(wire), dst)
+    data = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(wire)
+    size = torch.tensor([payload.numel()], dtype=torch.int64, device=wire)
+    keep = [size, payload, *(t.to(wire) for t in tensors)]
+    return Posted([dist.isend(t, dst) for t in keep], keep)
 
 
 def recv(src: int, device: torch.device | str) -> Any:
     """Receive an object sent by rank ``src``; its tensors land on ``device``."""
-    box: list[Any] = [None]
-    dist.recv_object_list(box, src)
+    wire = _wire_device()
+    size = torch.empty(1, dtype=torch.int64, device=wire)
+    dist.recv(size, src)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8, device=wire)
+    dist.recv(payload, src)
+    meta = pickle.loads(payload.cpu().numpy().tobytes())
     slots: list[_Slot] = []
-    _collect(box[0], slots)
+    _collect(meta, slots)
     tensors: list[torch.Tensor] = [torch.empty(0)] * len(slots)
     for slot in sorted(slots, key=lambda s: s.index):
-        buf = torch.empty(slot.shape, dtype=slot.dtype, device=_wire_device())
+        buf = torch.empty(slot.shape, dtype=slot.dtype, device=wire)
         dist.recv(buf, src)
         tensors[slot.index] = buf.to(device)
-    return _unpack(box[0], tensors)
+    return _unpack(meta, tensors)
 
 
 def _wire_device() -> torch.device:
@@ -135,9 +167,9 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.in
 _HEADER = 8  # dtype, number of dims, up to six sizes
 
 
-def post(tensor: torch.Tensor, dst: int) -> list[Any]:
-    """Send one tensor to rank ``dst`` without waiting for the receiver; returns what must stay
-    alive until the sends complete (call ``wait()`` on the handles it holds, :func:`settle`)."""
+def post(tensor: torch.Tensor, dst: int) -> Posted:
+    """Send one tensor to rank ``dst`` without waiting for the receiver (:func:`take` receives
+    it); what it returns must be waited for (:func:`settle`)."""
     t = tensor.detach().contiguous().to(_wire_device())
     if t.dim() > _HEADER - 2 or t.dtype not in _DTYPES:
         raise ValueError(f"cannot post a tensor of {t.dim()} dims and dtype {t.dtype}")
@@ -145,7 +177,7 @@ def post(tensor: torch.Tensor, dst: int) -> list[Any]:
     head[0], head[1] = _DTYPES.index(t.dtype), t.dim()
     head[2 : 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
     head = head.to(_wire_device())
-    return [dist.isend(head, dst), dist.isend(t, dst), head, t]
+    return Posted([dist.isend(head, dst), dist.isend(t, dst)], [head, t])
 
 
 def take(src: int, device: torch.device | str) -> torch.Tensor:
@@ -159,9 +191,7 @@ def take(src: int, device: torch.device | str) -> torch.Tensor:
     return buf.to(device)
 
 
-def settle(posted: list[list[Any]]) -> None:
-    """Wait until every posted send has completed, then forget them."""
-    for item in posted:
-        for handle in item[:2]:
-            handle.wait()
-    posted.clear()
+def settle(posted: list[Posted], keep: int = 0) -> None:
+    """Wait until all but the newest ``keep`` of ``posted`` have completed, and forget them."""
+    while len(posted) > keep:
+        posted.pop(0).wait()

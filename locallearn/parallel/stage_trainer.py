@@ -46,6 +46,7 @@ from locallearn.parallel.split import (
     stage_ranges,
     with_data,
 )
+from locallearn.parallel.stage_clock import StageClock, stage_report
 from locallearn.parallel.stage_optimizer import StageOptimizer
 from locallearn.parallel.travelling_rng import TravellingGenerator
 from locallearn.schema import RunConfig
@@ -101,6 +102,8 @@ class PipelineTrainer(LateSignalEpochs, Trainer):
         self.first = self.stage == 0
         self.last = self.stage == self.stages - 1
         self.rng = TravellingGenerator(self.generator, self.rank, self.world)
+        self.clock = StageClock()
+        self.pipeline_info: dict[str, Any] = {}
         if self.main:
             self._announce()
 
@@ -155,8 +158,28 @@ class PipelineTrainer(LateSignalEpochs, Trainer):
         else:
             line += " (from parallel.split)"
         print(f"locallearn: {line}", file=sys.stderr, flush=True)
+        self.pipeline_info = {**info, "epochs": []}
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.out / PIPELINE_FILE, info)
+        write_json_atomic(self.out / PIPELINE_FILE, self.pipeline_info)
+
+    def _record_stage_times(self) -> None:
+        """Gather how long each stage worked this epoch; rank 0 adds it to ``pipeline.json``
+        and prints it after the first epoch (with a better split, if the times suggest one)."""
+        busy, wall = self.clock.stop()
+        parts: list[Any] = [None] * self.world
+        dist.all_gather_object(parts, (busy, wall))
+        if not self.main:
+            return
+        per_stage = [max(b for b, _ in parts[k * self.replicas:(k + 1) * self.replicas])
+                     for k in range(self.stages)]
+        times = (None if self.block_times is None
+                 else with_data(self.block_times, self.data_seconds))
+        line, record = stage_report(self.epoch + 1, per_stage, max(w for _, w in parts),
+                                    self.split, times)
+        self.pipeline_info.setdefault("epochs", []).append(record)
+        write_json_atomic(self.out / PIPELINE_FILE, self.pipeline_info)
+        if len(self.pipeline_info["epochs"]) == 1:
+            print(f"locallearn: {line}", file=sys.stderr, flush=True)
 
     def stage_parameters(self, k: int) -> list[torch.nn.Parameter]:
         """The parameters stage ``k`` trains: its blocks' and their rule-owned ones."""
@@ -223,17 +246,22 @@ class PipelineTrainer(LateSignalEpochs, Trainer):
     # ------------------------------------------------------------------ the epoch
     def train_epoch(self) -> dict[str, float]:
         self.rng.sync()
+        self.clock.start()
         if self.delay:
             return self._train_epoch_late()
         self.net.train()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
+        sent: list[messages.Posted] = []
         for n, carry in self._incoming():
             carry = self._step(self.rng.adopt(carry), n, sums, counts)
             if not self.last:
-                messages.send((n, self.rng.stamp(carry)), self.peer(self.stage + 1))
+                self.send_forward(sent, (n, self.rng.stamp(carry)))
         if not self.last:
-            messages.send(messages.END, self.peer(self.stage + 1))
+            self.send_forward(sent, messages.END)
+            with self.clock.waiting():
+                messages.settle(sent)
+        self._record_stage_times()
         mine = {key: value / counts[key] for key, value in sums.items()
                 if key != "loss" or self.last}
         parts: list[Any] = [None] * self.world
@@ -242,6 +270,12 @@ class PipelineTrainer(LateSignalEpochs, Trainer):
         for part in parts[:: self.replicas]:  # blocks in order, the total loss from the last
             merged.update(part)
         return merged
+
+    def send_forward(self, sent: list[messages.Posted], obj: Any) -> None:
+        """Post ``obj`` to the next stage, keeping at most ``messages.IN_FLIGHT`` under way."""
+        sent.append(messages.post_object(obj, self.peer(self.stage + 1)))
+        with self.clock.waiting():
+            messages.settle(sent, keep=messages.IN_FLIGHT)
 
     def _step(self, carry: dict[str, Any], n: int, sums: dict[str, float],
               counts: dict[str, int]) -> dict[str, Any]:
@@ -294,5 +328,9 @@ class PipelineTrainer(LateSignalEpochs, Trainer):
                     ddp.sync_generator(self.generator, 0, self.stage_group)
                 yield n, carry
             return
-        while (msg := messages.recv(self.peer(self.stage - 1), self.device)) != messages.END:
+        while True:
+            with self.clock.waiting():
+                msg = messages.recv(self.peer(self.stage - 1), self.device)
+            if msg == messages.END:
+                return
             yield msg
