@@ -8,7 +8,10 @@ channels-last) and one batch of 32 image pairs, and two ways to fill the gradien
   pairing of negatives, grid pooling 4-4-4-2-2-1);
 * ``paper``: the code's own step: every block on its detached input, its ``CPLoss`` with
   ``--asymmetric_W_pred --customize_loss_pool 4-4-4-2-2-1`` on the outputs, the sum of the
-  per-block losses backpropagated once;
+  per-block losses backpropagated once, on the same channels-last network (so the two differ
+  only in the loss and its gradient);
+* ``paper, channels-first``: the same, on a copy of the network in PyTorch's default layout,
+  as the paper's code runs it;
 
 with the same encoder weights and the same prediction matrices (the code's channel-major
 flattening mapped to the library's position-major one). It checks once that the two fill the same
@@ -24,6 +27,7 @@ ratios, with the load average before and after. Asserts nothing.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import os
 import statistics
@@ -98,6 +102,41 @@ def paper_step(net, loss, x) -> None:
     losses["loss"].sum().backward()
 
 
+#: operator families of the profile's breakdown (the rest is "elementwise and other")
+FAMILIES = {
+    "convolutions": ("convolution", "conv2d", "mkldnn_conv"),
+    "matrix products": ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::linear"),
+    "pooling": ("pool",),
+    "copies and fills": ("aten::copy_", "aten::fill_", "aten::zero_", "aten::clone",
+                         "aten::contiguous", "aten::empty"),
+}
+
+
+def family(name: str) -> str:
+    for fam, keys in FAMILIES.items():
+        if any(k in name for k in keys):
+            return fam
+    return "elementwise and other"
+
+
+def breakdown(step, rounds: int) -> dict[str, float]:
+    """Self CPU milliseconds per step of each operator family, over ``rounds`` profiled steps."""
+    with torch.profiler.profile() as prof:
+        for _ in range(rounds):
+            step()
+    out: dict[str, float] = {}
+    for event in prof.key_averages():
+        fam = family(event.key)
+        out[fam] = out.get(fam, 0.0) + event.self_cpu_time_total / 1000 / rounds
+    return out
+
+
+def zeroed(step, modules) -> None:
+    """``step`` after the gradients of ``modules`` are cleared."""
+    zero(*modules)
+    step()
+
+
 def zero(*modules) -> None:
     for m in modules:
         for p in m.parameters():
@@ -129,7 +168,8 @@ def main() -> None:
                         help="time the process's CPU seconds instead of wall seconds (less "
                         "sensitive to other work on the machine; one thread only)")
     parser.add_argument("--profile", action="store_true",
-                        help="print the operators that take the most time in each mode")
+                        help="print the self CPU time of each operator family in each mode, "
+                        "profiled over a third of --rounds steps")
     args = parser.parse_args()
     if not (Path(args.paper_code) / "vision" / "models" / "SSLLoss.py").is_file():
         raise SystemExit(f"--paper-code {args.paper_code!r} holds no vision/models/SSLLoss.py; "
@@ -142,35 +182,56 @@ def main() -> None:
     for width in args.widths:
         net, rule, loss, x = build(width, args.paper_code)
         diff = gradient_difference(net, rule, loss, x)
+        # the paper code as it runs: its network in the default (channels-first) layout
+        net_cf = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+        x_cf = x.contiguous()
+        nets = (net, net_cf, rule, loss)
         opts = {}
         if args.optimizer:
             opts = {"library": torch.optim.AdamW([*net.parameters(), *rule.parameters()]),
-                    "paper": torch.optim.AdamW([*net.parameters(), *loss.parameters()])}
+                    "paper": torch.optim.AdamW([*net.parameters(), *loss.parameters()]),
+                    "paper, channels-first": torch.optim.AdamW([*net_cf.parameters(),
+                                                                *loss.parameters()])}
         modes = {"library": functools.partial(library_step, net, rule, x),
-                 "paper": functools.partial(paper_step, net, loss, x)}
+                 "paper": functools.partial(paper_step, net, loss, x),
+                 "paper, channels-first": functools.partial(paper_step, net_cf, loss, x_cf)}
         times: dict[str, list[float]] = {m: [] for m in modes}
         for r in range(args.rounds + 1):  # the first round warms up
             for name, step in modes.items():
-                zero(net, rule, loss)
+                zero(*nets)
                 t0 = clock()
                 step()
                 if name in opts:
                     opts[name].step()
                 if r:
                     times[name].append(clock() - t0)
-        ours, theirs = statistics.median(times["library"]), statistics.median(times["paper"])
-        per_round = statistics.median(p / o for o, p in zip(times["library"], times["paper"]))
-        print(f"width {width:g}: gradients equal to {diff:.1e} (relative); library "
-              f"{ours:.4f} s, paper code {theirs:.4f} s (medians of {args.rounds}); paper / "
-              f"library {theirs / ours:.2f}x (median of the rounds' ratios {per_round:.2f}x)",
-              flush=True)
+        ours = statistics.median(times["library"])
+        print(f"width {width:g}: gradients equal to {diff:.1e} (relative); library {ours:.4f} s "
+              f"(medians of {args.rounds} rounds)", flush=True)
+        for name, label in (("paper", "on the library's channels-last network"),
+                            ("paper, channels-first", "on its own channels-first layout")):
+            theirs = statistics.median(times[name])
+            per_round = statistics.median(p / o for o, p in zip(times["library"], times[name]))
+            print(f"   paper code {label}: {theirs:.4f} s; paper / library {theirs / ours:.2f}x "
+                  f"(median of the rounds' ratios {per_round:.2f}x)", flush=True)
         if args.profile:
+            parts = {}
             for name, step in modes.items():
-                zero(net, rule, loss)
-                with torch.profiler.profile() as prof:
-                    step()
-                print(f"-- {name}, width {width:g}")
-                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+                stepped = functools.partial(zeroed, step, nets)
+                parts[name] = breakdown(stepped, max(3, args.rounds // 3))
+            print(f"-- width {width:g}: self CPU ms per step by operator family (profiled; "
+                  "library / paper code on the same network / paper code channels-first)")
+            for fam in [*FAMILIES, "elementwise and other"]:
+                row = " ".join(f"{parts[m].get(fam, 0.0):9.2f}" for m in modes)
+                print(f"   {fam:24s} {row}")
+            totals = " ".join(f"{sum(parts[m].values()):9.2f}" for m in modes)
+            shared = sum(min(parts["library"].get(f, 0.0), parts["paper"].get(f, 0.0))
+                         for f in ("convolutions", "matrix products"))
+            print(f"   {'total':24s} {totals}; the convolutions and products that both need "
+                  f"on the same network: {shared:.2f} ms, so the library's step could be at "
+                  f"most {sum(parts['paper'].values()) / shared:.2f}x the paper code's with "
+                  "nothing else (profiled times: the profiler's cost per operator inflates the "
+                  "step with more operators)")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
