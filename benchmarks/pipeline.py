@@ -65,11 +65,11 @@ def cases(data_root: str) -> dict[str, dict]:
              "data.probe_subset=2", "data.test_subset=2", "checkpoint_every=1",
              "probe_every=0"]  # the -cpu presets probe every half epoch, which a pipeline refuses
     return {
-        "vgg-1/8": dict(config="configs/images/clapp++-cpu.yaml", batch=32, batches=24,
+        "vgg-1/8": dict(config="configs/images/clapp++-cpu.yaml", batch=32, batches=48,
                         overrides=[*image, "net.width_mult=0.125"], unit="pairs/s", repeats=3),
-        "vgg-full": dict(config="configs/images/clapp++-cpu.yaml", batch=16, batches=4,
+        "vgg-full": dict(config="configs/images/clapp++-cpu.yaml", batch=16, batches=8,
                          overrides=[*image, "net.width_mult=1.0"], unit="pairs/s", repeats=1),
-        "rhm-deep": dict(config="configs/rhm/clapp-per-block.yaml", batch=64, batches=24,
+        "rhm-deep": dict(config="configs/rhm/clapp-per-block.yaml", batch=64, batches=48,
                          overrides=["epochs=1", "data.L=6", "data.test_size=64",
                                     "probe.steps=1", "net.width=256"],
                          unit="samples/s", repeats=3),
