@@ -70,6 +70,10 @@ class LateSignalEpochs:
                     own.append(signal)
                     posted.extend(messages.post(signal, self.peer(k))
                                   for k in range(self.stages - 1))
+                    # every stage below is at this batch or past it, so it has taken the
+                    # signals older than D + 1 batches: their sends are done; forget them
+                    with self.clock.waiting():
+                        messages.settle(posted, keep=(self.stages - 1) * (self.delay + 2))
                 else:
                     self.send_forward(sent, (n, out))
                 if self.epoch == 0 and len(kept) == 1:
