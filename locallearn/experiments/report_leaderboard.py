@@ -124,7 +124,7 @@ def leaderboard(lay: Layout, runs: Sequence[Run], position: Callable[[Run], Any]
         else:
             gains = [(_points(g) if (g := _gains(pairs, key)) else "-") for key in GAIN_KEYS]
         seconds = [float(r.get("seconds")) / 60 for r in group if r.get("seconds") is not None]
-        row = [name, ", ".join(str(r.seed) for r in group),
+        row = [name, ", ".join(str(seed) for seed in sorted({r.seed for r in group})),
                _percent(group, "probe_accuracy"), _percent(group, "probe_top_accuracy"),
                *gains, fmt_mean_std([_steps(r) for r in group], 0),
                fmt_mean_std(seconds, 1) if seconds else "-",
