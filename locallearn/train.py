@@ -71,6 +71,8 @@ from locallearn.tracking import require as require_tracker
 #: Version of the checkpoint layout. 2: image rules' prediction matrices act on pooled features
 #: flattened position-major (earlier checkpoints are upgraded when loaded).
 CHECKPOINT_FORMAT = 2
+
+
 def _comparable(raw: dict[str, Any]) -> dict[str, Any]:
     """A saved config without the keys a resumed run may change: the runtime keys (but not
     those of them that change the result) and ``epochs`` (a larger value extends a run; it

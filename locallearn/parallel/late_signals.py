@@ -68,7 +68,7 @@ class LateSignalEpochs:
                 if self.last:
                     signal, top = self.rule.feedback_signal(self.net, out)
                     own.append(signal)
-                    posted.extend(messages.post(signal, self.peer(k))
+                    posted.extend(messages.post_object(signal, self.peer(k))
                                   for k in range(self.stages - 1))
                     # every stage below is at this batch or past it, so it has taken the
                     # signals older than D + 1 batches: their sends are done; forget them
@@ -83,7 +83,7 @@ class LateSignalEpochs:
                     signal = own.popleft()
                 else:
                     with self.clock.waiting():
-                        signal = messages.take(self.peer(self.stages - 1), self.device)
+                        signal = messages.recv(self.peer(self.stages - 1), self.device)
                 blocks, total, n_done = kept.update(self.net, signal)
                 n = n if carry is not None else n_done
         loss = top.get("loss", total)

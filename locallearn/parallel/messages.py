@@ -4,9 +4,9 @@ Messages go forward (stage ``k`` to ``k + 1``) during an epoch, posted without w
 receiver (:func:`post_object`; a stage keeps at most :data:`IN_FLIGHT` of them under way, so a
 stage that is a little faster for a batch or two does not stop for the next one), and with late
 signals from the top (``parallel.feedback_delay``) one tensor per batch goes from the last stage
-to every other, also without waiting (:func:`post`, :func:`take`); at evaluations and checkpoints
-every stage sends its blocks' state to rank 0 (:func:`send`, which waits). A message is any
-picklable object (dicts, lists, numbers) holding tensors; its structure is pickled and its
+to every other, also posted without waiting; :func:`recv` takes either. At evaluations and
+checkpoints every stage sends its blocks' state to rank 0 (:func:`send`, which waits). A message
+is any picklable object (dicts, lists, numbers) holding tensors; its structure is pickled and its
 tensors are sent as they lie in memory (point-to-point, without a copy), so they keep their
 values bit for bit and their memory layout (channels-last maps stay channels-last, so the
 receiving block runs the same kernels as in one process).
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["END", "IN_FLIGHT", "Posted", "gather_to_main", "post", "post_object", "recv", "send",
-           "settle", "take", "to_device"]
+__all__ = ["END", "IN_FLIGHT", "Posted", "gather_to_main", "post_object", "recv", "send",
+           "settle", "to_device"]
 
 #: The message that ends an epoch.
 END = "end-of-epoch"
@@ -159,36 +159,6 @@ def gather_to_main(obj: Any, rank: int, sources: list[int],
             send(obj, 0)
         return []
     return [obj] + [recv(src, device) for src in sources]
-
-
-#: the dtypes a posted tensor may have (its header names one by its place here)
-_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.int32,
-           torch.uint8, torch.bool)
-_HEADER = 8  # dtype, number of dims, up to six sizes
-
-
-def post(tensor: torch.Tensor, dst: int) -> Posted:
-    """Send one tensor to rank ``dst`` without waiting for the receiver (:func:`take` receives
-    it); what it returns must be waited for (:func:`settle`)."""
-    t = tensor.detach().contiguous().to(_wire_device())
-    if t.dim() > _HEADER - 2 or t.dtype not in _DTYPES:
-        raise ValueError(f"cannot post a tensor of {t.dim()} dims and dtype {t.dtype}")
-    head = torch.zeros(_HEADER, dtype=torch.int64)
-    head[0], head[1] = _DTYPES.index(t.dtype), t.dim()
-    head[2 : 2 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-    head = head.to(_wire_device())
-    return Posted([dist.isend(head, dst), dist.isend(t, dst)], [head, t])
-
-
-def take(src: int, device: torch.device | str) -> torch.Tensor:
-    """Receive the next tensor that rank ``src`` posted to this rank."""
-    head = torch.empty(_HEADER, dtype=torch.int64, device=_wire_device())
-    dist.recv(head, src)
-    code, dims = int(head[0]), int(head[1])
-    shape = [int(v) for v in head[2 : 2 + dims]]
-    buf = torch.empty(shape, dtype=_DTYPES[code], device=_wire_device())
-    dist.recv(buf, src)
-    return buf.to(device)
 
 
 def settle(posted: list[Posted], keep: int = 0) -> None:

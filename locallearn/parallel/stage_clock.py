@@ -25,8 +25,7 @@ class StageClock:
     """The seconds of one stage's epoch, and how many of them it waited."""
 
     def __init__(self) -> None:
-        self.waited = 0.0
-        self._t0 = time.perf_counter()
+        self.start()
 
     def start(self) -> None:
         self.waited, self._t0 = 0.0, time.perf_counter()

@@ -176,7 +176,7 @@ class PipelineTrainer(LateSignalEpochs, Trainer):
                  else with_data(self.block_times, self.data_seconds))
         line, record = stage_report(self.epoch + 1, per_stage, max(w for _, w in parts),
                                     self.split, times)
-        self.pipeline_info.setdefault("epochs", []).append(record)
+        self.pipeline_info["epochs"].append(record)
         write_json_atomic(self.out / PIPELINE_FILE, self.pipeline_info)
         if len(self.pipeline_info["epochs"]) == 1:
             print(f"locallearn: {line}", file=sys.stderr, flush=True)
@@ -299,9 +299,6 @@ class PipelineTrainer(LateSignalEpochs, Trainer):
         self.optimizer_step()  # and the schedule, per step as in one process
         add_metrics(sums, counts, metrics, n)
         return carry
-
-
-    # ------------------------------------------------------------------ late signals from the top
 
     def _check_stage_loss(self, loss: float) -> None:
         """Stop the run when this stage's part of the loss is not finite."""
