@@ -170,3 +170,32 @@ def test_bf16_run_probes_with_a_bf16_encoder(tmp_path, image_root):
     assert 0.0 <= summary["probe_accuracy"] <= 1.0
     rows = [r for r in _rows(tmp_path / "bf16") if "probe_accuracy" in r]
     assert [r["step"] for r in rows] == [0, 4]
+
+
+def test_probe_curves_draw_one_untrained_level_per_network(tmp_path):
+    """Rules on different networks (the own-network table): the figure's note gives each
+    network's untrained level, not one mean over networks that describes none of them."""
+    from locallearn.experiments.probe_curves import random_levels
+    from locallearn.experiments.report import write_report
+    from locallearn.experiments.results import ResultsStore
+
+    runs = {"softhebb": ("softhebb", 1.0, [0.60, 0.70]), "lpl": ("vgg11", 0.25, [0.40, 0.45])}
+    with ResultsStore(tmp_path) as store:
+        store.set_axes([("preset", "variants")])
+        for preset, (kind, width, accs) in runs.items():
+            run_dir = tmp_path / "runs" / preset
+            run_dir.mkdir(parents=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(
+                {"data": {"name": "x"}, "net": {"kind": kind, "width_mult": width}}))
+            rows = [{"epoch": i, "step": 10 * i, "seconds": 2.0 * i, "probe_accuracy": a}
+                    for i, a in enumerate(accs)]
+            (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            store.record(f"runs/{preset}", {"preset": preset, "seed": 0},
+                         {"rule": preset, "probe_accuracy": accs[-1]}, "test")
+    text = write_report(tmp_path).read_text()
+    assert "untrained networks: softhebb 60.0 %, vgg11 x0.25 40.0 %" in text
+    assert "random encoder" not in text
+    curves = {"a": [[{"step": 0, "probe_accuracy": 0.2}]],
+              "b": [[{"step": 0, "probe_accuracy": 0.4}]]}
+    assert random_levels(curves) == {"": pytest.approx(0.3)}
+    assert random_levels(curves, {"a": "n1", "b": "n2"}) == {"n1": 0.2, "n2": 0.4}

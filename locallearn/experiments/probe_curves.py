@@ -2,8 +2,9 @@
 
 For the report: one figure per section with two panels, probe accuracy against optimiser steps
 and against training seconds, one line per rule (mean over seeds at each logged step), and the
-random encoder as a horizontal line: the mean of the step-0 probes (every run probes its
-untrained encoder first; runs with ``epochs=0`` add theirs).
+untrained encoder as a horizontal line: the mean of the step-0 probes (every run probes its
+untrained encoder first; runs with ``epochs=0`` add theirs), one line per network where the
+rules of a figure train different networks (a mean over them would describe none).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-__all__ = ["curve_points", "plot_probe_curves", "random_level"]
+__all__ = ["curve_points", "plot_probe_curves", "random_level", "random_levels"]
 
 KEY = "probe_accuracy"
 
@@ -30,9 +31,20 @@ def curve_points(rows: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
 
 def random_level(curves: dict[str, list[list[dict[str, Any]]]]) -> float | None:
     """Mean step-0 probe accuracy over all runs (the untrained encoders), or None."""
-    first = [pts[0][2] for runs in curves.values() for rows in runs
-             if (pts := curve_points(rows)) and pts[0][0] == 0]
-    return sum(first) / len(first) if first else None
+    return random_levels(curves).get("")
+
+
+def random_levels(
+    curves: dict[str, list[list[dict[str, Any]]]], networks: dict[str, str] | None = None
+) -> dict[str, float]:
+    """Mean step-0 probe accuracy per network (``networks``: label -> network name; labels
+    without one share the name ""), for the networks whose runs probed step 0."""
+    first: dict[str, list[float]] = {}
+    for label, runs in curves.items():
+        for rows in runs:
+            if (pts := curve_points(rows)) and pts[0][0] == 0:
+                first.setdefault((networks or {}).get(label, ""), []).append(pts[0][2])
+    return {net: sum(v) / len(v) for net, v in first.items()}
 
 
 def _mean_curve(runs: list[list[dict[str, Any]]]) -> list[tuple[int, float, float, float]]:
@@ -52,9 +64,12 @@ def _mean_curve(runs: list[list[dict[str, Any]]]) -> list[tuple[int, float, floa
 
 
 def plot_probe_curves(
-    curves: dict[str, list[list[dict[str, Any]]]], path: Path, title: str = ""
+    curves: dict[str, list[list[dict[str, Any]]]], path: Path, title: str = "",
+    networks: dict[str, str] | None = None,
 ) -> Path | None:
-    """Probe accuracy against steps and against seconds, one line per label; None if empty."""
+    """Probe accuracy against steps and against seconds, one line per label, and the untrained
+    level of each network (``networks``: label -> network name, see :func:`random_levels`);
+    None if empty."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,11 +87,13 @@ def plot_probe_curves(
             ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=label)
             ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
                             alpha=0.15)
-    level = random_level(curves)
+    levels = random_levels(curves, networks)
+    styles = ("--", ":", "-.", (0, (5, 1, 1, 1)))
     for ax, name in zip(axs, ("optimiser steps", "training seconds (probes excluded)")):
-        if level is not None:
-            ax.axhline(100 * level, color="gray", linestyle="--", linewidth=1,
-                       label="random encoder")
+        for i, (net, level) in enumerate(sorted(levels.items())):
+            ax.axhline(100 * level, color="gray", linestyle=styles[i % len(styles)],
+                       linewidth=1, label=f"untrained {net}" if len(levels) > 1 else
+                       "random encoder")
         ax.set_xlabel(name)
         ax.grid(alpha=0.3)
     axs[0].set_ylabel("probe accuracy during training (%)")

@@ -370,11 +370,12 @@ def _probe_curve_sections(
     lay: Layout, by_section: dict[str, list[Run]], figs: Path, rel: Any
 ) -> list[str]:
     """Probe accuracy during training (runs with ``probe_every``), one figure per section."""
-    from locallearn.experiments.probe_curves import curve_points, plot_probe_curves, random_level
+    from locallearn.experiments.probe_curves import curve_points, plot_probe_curves, random_levels
 
     md: list[str] = []
     for section, srun in by_section.items():
         curves: dict[str, list[list[dict[str, Any]]]] = {}
+        networks: dict[str, str] = {}
         for run in srun:
             rows = read_curve(run.path)
             if curve_points(rows):
@@ -382,18 +383,36 @@ def _probe_curve_sections(
                 if lay.dataset:
                     label += f" / {run.values[lay.dataset]}"
                 curves.setdefault(label, []).append(rows)
+                networks.setdefault(label, _network_name(run))
+        if len(set(networks.values())) < 2:
+            networks = {}
         name = f"probe_curves_{_slug(section)}.png"
-        path = plot_probe_curves(curves, figs / name, section or "all runs") if curves else None
+        path = (plot_probe_curves(curves, figs / name, section or "all runs", networks)
+                if curves else None)
         if path is None:
             continue
         if not md:
             md += ["## Probe accuracy during training", ""]
-        level = random_level(curves)
-        note = f" (random encoder: {100 * level:.1f} %)" if level is not None else ""
+        levels = random_levels(curves, networks)
+        note = ""
+        if len(levels) == 1:
+            note = f" (random encoder: {100 * next(iter(levels.values())):.1f} %)"
+        elif levels:
+            note = " (untrained networks: " + ", ".join(
+                f"{net} {100 * v:.1f} %" for net, v in sorted(levels.items())) + ")"
         md += [f"The probe of `probe_every`, mean ± std over seeds, against optimiser steps and "
                f"training seconds{note} ({section or 'all runs'}):", "",
                f"![probe curves]({rel(path)})", ""]
     return md
+
+
+def _network_name(run: Run) -> str:
+    """The run's network as the figures name it: its kind, with the width where not 1."""
+    net = run.config.get("net", {}) if isinstance(run.config, dict) else {}
+    if not isinstance(net, dict) or "kind" not in net:
+        return ""
+    width = net.get("width_mult", 1.0)
+    return str(net["kind"]) + (f" x{width:g}" if width not in (None, 1, 1.0) else "")
 
 
 def _image_table(
