@@ -329,8 +329,8 @@ def test_shipped_sweep_files_expand(name):
 
 
 def test_sweep_file_keeps_the_values_of_every_start(tmp_path):
-    """A folder filled part by part (--grid) lists every value and run it holds, first started
-    first, so the report orders and describes the whole folder."""
+    """A folder filled part by part (--grid, --seeds) lists every value, seed and run it holds,
+    first started first, so the report orders and describes the whole folder."""
     from locallearn.experiments.sweep import write_sweep_file
 
     path = write_sweep(tmp_path)
@@ -338,9 +338,10 @@ def test_sweep_file_keeps_the_values_of_every_start(tmp_path):
     out.mkdir()
     first = load_sweep(path, grid=["variant=clapp-syn", "optim.lr=1e-3"])
     write_sweep_file(first, expand(first), out)
-    second = load_sweep(path, grid=["variant=bp", "optim.lr=3e-3,1e-3"])
+    second = load_sweep(path, grid=["variant=bp", "optim.lr=3e-3,1e-3"], seeds="2,0")
     write_sweep_file(second, expand(second), out)
     doc = yaml.safe_load((out / "sweep.yaml").read_text())
+    assert doc["seeds"] == [0, 2]
     axes = {a["name"]: a for a in doc["axes"]}
     assert axes["variant"]["values"] == ["clapp-syn", "bp"]
     assert list(axes["variant"]["variants"]) == ["clapp-syn", "bp"]

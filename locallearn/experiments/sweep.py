@@ -164,8 +164,8 @@ def _merge_axes(new: list[dict[str, Any]], old: Any) -> list[dict[str, Any]]:
 def write_sweep_file(spec: SweepSpec, runs: Sequence[RunSpec], out: Path) -> None:
     """Write the sweep's record (``DIR/sweep.yaml``; ``DIR/sweep-record.yaml`` when the sweep
     file is ``DIR/sweep.yaml`` itself): the definition of the sweep as last started, its axes
-    holding the values of earlier starts too (first started first), and the runs of every
-    start."""
+    and seeds holding the values of earlier starts too (first started first), and the runs of
+    every start."""
     record = record_path(out, spec.source)
     try:
         old = yaml.safe_load(record.read_text()) or {}
@@ -174,6 +174,7 @@ def write_sweep_file(spec: SweepSpec, runs: Sequence[RunSpec], out: Path) -> Non
     old = old if isinstance(old, dict) else {}
     names = [r.name for r in runs]
     earlier = old.get("runs") if isinstance(old.get("runs"), list) else []
+    seeds = old.get("seeds") if isinstance(old.get("seeds"), list) else []
     doc = {
         "source": None if spec.source is None else str(spec.source),
         "config": None if spec.config is None else str(spec.config),
@@ -186,7 +187,7 @@ def write_sweep_file(spec: SweepSpec, runs: Sequence[RunSpec], out: Path) -> Non
             | ({"variants": dict(a.variants)} if a.variants is not None else {})
             for a in spec.axes
         ], old.get("axes")),
-        "seeds": spec.seeds,
+        "seeds": seeds + [s for s in spec.seeds if s not in seeds],
         "runs": earlier + [n for n in names if n not in earlier],
     }
     write_text_atomic(record, yaml.safe_dump(doc, sort_keys=False))
