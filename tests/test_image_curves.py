@@ -132,7 +132,7 @@ def test_a_finished_run_is_not_probed_again(tmp_path, image_root, capsys, monkey
 
 
 def test_report_plots_probe_curves_with_the_random_encoder_line(tmp_path):
-    from locallearn.experiments.probe_curves import curve_points, random_level
+    from locallearn.experiments.probe_curves import curve_points, random_levels
     from locallearn.experiments.report import write_report
     from locallearn.experiments.results import ResultsStore
 
@@ -159,7 +159,7 @@ def test_report_plots_probe_curves_with_the_random_encoder_line(tmp_path):
     rows = [json.loads(x) for x in
             (tmp_path / "runs" / "clapp-1" / "metrics.jsonl").read_text().splitlines()]
     assert curve_points(rows) == [(0, 0.0, 0.31), (10, 3.0, 0.33), (20, 6.0, 0.34)]
-    assert random_level({"a": [rows]}) == pytest.approx(0.31)
+    assert random_levels({"a": [rows]}) == {"": pytest.approx(0.31)}
 
 
 def test_bf16_run_probes_with_a_bf16_encoder(tmp_path, image_root):

@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-__all__ = ["curve_points", "plot_probe_curves", "random_level", "random_levels"]
+__all__ = ["curve_points", "plot_probe_curves", "random_levels"]
 
 KEY = "probe_accuracy"
 
@@ -27,11 +27,6 @@ def curve_points(rows: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
         if isinstance(acc, (int, float)) and isinstance(r.get("step"), int):
             pts.append((int(r["step"]), float(r.get("seconds") or 0.0), float(acc)))
     return sorted(pts)
-
-
-def random_level(curves: dict[str, list[list[dict[str, Any]]]]) -> float | None:
-    """Mean step-0 probe accuracy over all runs (the untrained encoders), or None."""
-    return random_levels(curves).get("")
 
 
 def random_levels(

@@ -384,8 +384,6 @@ def _probe_curve_sections(
                     label += f" / {run.values[lay.dataset]}"
                 curves.setdefault(label, []).append(rows)
                 networks.setdefault(label, _network_name(run))
-        if len(set(networks.values())) < 2:
-            networks = {}
         name = f"probe_curves_{_slug(section)}.png"
         path = (plot_probe_curves(curves, figs / name, section or "all runs", networks)
                 if curves else None)
@@ -412,7 +410,7 @@ def _network_name(run: Run) -> str:
     if not isinstance(net, dict) or "kind" not in net:
         return ""
     width = net.get("width_mult", 1.0)
-    return str(net["kind"]) + (f" x{width:g}" if width not in (None, 1, 1.0) else "")
+    return str(net["kind"]) + (f" x{width:g}" if width not in (None, 1) else "")
 
 
 def _image_table(
