@@ -300,3 +300,40 @@ def test_leaderboard_ranks_every_rule_with_its_gain_steps_time_and_memory(tmp_pa
     assert lines[1] == ("| softhebb | 0 | 55.0 | 45.0 | +2.00 | +2.00 | 300 | 5.0 | 820 |")
     assert "| random | 0, 1 | 51.0 ± 1.4 | 42.0 ± 2.8 | untrained | untrained | 0 ± 0 |" \
         in lines[3]
+
+
+def test_leaderboard_gives_the_curve_at_the_runs_shared_time_budget(tmp_path):
+    """Runs sharing ``max_seconds`` get the curve's probe at that time, interpolated between the
+    probes around it; a run that ended sooner counts with its last probe; ``at_minutes`` sets
+    another time, and a budget that is not a positive number is refused."""
+    net = {"kind": "vgg6", "width_mult": 0.125}
+    runs = [  # preset, seed, epochs, curve (seconds, accuracy)
+        ("random", 0, 0, [(0.0, 0.40)]),
+        ("slow", 0, 3, [(0.0, 0.40), (50.0, 0.50), (150.0, 0.70)]),
+        ("quick", 0, 3, [(0.0, 0.40), (40.0, 0.60)]),
+    ]
+    with ResultsStore(tmp_path) as store:
+        store.set_axes([("preset", "variants")])
+        for preset, seed, epochs, curve in runs:
+            run_dir = _run(tmp_path, store, f"{preset}-{seed}", {"preset": preset, "seed": seed},
+                           {"rule": preset, "probe_accuracy": 0.5, "probe_top_accuracy": 0.4,
+                            "seconds": curve[-1][0]},
+                           {"epochs": epochs, "net": net, "data": {"name": "cifar10"},
+                            "max_seconds": 100}, [])
+            (run_dir / "metrics.jsonl").write_text("".join(
+                json.dumps({"epoch": i, "step": 10 * i, "seconds": sec, "probe_accuracy": acc})
+                + "\n" for i, (sec, acc) in enumerate(curve)))
+
+    def cells(text):
+        board = text.split("## Leaderboard")[1].split("\n## ")[0]
+        return {line.split(" | ")[0][2:]: line.split(" | ")[6]
+                for line in board.splitlines()[1:] if line.startswith("| ") and "---" not in line
+                and not line.startswith("| rule")}
+
+    text = write_report(tmp_path).read_text()
+    assert "| curve at 1.667 min |" in text
+    assert cells(text) == {"slow": "60.0", "quick": "60.0", "random": "40.0"}
+    text = write_report(tmp_path, at_minutes=0.5).read_text()
+    assert cells(text) == {"slow": "46.0", "quick": "55.0", "random": "40.0"}
+    with pytest.raises(ValueError, match="at_minutes=0"):
+        write_report(tmp_path, at_minutes=0)

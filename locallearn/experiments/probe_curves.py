@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-__all__ = ["curve_points", "plot_probe_curves", "random_levels"]
+__all__ = ["curve_points", "plot_probe_curves", "probe_at", "random_levels"]
 
 KEY = "probe_accuracy"
 
@@ -27,6 +27,19 @@ def curve_points(rows: list[dict[str, Any]]) -> list[tuple[int, float, float]]:
         if isinstance(acc, (int, float)) and isinstance(r.get("step"), int):
             pts.append((int(r["step"]), float(r.get("seconds") or 0.0), float(acc)))
     return sorted(pts)
+
+
+def probe_at(rows: list[dict[str, Any]], seconds: float) -> float | None:
+    """The probe accuracy of the curve after ``seconds`` of training, linearly interpolated
+    between the two probes around it; the last probe where training ended sooner (the run had
+    finished within the budget); None without probes."""
+    pts = curve_points(rows)
+    if not pts:
+        return None
+    for (_, t0, a0), (_, t1, a1) in zip(pts, pts[1:]):
+        if t0 <= seconds <= t1:
+            return a0 if t1 == t0 else a0 + (a1 - a0) * (seconds - t0) / (t1 - t0)
+    return pts[-1][2] if seconds > pts[-1][1] else pts[0][2]
 
 
 def random_levels(

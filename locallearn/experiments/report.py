@@ -34,7 +34,11 @@ from typing import Any
 
 from locallearn.experiments.depth_figure import depth_section, label_without_depth
 from locallearn.experiments.report_figures import plot_alignment, plot_curves, plot_error_vs_size
-from locallearn.experiments.report_leaderboard import against_untrained, leaderboard
+from locallearn.experiments.report_leaderboard import (
+    against_untrained,
+    budget_seconds,
+    leaderboard,
+)
 from locallearn.experiments.report_runs import (
     Layout,
     Run,
@@ -96,11 +100,17 @@ def _rhm_title(runs: Sequence[Run]) -> str:
 
 
 def write_report(
-    sweep_dir: str | Path, target_error: float = 0.1, out: str | Path | None = None
+    sweep_dir: str | Path, target_error: float = 0.1, out: str | Path | None = None,
+    at_minutes: float | None = None,
 ) -> Path:
-    """Write the report of the sweep in ``sweep_dir``; return the path of the Markdown file."""
+    """Write the report of the sweep in ``sweep_dir``; return the path of the Markdown file.
+
+    ``at_minutes``: the leaderboard also gives each rule's learning-curve probe after that much
+    training (default: the ``max_seconds`` its trained runs share, if they share one)."""
     if not 0.0 < target_error < 1.0:
         raise ValueError(f"target error {target_error} is invalid: must be in (0, 1)")
+    if at_minutes is not None and not 0.0 < at_minutes < float("inf"):
+        raise ValueError(f"at_minutes={at_minutes} is invalid: must be a number of minutes > 0")
     sweep_dir = Path(sweep_dir)
     runs, axes, sessions = load_runs(sweep_dir)
     if not runs:
@@ -132,7 +142,8 @@ def write_report(
     probed = [r for r in runs if r.get("probe_accuracy") is not None]
     position = lambda r: _position(lay, r, rule_labels, section_labels)  # noqa: E731
     if probed:  # image sweeps: every rule in one table first
-        md += ["", *leaderboard(lay, probed, position)]
+        at_seconds = 60 * at_minutes if at_minutes is not None else budget_seconds(probed)
+        md += ["", *leaderboard(lay, probed, position, at_seconds)]
     md += _grid_tables(lay, runs, by_section, section_labels, rule_labels)
 
     # ---- RHM: error against P/P*, sample complexity

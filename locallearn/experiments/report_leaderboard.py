@@ -14,6 +14,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from locallearn.experiments.probe_curves import probe_at
 from locallearn.experiments.report_runs import (
     Layout,
     Run,
@@ -23,7 +24,7 @@ from locallearn.experiments.report_runs import (
     read_curve,
 )
 
-__all__ = ["against_untrained", "leaderboard", "untrained"]
+__all__ = ["against_untrained", "budget_seconds", "leaderboard", "untrained"]
 
 GAIN_KEYS = ("probe_accuracy", "probe_top_accuracy")
 
@@ -110,8 +111,22 @@ def _percent(runs: Sequence[Run], key: str) -> str:
     return fmt_mean_std(values, 1) if values else "-"
 
 
-def leaderboard(lay: Layout, runs: Sequence[Run], position: Callable[[Run], Any]) -> list[str]:
-    """One table of every row (rule, section, dataset) of an image sweep, best probe first."""
+def budget_seconds(runs: Sequence[Run]) -> float | None:
+    """The training budget the trained runs share (their ``max_seconds``), or None."""
+    budgets = {run.config.get("max_seconds") for run in runs
+               if isinstance(run.config, dict) and not untrained(run)}
+    return float(next(iter(budgets))) if len(budgets) == 1 and None not in budgets else None
+
+
+def _curve_at(runs: Sequence[Run], seconds: float) -> str:
+    values = [100 * v for r in runs if (v := probe_at(read_curve(r.path), seconds)) is not None]
+    return fmt_mean_std(values, 1) if values else "-"
+
+
+def leaderboard(lay: Layout, runs: Sequence[Run], position: Callable[[Run], Any],
+                at_seconds: float | None = None) -> list[str]:
+    """One table of every row (rule, section, dataset) of an image sweep, best probe first;
+    with ``at_seconds``, also the learning curve's probe after that much training."""
     start = _baselines(runs)
     table = []
     for name, group in _groups(lay, runs, position).items():
@@ -126,17 +141,23 @@ def leaderboard(lay: Layout, runs: Sequence[Run], position: Callable[[Run], Any]
         seconds = [float(r.get("seconds")) / 60 for r in group if r.get("seconds") is not None]
         row = [name, ", ".join(str(seed) for seed in sorted({r.seed for r in group})),
                _percent(group, "probe_accuracy"), _percent(group, "probe_top_accuracy"),
-               *gains, fmt_mean_std([_steps(r) for r in group], 0),
+               *gains, *([_curve_at(group, at_seconds)] if at_seconds else []),
+               fmt_mean_std([_steps(r) for r in group], 0),
                fmt_mean_std(seconds, 1) if seconds else "-",
                fmt_mean_std([r.get("peak_rss_mib") for r in group], 1)]
         table.append((-(sum(probes) / len(probes)) if probes else 0.0, row))
     table.sort(key=lambda item: item[0])
+    at_head = [f"curve at {at_seconds / 60:.4g} min"] if at_seconds else []
+    at_text = (f" The curve's probe (`probe_every`) after {at_seconds / 60:.4g} minutes of "
+               "training (%), interpolated between the probes around it, makes the time budget "
+               "visible: a run that ended sooner counts with its last probe, an untrained "
+               "encoder with its only one." if at_seconds else "")
     return ["## Leaderboard", "",
             "Every row of the sweep, best linear probe (all blocks) first: the probe of all "
             "blocks and of the top block alone (%), the gain of each over the untrained encoder "
             "of the same seed, network and data (points), the optimiser steps, the training "
             "time (minutes, probes excluded) and the "
-            "peak memory of the run's process (MiB); mean ± std over seeds.", "",
+            "peak memory of the run's process (MiB); mean ± std over seeds." + at_text, "",
             md_table(["rule", "seeds", "probe, all blocks", "probe, top block",
-                      "gain, all", "gain, top", "steps", "train min", "peak MiB"],
+                      "gain, all", "gain, top", *at_head, "steps", "train min", "peak MiB"],
                      [row for _, row in table]), ""]

@@ -119,13 +119,14 @@ def add_results(sub: argparse._SubParsersAction) -> None:
 def _cmd_report(args: argparse.Namespace) -> int:
     from locallearn.experiments.report import write_report
 
-    path = write_report(args.dir, target_error=args.target_error, out=args.out)
+    path = write_report(args.dir, target_error=args.target_error, out=args.out,
+                        at_minutes=args.at_minutes)
     print(f"wrote {path}")
     return 0
 
 
 def add_report(sub: argparse._SubParsersAction) -> None:
-    """``locallearn report DIR [--target-error 0.1]``."""
+    """``locallearn report DIR [--target-error 0.1] [--at-minutes M] [--out FILE]``."""
     p = sub.add_parser(
         "report",
         help="write DIR/report.md with tables and figures of a sweep's results",
@@ -136,5 +137,8 @@ def add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="sweep folder (holds results.sqlite)")
     p.add_argument("--target-error", type=float, default=0.1,
                    help="test error defining the sample complexity (default 0.1)")
+    p.add_argument("--at-minutes", type=float, default=None,
+                   help="image sweeps: also give each rule's learning-curve probe after this "
+                   "many minutes of training (default: the runs' shared max_seconds, if any)")
     p.add_argument("--out", default=None, help="report file (default DIR/report.md)")
     p.set_defaults(func=_cmd_report)
