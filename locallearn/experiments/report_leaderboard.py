@@ -150,8 +150,8 @@ def leaderboard(lay: Layout, runs: Sequence[Run], position: Callable[[Run], Any]
     at_head = [f"curve at {at_seconds / 60:.4g} min"] if at_seconds else []
     at_text = (f" The curve's probe (`probe_every`) after {at_seconds / 60:.4g} minutes of "
                "training (%), interpolated between the probes around it, makes the time budget "
-               "visible: a run that ended sooner counts with its last probe, an untrained "
-               "encoder with its only one." if at_seconds else "")
+               "visible: a run that ended sooner (an untrained encoder too) counts with its "
+               "last probe." if at_seconds else "")
     return ["## Leaderboard", "",
             "Every row of the sweep, best linear probe (all blocks) first: the probe of all "
             "blocks and of the top block alone (%), the gain of each over the untrained encoder "
