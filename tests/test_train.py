@@ -197,6 +197,21 @@ def test_a_time_budget_ends_the_run_at_the_end_of_an_epoch_and_counts_as_finishe
         tiny("max_seconds=0")
 
 
+def test_a_time_budget_stops_the_longer_runs_trajectory(tmp_path):
+    """With a constant learning rate, a budgeted run is the first part of the run without a budget
+    (what the leaderboard's curve column at an equal time relies on): same steps, same losses."""
+    def rows(out):
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    run(tiny("epochs=3", "optim.schedule=none"), tmp_path / "long")
+    run(tiny("epochs=50", "optim.schedule=none", "max_seconds=1e-9"), tmp_path / "budget")
+    first = [row for row in rows(tmp_path / "long") if row.get("epoch") == 1]
+    budget = [row for row in rows(tmp_path / "budget") if row.get("epoch") == 1]
+    keys = [k for k in first[0] if k.endswith("loss") or k in ("step", "train_accuracy")]
+    assert len(budget) == 1 and any(k.endswith("loss") for k in keys)
+    assert {k: budget[0][k] for k in keys} == {k: first[0][k] for k in keys}
+
+
 def test_stop_threshold_waits_for_an_evaluated_epoch(tmp_path):
     cfg = tiny("stop_train_loss=0.5")
     trainer = Trainer(cfg, build_task(cfg), tmp_path)
