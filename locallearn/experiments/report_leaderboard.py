@@ -5,7 +5,8 @@ A trained run is compared with the untrained run (``epochs=0``, or ``rule.option
 a pass that changes no weight) of the same seed, network config and data set: the same initial
 weights, so the difference is what training added. The leaderboard puts every rule of the sweep
 in one table, best first: the probe of all blocks and of the top block, those gains, the
-optimiser steps, the training seconds and the peak memory, each the mean ± std over seeds.
+optimiser steps, the training seconds and the peak memory, each the mean ± std over seeds; with
+a time budget (``max_seconds`` or ``--at-minutes``), also the learning curve's probe at it.
 """
 
 from __future__ import annotations
