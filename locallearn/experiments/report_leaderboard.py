@@ -101,9 +101,9 @@ def against_untrained(lay: Layout, runs: Sequence[Run], position: Callable[[Run]
             md_table(["run", "seeds", "all blocks", "top block"], rows), ""]
 
 
-def _steps(run: Run) -> float | None:
-    """The optimiser steps a run took: the last ``step`` of its ``metrics.jsonl``."""
-    steps = [row["step"] for row in read_curve(run.path) if isinstance(row.get("step"), int)]
+def _steps(rows: Sequence[dict[str, Any]]) -> float | None:
+    """The optimiser steps a run took: the last ``step`` of its ``metrics.jsonl`` rows."""
+    steps = [row["step"] for row in rows if isinstance(row.get("step"), int)]
     return float(max(steps)) if steps else None
 
 
@@ -119,8 +119,8 @@ def budget_seconds(runs: Sequence[Run]) -> float | None:
     return float(next(iter(budgets))) if len(budgets) == 1 and None not in budgets else None
 
 
-def _curve_at(runs: Sequence[Run], seconds: float) -> str:
-    values = [100 * v for r in runs if (v := probe_at(read_curve(r.path), seconds)) is not None]
+def _curve_at(curves: Sequence[list[dict[str, Any]]], seconds: float) -> str:
+    values = [100 * v for rows in curves if (v := probe_at(rows, seconds)) is not None]
     return fmt_mean_std(values, 1) if values else "-"
 
 
@@ -140,10 +140,11 @@ def leaderboard(lay: Layout, runs: Sequence[Run], position: Callable[[Run], Any]
         else:
             gains = [(_points(g) if (g := _gains(pairs, key)) else "-") for key in GAIN_KEYS]
         seconds = [float(r.get("seconds")) / 60 for r in group if r.get("seconds") is not None]
+        curves = [read_curve(r.path) for r in group]  # each metrics.jsonl read once
         row = [name, ", ".join(str(seed) for seed in sorted({r.seed for r in group})),
                _percent(group, "probe_accuracy"), _percent(group, "probe_top_accuracy"),
-               *gains, *([_curve_at(group, at_seconds)] if at_seconds else []),
-               fmt_mean_std([_steps(r) for r in group], 0),
+               *gains, *([_curve_at(curves, at_seconds)] if at_seconds else []),
+               fmt_mean_std([_steps(rows) for rows in curves], 0),
                fmt_mean_std(seconds, 1) if seconds else "-",
                fmt_mean_std([r.get("peak_rss_mib") for r in group], 1)]
         table.append((-(sum(probes) / len(probes)) if probes else 0.0, row))
